@@ -1,0 +1,71 @@
+"""LatentCodec: the one owner of stage 2's frozen autoencoder and of its latent normalisation."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ldm.autoencoder.vae import VAE
+from ldm.interop.autoencoder import load_vae_weights
+
+
+class LatentCodec(nn.Module):
+    """Images <-> normalised latents z' = (z - mean) / std, with a frozen VAE in fp32.
+
+    The mean/std come from the VAE's stored statistics (``tools/latent_stats.py``); weights without
+    them (Stable Diffusion, diffusers) need ``scale`` (e.g. 0.18215 for SD 1.x): z' = z * scale.
+    """
+
+    def __init__(
+        self,
+        vae: VAE,  # architecture; weights come from `weights`
+        weights: str | None = None,  # stage-1 checkpoint, exported safetensors, diffusers or SD file
+        scale: float | None = None,  # fixed scalar scale instead of the stored statistics
+        sample_posterior: bool = True,  # encode to a posterior sample (else its mean)
+    ) -> None:
+        super().__init__()
+        self.vae = vae
+        if weights is not None:
+            load_vae_weights(self.vae, weights)
+        self.vae.requires_grad_(False).eval()
+        self.sample_posterior = sample_posterior
+        if scale is not None:
+            mean, std = torch.zeros_like(vae.latent_mean), torch.full_like(vae.latent_std, 1 / scale)
+        else:
+            if not bool(vae.latent_stats_estimated):
+                warnings.warn(
+                    f"LatentCodec: the autoencoder ({weights or 'random init'}) has no latent statistics: "
+                    "latents are used unnormalised; run tools/latent_stats.py or set scale",
+                    stacklevel=2,
+                )
+            mean, std = vae.latent_mean.clone(), vae.latent_std.clone()
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        """Stays in eval mode: the autoencoder is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalised latents."""
+        with torch.autocast(images.device.type, enabled=False):
+            posterior = self.vae.encode(images.float())
+            z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+            return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) images in [-1, 1] (fp32)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            return self.vae.decode(latents.float() * self.std + self.mean).clamp(-1, 1)

@@ -1,0 +1,124 @@
+"""AutoencoderKL: the stage-1 LightningModule (wiring only: networks, loss and math live beside it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldm.autoencoder.loss import AutoencoderLoss
+from ldm.autoencoder.vae import VAE
+from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
+
+
+class AutoencoderKL(L.LightningModule):
+    """Trains a VAE with reconstruction + LPIPS + KL + PatchGAN losses (Rombach et al. 2022, Sec. 3).
+
+    Two optimizers (autoencoder, discriminator) stepped by hand; the discriminator is stepped only
+    once its GAN term is on (``loss.disc_start``).
+    """
+
+    def __init__(
+        self,
+        vae: VAE,
+        loss: AutoencoderLoss,
+        optimizer: OptimizerCallable = torch.optim.Adam,  # autoencoder (+ learned log-variance)
+        disc_optimizer: OptimizerCallable = torch.optim.Adam,  # discriminator
+        lr_scheduler: LRSchedulerCallable | None = None,  # stepped every batch, for both optimizers
+        grad_clip: float | None = 1.0,  # max gradient norm for each optimizer (None: off)
+        weights: str | None = None,  # initial VAE weights: ours, diffusers or an SD checkpoint
+        image_key: str = "image",
+        num_logged_images: int = 8,  # images in the TensorBoard grids
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["vae", "loss"])
+        self.automatic_optimization = False
+        self.vae, self.loss = vae, loss
+        if weights is not None:
+            load_vae_weights(self.vae, weights)
+        self.optimizer, self.disc_optimizer, self.lr_scheduler = optimizer, disc_optimizer, lr_scheduler
+        self.generator_steps = 0  # one per batch; the GAN schedule (disc_start) counts these
+        metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)})
+        self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
+
+    def configure_optimizers(self) -> Any:
+        gen = [p for n, p in self.named_parameters() if not n.startswith("loss.discriminator") and p.requires_grad]
+        opts = [self.optimizer(gen), self.disc_optimizer(self.loss.discriminator.parameters())]
+        if self.lr_scheduler is None:
+            return opts
+        return opts, [{"scheduler": self.lr_scheduler(o), "interval": "step"} for o in opts]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch[self.hparams.image_key]  # (B, 3, H, W) in [-1, 1]
+        opt_g, opt_d = self.optimizers()
+        recon, posterior = self.vae(x)
+        step = self.generator_steps
+        loss, logs = self.loss.generator_loss(x, recon, posterior.kl(), self.vae.last_layer, step)
+        self._step(opt_g, loss)
+        if self.loss.disc_factor_at(step) > 0:
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon, step)
+            self._step(opt_d, d_loss)
+            logs |= d_logs
+        for scheduler in self.lr_schedulers() or []:
+            scheduler.step()
+        self.generator_steps += 1
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
+        self.log("train/loss", logs["total"], prog_bar=True)
+
+    def _step(self, optimizer: Any, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _evaluate(self, batch: dict[str, Any], split: str, metrics: MetricCollection) -> None:
+        x = batch[self.hparams.image_key]
+        recon, posterior = self.vae(x, sample=False)
+        _, logs = self.loss.generator_loss(x, recon, posterior.kl(), self.vae.last_layer, self.generator_steps)
+        metrics.update(_unit(recon), _unit(x))
+        self.log_dict({f"{split}/{k}": logs[k] for k in ("rec", "nll", "kl", "perceptual")}, sync_dist=True)
+        self.log(f"{split}/l1", (recon.float() - x.float()).abs().mean(), sync_dist=True)
+        self.log_dict(metrics, prog_bar=split == "val")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Inputs, reconstructions and decoded prior samples, in [-1, 1], for image grids."""
+        x = batch[self.hparams.image_key][: self.hparams.num_logged_images]
+        recon, posterior = self.vae(x, sample=False)
+        generator = torch.Generator(x.device).manual_seed(0)
+        z = torch.randn(posterior.mean.shape, generator=generator, device=x.device)  # N(0, I) prior
+        return {"inputs": x, "reconstructions": recon, "prior_samples": self.vae.decode(z)}
+
+    @torch.no_grad()
+    def estimate_latent_stats(self, batches: Iterable[dict[str, Any]]) -> None:
+        """Store per-channel mean/std of posterior samples over all ``batches`` in the VAE's buffers."""
+        key = self.hparams.image_key
+        self.vae.estimate_latent_stats(self.vae.encode(b[key].to(self.device)).sample() for b in batches)
+
+    def export(self, path: str) -> None:
+        """Write the VAE weights and latent statistics as safetensors."""
+        save_vae_safetensors(self.vae, path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["generator_steps"] = self.generator_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.generator_steps = checkpoint.get("generator_steps", 0)
+
+
+def _unit(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] in fp32, clamped, for image metrics."""
+    return ((x.float() + 1) / 2).clamp(0, 1)

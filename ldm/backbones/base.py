@@ -1,0 +1,23 @@
+"""The one denoiser interface every backbone implements (DESIGN.md: The Backbone interface)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Backbone(nn.Module):
+    """A denoiser over latents; the diffusion model never knows which one it holds.
+
+    Subclasses take ``in_channels, out_channels, context_dim, vector_dim`` as their first four
+    constructor arguments, in that order: LatentDiffusion fills them (it alone knows the latent,
+    concat, token and vector sizes), and a backbone YAML holds only the remaining knobs.
+    """
+
+    def forward(
+        self,
+        x: Tensor,  # (B, C_in, H, W) noisy latent, concat conditioning stacked on C
+        t: Tensor,  # (B,) float timesteps, on the objective's scale
+        context: Tensor | None = None,  # (B, L, D_ctx) tokens for cross-attention
+        vector: Tensor | None = None,  # (B, D_vec) global conditioning
+    ) -> Tensor:  # (B, C_out, H, W)
+        raise NotImplementedError

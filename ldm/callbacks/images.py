@@ -1,0 +1,38 @@
+"""One image-grid callback for both stages: whatever the module's `log_images` returns, as grids."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+
+class ImageGrid(L.Callback):
+    """At each validation, logs ``pl_module.log_images(first val batch)`` to TensorBoard and as PNGs.
+
+    The first validation batch is the same every time (validation streams in a fixed order), so
+    the grids of successive validations show the same inputs, prompts and seeds.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, save_png: bool = True) -> None:
+        super().__init__()
+        self.every_n_epochs, self.nrow, self.save_png = every_n_epochs, nrow, save_png
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx or trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
+            return
+        for name, images in pl_module.log_images(batch).items():
+            grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=self.nrow)  # (3, H', W') in [0, 1]
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
+            if self.save_png and trainer.log_dir:
+                folder = os.path.join(trainer.log_dir, "images")
+                os.makedirs(folder, exist_ok=True)
+                save_image(grid, os.path.join(folder, f"{name}_step{trainer.global_step:07d}.png"))
+

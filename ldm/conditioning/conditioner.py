@@ -1,0 +1,79 @@
+"""All of a model's embedders: one Conditioning per batch, with classifier-free guidance dropout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.conditioning.conditioning import Conditioning
+from ldm.conditioning.embedder import Embedder, Kind
+
+
+class Conditioner(nn.Module):
+    """Runs each embedder on a batch and joins outputs of the same kind along features.
+
+    Tokens join on D (their lengths must match), vectors on D, maps on C, in list order. The
+    ``context_dim``, ``vector_dim`` and ``concat_channels`` properties are what the diffusion model
+    hands its backbone.
+    """
+
+    def __init__(self, embedders: list[Embedder]) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+    @property
+    def context_dim(self) -> int | None:
+        """Token width D of the joined cross-attention context; None without token embedders."""
+        return self._dim("crossattn")
+
+    @property
+    def vector_dim(self) -> int | None:
+        """Width of the joined global vector; None without vector embedders."""
+        return self._dim("vector")
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels stacked on the latent (0 without map embedders)."""
+        return self._dim("concat") or 0
+
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        latent_size: tuple[int, int],  # (h, w) of the latent the maps are resized to
+        drop: bool | None = None,  # CFG dropout; None: only while training
+        generator: torch.Generator | None = None,  # CPU generator for the drops; None: global RNG
+    ) -> Conditioning:
+        """Embed ``batch``; when dropping, each embedder nulls its own Bernoulli(drop_rate) samples."""
+        drop = self.training if drop is None else drop
+        out = Conditioning()
+        for embedder in self.embedders:
+            value = embedder(batch, latent_size)
+            if drop and embedder.drop_rate > 0:
+                dropped = torch.rand(value.shape[0], generator=generator) < embedder.drop_rate  # (B,) ~ Bernoulli(p)
+                dropped = dropped.to(value.device).view(-1, *[1] * (value.ndim - 1))
+                value = torch.where(dropped, embedder.null(batch, latent_size), value)
+            out = self._join(out, embedder, value)
+        return out
+
+    def unconditional(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Conditioning:
+        """Every embedder's null value: the unconditional branch of classifier-free guidance."""
+        out = Conditioning()
+        for embedder in self.embedders:
+            out = self._join(out, embedder, embedder.null(batch, latent_size))
+        return out
+
+    def _dim(self, kind: Kind) -> int | None:
+        dims = [e.dim for e in self.embedders if e.kind == kind]
+        return sum(dims) if dims else None
+
+    def _join(self, out: Conditioning, embedder: Embedder, value: Tensor) -> Conditioning:
+        """Add one embedder's value to the joined conditioning, in the field it declares."""
+        if embedder.kind == "crossattn" and out.crossattn is not None and out.crossattn.shape[1] != value.shape[1]:
+            raise ValueError(
+                f"{type(embedder).__name__} gives {value.shape[1]} tokens but the embedders before it give "
+                f"{out.crossattn.shape[1]}: tokens join on D, so their lengths must match"
+            )
+        return out.merge(Conditioning(**{embedder.kind: value}))

@@ -1,0 +1,52 @@
+"""SDXL's size and crop micro-conditioning as a global vector (Podell et al. 2023, Sec. 2.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ldm.backbones.layers import timestep_embedding
+from ldm.conditioning.embedder import Embedder
+
+
+class SizeEmbedder(Embedder):
+    """Fourier features of each (B, 2) pair the batch carries, concatenated in ``keys`` order.
+
+    Defaults follow SDXL: ``original_size`` (H, W) of the source image, ``crop_coords`` (top, left)
+    of the crop, ``target_size`` (H, W) of the output, each number embedded to
+    ``features_per_value`` sinusoidal features -> a (B, 2 * len(keys) * features_per_value) vector.
+    A batch without ``target_size`` (fixed-resolution training) uses (image_size, image_size).
+    The null value is zeros; SDXL never drops these, hence drop_rate 0.
+    """
+
+    def __init__(
+        self,
+        keys: tuple[str, ...] = ("original_size", "crop_coords", "target_size"),
+        features_per_value: int = 256,  # sinusoidal features per number
+        image_size: int | None = None,  # target_size when the batch has none
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__(tuple(keys), "vector", 2 * len(keys) * features_per_value, drop_rate)
+        self.features_per_value = features_per_value
+        target = None if image_size is None else torch.tensor([[image_size, image_size]], dtype=torch.float32)
+        self.register_buffer("default_target", target, persistent=False)  # (1, 2), follows the module's device
+
+    def forward(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
+        pairs = torch.broadcast_tensors(*(self._pair(batch, key) for key in self.keys))  # each (B, 2)
+        values = torch.stack(pairs, 1)  # (B, K, 2)
+        features = timestep_embedding(values.flatten(), self.features_per_value)  # (B * K * 2, F)
+        return rearrange(features, "(b n) f -> b (n f)", b=values.shape[0])  # (B, 2 * K * F)
+
+    def null(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
+        return torch.zeros_like(self(batch, latent_size))  # (B, D)
+
+    def _pair(self, batch: Mapping[str, Any], key: str) -> Tensor:
+        if key in batch:
+            return torch.as_tensor(batch[key], dtype=torch.float32).reshape(-1, 2)  # (B, 2)
+        if key == "target_size" and self.default_target is not None:
+            return self.default_target  # (1, 2)
+        raise KeyError(f"SizeEmbedder reads {key!r}, which the batch lacks (keys: {sorted(batch)})")

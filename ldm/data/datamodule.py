@@ -1,0 +1,122 @@
+"""WebDataModule: img2dataset-layout WebDataset shards as Lightning train/val/test loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ldm.data.prompts import PromptDataset
+from ldm.data.shards import expand_shards
+from ldm.data.stream import PADDED, SKIPPED, EpochLoader, ShardStream
+from ldm.data.transforms import SampleTransform
+
+log = logging.getLogger(__name__)
+
+
+class WebDataModule(L.LightningDataModule):
+    """Streams batches {image, caption, label?, original_size, crop_coords, extra maps} from shards.
+
+    Shard patterns take brace ranges (`shards-{0000..0099}.tar`), globs, and any URL webdataset
+    opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt or
+    caption-less samples are skipped and counted (`data/skipped` in the logger).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,  # shard pattern of the training split
+        val: str | None = None,  # shard pattern of the validation split
+        test: str | None = None,  # shard pattern of the test split
+        predict: str | None = None,  # .txt (a prompt per line) or .jsonl generation requests
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,  # val/test batch size (default: batch_size)
+        num_workers: int = 4,
+        resolution: int = 256,  # square output side
+        crop: Literal["center", "random"] = "random",  # training crop; val/test always center
+        hflip: bool = False,  # random horizontal flips in training
+        extra_keys: tuple[str, ...] = (),  # extra image entries, e.g. ("seg.png",), batch key "seg"
+        require_caption: bool = True,  # skip samples without txt / json caption
+        shuffle_buffer: int = 1000,  # training samples held for shuffling (0: off)
+        resampled: bool = False,  # training: draw shards with replacement forever
+        epoch_length: int | None = None,  # batches per rank and epoch when resampled
+        seed: int = 0,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.patterns = {"train": train, "val": val, "test": test}
+        self._prompts: PromptDataset | None = None
+        self.skipped: Counter[str] = Counter()
+        self._datasets: dict[str, ShardStream] = {}
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if self.hparams.predict is None:
+                raise ValueError("WebDataModule: predict needs a prompt file (set data.init_args.predict)")
+            self._prompts = PromptDataset(self.hparams.predict, self.hparams.resolution)
+            return
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        hp = self.hparams
+        for split in splits:
+            if self.patterns[split] is None:
+                continue
+            train = split == "train"
+            transform = SampleTransform(
+                resolution=hp.resolution,
+                crop=hp.crop if train else "center",
+                hflip=hp.hflip and train,
+                extra_keys=tuple(hp.extra_keys),
+                require_caption=hp.require_caption,
+            )
+            self._datasets[split] = ShardStream(
+                expand_shards(self.patterns[split]),
+                transform,
+                batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
+                rank=rank,
+                world_size=world,
+                workers=hp.num_workers,
+                shuffle_buffer=hp.shuffle_buffer if train else 0,
+                seed=hp.seed,
+                resampled=hp.resampled and train,
+                epoch_length=hp.epoch_length if train else None,
+            )
+
+    def _loader(self, split: str) -> EpochLoader:
+        if split not in self._datasets:
+            raise ValueError(f"WebDataModule: no {split} shards configured (set data.init_args.{split})")
+        workers = self.hparams.num_workers
+        return EpochLoader(
+            self._datasets[split],
+            batch_size=None,  # batches are made in the workers, to give every rank the same count
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=False,  # a fresh copy per epoch carries the new epoch number
+            prefetch_factor=4 if workers else None,
+        )
+
+    def train_dataloader(self) -> EpochLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> EpochLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> EpochLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self._prompts, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the samples the workers skipped and report them (log scalar + warning)."""
+        skipped = batch.pop(SKIPPED, None) if isinstance(batch, dict) else None
+        if skipped:
+            self.skipped.update(skipped)
+            total = sum(n for reason, n in self.skipped.items() if reason != PADDED)
+            log.warning("data: %d samples skipped so far (%s)", total, dict(self.skipped))
+            if self.trainer is not None and self.trainer.logger is not None:
+                self.trainer.logger.log_metrics({"data/skipped": total}, step=self.trainer.global_step)
+        return batch

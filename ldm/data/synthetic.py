@@ -1,0 +1,224 @@
+"""A deterministic captioned "shapes" dataset, written as WebDataset shards.
+
+Each sample is one coloured shape (SHAPES x COLOURS x SCALES x POSITIONS) on a dark neutral
+background, with a caption naming all four attributes, the shape index as class label and a
+semantic map. Attributes follow a seeded permutation of every combination, so each combination
+appears exactly once per `len(COMBINATIONS)` consecutive indices. The key is the sample index:
+`render_sample(int(key), seed, size)` rebuilds any sample. Test and val take the first indices,
+so they stay the same when only `--train` changes.
+
+    python -m ldm.data.synthetic --out data/shapes --train 2000 --val 200 --test 200 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 100, 235),
+    "yellow": (240, 220, 50),
+    "purple": (150, 70, 210),
+    "orange": (250, 140, 30),
+    "white": (240, 240, 240),
+}
+SCALES: dict[str, float] = {"small": 0.095, "large": 0.155}  # shape radius / image side
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)  # row-major 3x3 grid
+COMBINATIONS: tuple[tuple[str, str, str, str], ...] = tuple(itertools.product(SHAPES, COLOURS, SCALES, POSITIONS))
+SPLITS: tuple[str, ...] = ("test", "val", "train")  # order in which splits take consecutive indices
+_PHRASES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges
+_ENCODERS = {"jpg": ("JPEG", {"quality": 95, "subsampling": 0}), "png": ("PNG", {})}  # 4:4:4 keeps colours crisp
+
+
+def _radial(n: int, radii: tuple[float, ...]) -> tuple[tuple[float, float], ...]:
+    """Polygon of n vertices clockwise from the top, alternating the given radii (unit scale)."""
+    return tuple(
+        (rad * math.sin(2 * math.pi * k / n), -rad * math.cos(2 * math.pi * k / n))
+        for k, rad in zip(range(n), itertools.cycle(radii))
+    )
+
+
+_ARM = 0.33  # half-width of the cross's arms
+_OUTLINES: dict[str, tuple[tuple[float, float], ...]] = {  # unit-radius outlines centred on (0, 0), y down
+    "circle": _radial(64, (1.0,)),
+    "square": ((-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)),
+    "triangle": ((0.0, -0.9), (0.95, 0.8), (-0.95, 0.8)),
+    "star": _radial(10, (1.0, 0.45)),
+    "cross": (
+        (-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM),
+        (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM),
+    ),
+    "diamond": ((0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)),
+}
+
+
+def caption_for(shape: str, colour: str, scale: str, position: str) -> str:
+    """E.g. "a large red circle in the top left", "a small blue star on the right"."""
+    return f"a {scale} {colour} {shape} {_PHRASES.get(position, f'in the {position}')}"
+
+
+def attributes(index: int, seed: int = 0) -> tuple[str, str, str, str]:
+    """(shape, colour, scale, position) of sample `index`: a seeded permutation of COMBINATIONS per cycle."""
+    cycle, offset = divmod(index, len(COMBINATIONS))
+    order = np.random.default_rng([seed, 0, cycle]).permutation(len(COMBINATIONS))
+    return COMBINATIONS[order[offset]]
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One rendered sample and the attributes it was drawn from."""
+
+    image: Image.Image  # RGB, size x size
+    seg: Image.Image  # L, size x size: 0 background, 1 + label inside the shape
+    shape: str
+    colour: str
+    scale: str  # "small" | "large"
+    position: str
+
+    @property
+    def label(self) -> int:
+        return SHAPES.index(self.shape)
+
+    @property
+    def caption(self) -> str:
+        return caption_for(self.shape, self.colour, self.scale, self.position)
+
+    def meta(self) -> dict[str, str | int]:
+        """The sample's `json` entry."""
+        return {"caption": self.caption, "shape": self.shape, "colour": self.colour, "size": self.scale,
+                "position": self.position, "label": self.label}
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Dark neutral grey with a gentle vertical gradient and faint noise: far from every palette colour."""
+    level, tilt = rng.uniform(25, 65), rng.uniform(-12, 12)
+    ramp = np.linspace(-0.5, 0.5, size)[:, None, None]  # (S, 1, 1)
+    return np.clip(level + tilt * ramp + rng.normal(0, 2.0, (size, size, 1)), 0, 255)  # (S, S, 1)
+
+
+def render_sample(index: int, seed: int = 0, size: int = 64) -> ShapeSample:
+    """Draw sample `index` of the dataset for `seed` at `size` x `size` pixels (64 keeps small shapes crisp)."""
+    shape, colour, scale, position = attributes(index, seed)
+    rng = np.random.default_rng([seed, 1, index])
+    row, col = divmod(POSITIONS.index(position), 3)
+    cx, cy = (col + 0.5) / 3 + rng.uniform(-0.015, 0.015), (row + 0.5) / 3 + rng.uniform(-0.015, 0.015)
+    radius = SCALES[scale] * rng.uniform(0.95, 1.05)  # all as fractions of the side
+
+    big = size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    outline = [(big * (cx + radius * x), big * (cy + radius * y)) for x, y in _OUTLINES[shape]]
+    ImageDraw.Draw(mask).polygon(outline, fill=255)
+    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float64)[..., None] / 255  # (S, S, 1)
+
+    pixels = _background(rng, size) * (1 - alpha) + np.asarray(COLOURS[colour], np.float64) * alpha  # (S, S, 3)
+    image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
+    seg = Image.fromarray(np.where(alpha[..., 0] >= 0.5, 1 + SHAPES.index(shape), 0).astype(np.uint8), "L")
+    return ShapeSample(image, seg, shape, colour, scale, position)
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    codec, options = _ENCODERS[image_format]
+    buffer = io.BytesIO()
+    image.save(buffer, codec, **options)
+    return buffer.getvalue()
+
+
+def encode_sample(sample: ShapeSample, image_format: Literal["jpg", "png"] = "jpg") -> dict[str, bytes]:
+    """The WebDataset entries of one sample: image, txt, cls, json and seg.png."""
+    return {
+        image_format: _encode(sample.image, image_format),
+        "txt": sample.caption.encode(),
+        "cls": str(sample.label).encode(),
+        "json": json.dumps(sample.meta()).encode(),
+        "seg.png": _encode(sample.seg, "png"),
+    }
+
+
+def _write_split(directory: Path, indices: range, seed: int, size: int, samples_per_shard: int,
+                 image_format: str) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("shard-*.tar"):  # a smaller rewrite must not leave old shards behind
+        stale.unlink()
+    shards: list[Path] = []
+    if not indices:
+        return shards
+    with wds.ShardWriter(str(directory / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
+                         post=lambda name: shards.append(Path(name)), encoder=False, mtime=0) as sink:
+        for index in indices:  # fixed mtime, user and mode: same arguments, same bytes
+            sink.write({"__key__": f"{index:08d}", **encode_sample(render_sample(index, seed, size), image_format)})
+    return shards
+
+
+def write_shapes(
+    out: str | Path,
+    train: int,
+    val: int,
+    test: int,
+    size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 500,
+    image_format: Literal["jpg", "png"] = "jpg",
+) -> dict[str, list[Path]]:
+    """Write `<out>/{train,val,test}/shard-%06d.tar` and `<out>/meta.json`; return the shards per split."""
+    if image_format not in _ENCODERS:
+        raise ValueError(f"image_format must be one of {sorted(_ENCODERS)}, got {image_format!r}")
+    root = Path(out)
+    counts = {"train": train, "val": val, "test": test}
+    shards: dict[str, list[Path]] = {}
+    start = 0
+    for split in SPLITS:
+        indices = range(start, start + counts[split])
+        shards[split] = _write_split(root / split, indices, seed, size, samples_per_shard, image_format)
+        start = indices.stop
+    meta = {
+        "shapes": list(SHAPES),
+        "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
+        "sizes": list(SCALES),
+        "positions": list(POSITIONS),
+        "label": "index into shapes; seg.png holds 0 for background and 1 + label inside the shape",
+        "counts": counts,
+        "image_size": size,
+        "image_format": image_format,
+        "seed": seed,
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return {split: shards[split] for split in counts}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--train", type=int, default=2000, help="training samples")
+    parser.add_argument("--val", type=int, default=200, help="validation samples")
+    parser.add_argument("--test", type=int, default=200, help="test samples")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-shard", type=int, default=500)
+    parser.add_argument("--format", dest="image_format", choices=sorted(_ENCODERS), default="jpg")
+    args = parser.parse_args(argv)
+    shards = write_shapes(args.out, args.train, args.val, args.test, args.size, args.seed,
+                          args.samples_per_shard, args.image_format)
+    for split, paths in shards.items():
+        print(f"{split}: {getattr(args, split)} samples in {len(paths)} shards under {args.out / split}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Exponential moving average of a model's weights, kept as a frozen fp32 copy."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """A frozen copy whose parameters track the model's by lerp; buffers are copied as they are.
+
+    Shadow weights and the update count are registered state, so they land in ``state_dict()`` (and
+    a Lightning checkpoint) of whatever module holds this one. Build the optimizer over the trained
+    model's parameters only: the shadow's are frozen.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,  # per-update decay once warmed up
+        warmup: bool = True,  # decay min(decay, (1 + n) / (10 + n)) after n updates
+    ) -> None:
+        super().__init__()
+        self.decay = decay
+        self.warmup = warmup
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param, in fp32."""
+        shadow = list(self.module.parameters())
+        torch._foreach_lerp_(shadow, [p.detach().float() for p in model.parameters()], 1 - self.current_decay())
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA parameters and buffers into ``model`` (cast to its dtypes)."""
+        for dst, src in zip(model.state_dict().values(), self.module.state_dict().values()):
+            dst.copy_(src)
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run a block with the EMA weights in ``model``; its trained weights come back afterwards."""
+        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(trained)

@@ -1,0 +1,178 @@
+"""LatentDiffusion: the stage-2 LightningModule. It wires codec, conditioner, objective, backbone and sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from ldm.autoencoder.codec import LatentCodec
+from ldm.backbones.base import Backbone
+from ldm.conditioning.conditioner import Conditioner
+from ldm.diffusion.ema import EMA
+from ldm.diffusion.guidance import CFGDenoiser, predict
+from ldm.diffusion.objectives import DDPM, Objective
+from ldm.diffusion.samplers import Sampler
+
+BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
+
+
+class LatentDiffusion(L.LightningModule):
+    """Conditional denoising in the latent space of a frozen autoencoder (Rombach et al. 2022, Sec. 3.3).
+
+    The backbone is built here from a factory, because only this module knows the latent and concat
+    channels and the conditioning dims. Frozen parts (codec, frozen text encoders) are rebuilt from
+    their own weights files and left out of checkpoints; the EMA of the backbone is kept in them.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory,  # e.g. class_path: ldm.backbones.unet.UNet + its own knobs
+        codec: LatentCodec,
+        conditioner: Conditioner | None = None,  # None: unconditional
+        objective: Objective | None = None,  # default DDPM(prediction="eps")
+        sampler: Sampler | None = None,  # default dpmpp_2m, 25 steps
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,  # stepped every batch
+        ema_decay: float | None = 0.9999,  # None: no EMA; else sampling and validation use the EMA
+        cfg_scale: float = 4.0,  # guidance for predict and metrics
+        grid_cfg_scales: tuple[float, ...] = (1.0, 4.0),  # guidance scales of the logged sample grids
+        num_logged_samples: int = 8,  # samples per grid (the first of the first val batch)
+        seed: int = 0,  # sample i of a generation uses noise seeded by seed + its index
+        image_key: str = "image",
+        latent_key: str = "latent",  # pre-computed latents in the batch are used instead of encoding
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
+        self.codec = codec
+        self.conditioner = conditioner or Conditioner([])
+        self.objective = objective or DDPM()
+        self.sampler = sampler or Sampler()
+        channels = codec.latent_channels
+        self.backbone = backbone(
+            channels + self.conditioner.concat_channels, channels, self.conditioner.context_dim, self.conditioner.vector_dim
+        )
+        self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self._ema_stack = ExitStack()
+
+    # --- training -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in [*self.backbone.parameters(), *self.conditioner.parameters()] if p.requires_grad]
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's normalised latents: cached ones if present, else encoded images."""
+        if self.hparams.latent_key in batch:
+            return batch[self.hparams.latent_key]
+        return self.codec.encode(batch[self.hparams.image_key])
+
+    def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample objective loss at random times; the conditioner drops conditions while training."""
+        z = self.latents(batch)  # (B, C, h, w)
+        cond = self.conditioner(batch, tuple(z.shape[-2:]))
+        t = self.objective.sample_t(z.shape[0], z.device, generator)  # (B,)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if generator else torch.randn_like(z)
+        pred = predict(self.backbone, self.objective.add_noise(z, noise, t), self.objective.model_time(t), cond)
+        return self.objective.loss(pred.float(), z, noise, t)  # (B,)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(batch).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.backbone)
+
+    def _eval_loss(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
+        # fixed times and noise per batch, so successive validations compare like with like
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
+        loss = self.diffusion_loss(batch, generator).mean()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_loss(batch, batch_idx, "test")
+
+    # --- evaluation and sampling use the EMA weights, swapped in once per epoch ------------------
+    def ema_weights(self) -> AbstractContextManager:
+        """Context in which self.backbone holds the EMA weights (a no-op without EMA)."""
+        return self.ema.swapped(self.backbone) if self.ema is not None else nullcontext()
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_stack.enter_context(self.ema_weights())
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_stack.close()
+
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
+
+    def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
+        """(h, w) of the latents to generate for a batch: from its images, or its `target_size`."""
+        f = self.codec.downsample_factor
+        if self.hparams.image_key in batch:
+            return tuple(s // f for s in batch[self.hparams.image_key].shape[-2:])
+        h, w = batch["target_size"][0].tolist()
+        return h // f, w // f
+
+    @torch.no_grad()
+    def generate(self, batch: Mapping[str, Any], cfg_scale: float | None = None, indices: Tensor | None = None) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] for the batch's conditions; sample i's noise is seeded by seed + indices[i].
+
+        Uses self.backbone as it is: inside validation/test/predict that is the EMA (see ema_weights).
+        """
+        size = self.latent_size(batch)
+        n = len(next(iter(v for v in batch.values() if isinstance(v, (Tensor, list)))))
+        indices = torch.arange(n) if indices is None else indices
+        noise = torch.stack([
+            torch.randn(self.codec.latent_channels, *size, generator=torch.Generator().manual_seed(self.hparams.seed + int(i)))
+            for i in indices
+        ]).to(self.device)  # (B, C, h, w), independent of batch composition and world size
+        scale = self.hparams.cfg_scale if cfg_scale is None else cfg_scale
+        cond = self.conditioner(batch, size, drop=False)
+        uncond = self.conditioner.unconditional(batch, size) if scale != 1.0 else None
+        denoise = CFGDenoiser(self.backbone, self.objective, cond, uncond, scale)
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + int(indices[0]))
+        latents = self.sampler(denoise, noise, self.objective, generator)
+        return self.codec.decode(latents)
+
+    def log_images(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Samples for the batch's first conditions at each grid guidance scale, plus the real images."""
+        k = self.hparams.num_logged_samples
+        head = {key: v[:k] for key, v in batch.items() if isinstance(v, (Tensor, list))}
+        out = {f"samples_cfg{s:g}": self.generate(head, s) for s in self.hparams.grid_cfg_scales}
+        if self.hparams.image_key in head:
+            out["real"] = head[self.hparams.image_key]
+        return out
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        images = self.generate(batch, indices=batch.get("index"))
+        return {"images": images, **{k: batch[k] for k in ("index", "caption", "label") if k in batch}}
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys rebuilt from their own weights files: codec and frozen conditioner parts."""
+        keys = {f"codec.{k}" for k in self.codec.state_dict()}
+        frozen = {n for n, p in self.conditioner.named_parameters() if not p.requires_grad}
+        return keys | {f"conditioner.{k}" for k in self.conditioner.state_dict() if k in frozen}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        current = self.state_dict()
+        checkpoint["state_dict"].update({k: current[k] for k in self._frozen_keys()})
+

@@ -1,0 +1,188 @@
+"""Training objectives, each a Gaussian path x_t = alpha(t) x0 + sigma(t) eps.
+
+An objective owns its times, its (alpha, sigma), what the network regresses and how that
+prediction converts back to (x0, eps). Samplers see only (alpha, sigma) and a denoiser's
+(x0_hat, eps_hat), so every objective works with every sampler.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.schedules import (
+    cosine_betas,
+    linear_betas,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+    shift_time,
+)
+from ldm.diffusion.weighting import LossWeighting, Uniform
+
+
+def _bcast(a: Tensor, x: Tensor) -> Tensor:
+    """View per-sample coefficients (B,) so they broadcast over x (B, ...)."""
+    return a.view(-1, *[1] * (x.ndim - 1))
+
+
+class Objective:
+    """A Gaussian path, its training-time distribution and its regression target."""
+
+    def __init__(self, weighting: LossWeighting | None = None) -> None:
+        self.weighting = weighting or Uniform()  # per-timestep weight on the MSE
+
+    def sample_t(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(n,) training times."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Signal and noise scales at times t, each shaped like t."""
+        raise NotImplementedError
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The timestep the backbone sees, on a 0..1000 scale for every objective."""
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network regresses."""
+        raise NotImplementedError
+
+    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The denoiser's (x0_hat, eps_hat) from a prediction; linear in pred."""
+        raise NotImplementedError
+
+    def sampling_times(self, steps: int) -> Tensor:
+        """(steps + 1,) times from the noise end to the clean end, where sigma = 0 and alpha = 1."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(t)  # (B,), (B,)
+        return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise  # x_t = alpha x0 + sigma eps
+
+    def loss(self, pred: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """(B,) weighted mean-squared error of the prediction."""
+        alpha, sigma = self.alpha_sigma(t)  # (B,), (B,)
+        # x0_hat = a x_t + b pred, so MSE on pred weighs the x0 error by 1 / b^2 (eps: snr, v: snr + 1, x0: 1)
+        b = self.to_x0_eps(torch.ones_like(alpha), torch.zeros_like(alpha), t)[0]  # (B,)
+        weight = self.weighting(alpha**2 / sigma**2, b.pow(-2))  # (B,)
+        mse = (pred.float() - self.target(x0, noise, t).float()).pow(2).flatten(1).mean(1)  # (B,)
+        return weight * mse
+
+
+class DDPM(Objective):
+    """Discrete variance-preserving diffusion: t is the step index, alpha = sqrt(abar), sigma = sqrt(1 - abar).
+
+    Sampling ends at t = -1, the clean end (abar = 1), which the network never sees.
+    """
+
+    def __init__(
+        self,
+        prediction: Literal["eps", "v", "x0"] = "eps",  # what the network regresses
+        schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear",
+        num_timesteps: int = 1000,  # training steps N; t in 0..N-1
+        beta_start: float = 0.00085,  # linear schedules only
+        beta_end: float = 0.012,  # linear schedules only
+        zero_terminal_snr: bool = False,  # rescale so step N-1 is pure noise (Lin et al. 2024)
+        weighting: LossWeighting | None = None,  # default: plain MSE
+    ) -> None:
+        super().__init__(weighting)
+        if zero_terminal_snr and prediction == "eps":
+            raise ValueError(
+                "prediction='eps' is ill-posed with zero_terminal_snr: at the last step alpha = 0 and "
+                "x0 = (x_t - sigma eps) / alpha is undefined; use prediction='v' (Lin et al. 2024, Sec. 3.2)"
+            )
+        betas = {
+            "linear": partial(linear_betas, num_timesteps, beta_start, beta_end),
+            "scaled_linear": partial(scaled_linear_betas, num_timesteps, beta_start, beta_end),
+            "cosine": partial(cosine_betas, num_timesteps),
+        }[schedule]()  # (N,)
+        abar = torch.cumprod(1 - betas, 0)  # (N,)
+        if zero_terminal_snr:
+            abar = rescale_zero_terminal_snr(abar)
+        abar = torch.cat([abar.new_ones(1), abar])  # (N+1,) indexed by t + 1: t = -1 is the clean end
+        self.prediction = prediction
+        self.num_timesteps = num_timesteps
+        self._alpha, self._sigma = abar.sqrt().float(), (1 - abar).sqrt().float()  # (N+1,) each
+
+    def sample_t(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).float()  # (n,)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        i = t.round().long() + 1
+        return self._alpha.to(t.device)[i], self._sigma.to(t.device)[i]
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return t
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        alpha, sigma = (_bcast(a, x0) for a in self.alpha_sigma(t))
+        return alpha * noise - sigma * x0  # v (Salimans & Ho 2022, Sec. 4)
+
+    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, sigma = (_bcast(a, x_t) for a in self.alpha_sigma(t))
+        if self.prediction == "eps":
+            return (x_t - sigma * pred) / alpha, pred
+        if self.prediction == "x0":
+            return pred, (x_t - alpha * pred) / sigma
+        return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred  # from v, using alpha^2 + sigma^2 = 1
+
+    def sampling_times(self, steps: int) -> Tensor:
+        # "trailing" spacing N-1, ..., N/steps - 1 then -1 (Lin et al. 2024, Sec. 3.3)
+        return torch.linspace(self.num_timesteps, 0, steps + 1).round() - 1  # (steps+1,)
+
+
+class FlowMatching(Objective):
+    """Rectified flow x_t = (1 - t) x0 + t eps, regressing the velocity eps - x0 (Liu et al. 2022).
+
+    ``shift`` warps training and sampling times alike, so a model trained shifted samples shifted.
+    """
+
+    def __init__(
+        self,
+        time_sampling: Literal["uniform", "logit_normal"] = "logit_normal",  # Esser et al. 2024, Sec. 3.1
+        logit_mean: float = 0.0,  # location of logit(t) under logit_normal
+        logit_std: float = 1.0,  # scale of logit(t) under logit_normal
+        shift: float = 1.0,  # > 1 puts more time at high noise (large images)
+        weighting: LossWeighting | None = None,  # default: plain MSE
+    ) -> None:
+        super().__init__(weighting)
+        self.time_sampling = time_sampling
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.shift = shift
+
+    def sample_t(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        if self.time_sampling == "uniform":
+            t = torch.rand(n, device=device, generator=generator)  # (n,)
+        else:
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, generator=generator))
+        return shift_time(t, self.shift)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return 1 - t, t
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return t * 1000
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0  # dx_t/dt (Liu et al. 2022, Eq. 1)
+
+    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = _bcast(t, x_t)
+        return x_t - t * pred, x_t + (1 - t) * pred
+
+    def sampling_times(self, steps: int) -> Tensor:
+        return shift_time(torch.linspace(1, 0, steps + 1), self.shift)  # (steps+1,)

@@ -1,0 +1,168 @@
+"""Samplers as functions sharing one signature, written on a Gaussian path's (alpha, sigma).
+
+Each takes a denoiser (x_t, t) -> (x0_hat, eps_hat), the start x at times[0], the times from the
+noise end to the clean end, and the objective's ``alpha_sigma``; the last time must have sigma = 0.
+The denoiser is never called there. Step coefficients are Python floats, and endpoints with
+alpha = 0 or sigma = 0 are handled without NaN. Any noise they draw comes from ``generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.objectives import Objective
+
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, t (B,)) -> (x0_hat, eps_hat)
+AlphaSigma = Callable[[Tensor], tuple[Tensor, Tensor]]  # times -> (alpha, sigma)
+
+
+def _steps(times: Tensor, alpha_sigma: AlphaSigma) -> list[tuple[Tensor, Tensor, float, float, float, float]]:
+    """Per step from time t to the next, cleaner time n: (t, t_n, alpha_t, sigma_t, alpha_n, sigma_n)."""
+    alpha, sigma = (a.double().tolist() for a in alpha_sigma(times))
+    return [(times[i], times[i + 1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]) for i in range(len(times) - 1)]
+
+
+def _call(denoise: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    return denoise(x, t.expand(x.shape[0]))  # t: () -> (B,)
+
+
+def _posterior_std(a_t: float, s_t: float, a_n: float, s_n: float) -> float:
+    """Std of q(x_n | x_t, x0): sigma_n / sigma_t * sqrt(sigma_t^2 - (alpha_t / alpha_n)^2 sigma_n^2)."""
+    return s_n / s_t * math.sqrt(max(s_t**2 - (a_t / a_n * s_n) ** 2, 0.0))
+
+
+def _add_noise(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    if std == 0:
+        return x
+    return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def sample_ddpm(
+    denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+    generator: torch.Generator | None = None, eta: float = 0.0,
+) -> Tensor:
+    """Ancestral sampling from the posterior q(x_n | x_t, x0_hat) (Ho et al. 2020, Eq. 7, on any (alpha, sigma)).
+
+    Always fully stochastic; ``eta`` is unused (it is there for the shared signature).
+    """
+    for t, _, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
+        x0, _ = _call(denoise, x, t)
+        a_tn = a_t / a_n  # alpha_{t|n}; the transition's variance is sigma_t^2 - alpha_{t|n}^2 sigma_n^2
+        var_tn = s_t**2 - a_tn**2 * s_n**2
+        x = a_tn * s_n**2 / s_t**2 * x + a_n * var_tn / s_t**2 * x0  # Ho et al. 2020, Eq. 7 (posterior mean)
+        x = _add_noise(x, _posterior_std(a_t, s_t, a_n, s_n), generator)
+    return x
+
+
+def sample_ddim(
+    denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+    generator: torch.Generator | None = None, eta: float = 0.0,
+) -> Tensor:
+    """DDIM: eta = 0 is deterministic, eta = 1 equals ancestral DDPM (Song et al. 2021, Eq. 12 and 16)."""
+    for t, _, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
+        x0, eps = _call(denoise, x, t)
+        c = eta * _posterior_std(a_t, s_t, a_n, s_n)  # Song et al. 2021, Eq. 16
+        x = a_n * x0 + math.sqrt(max(s_n**2 - c**2, 0.0)) * eps  # Song et al. 2021, Eq. 12
+        x = _add_noise(x, c, generator)
+    return x
+
+
+def sample_dpmpp_2m(
+    denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+    generator: torch.Generator | None = None, eta: float = 0.0,
+) -> Tensor:
+    """DPM-Solver++(2M): multistep on the data prediction in lambda = log(alpha / sigma) (Lu et al. 2022, Alg. 2).
+
+    The first step and the step onto sigma = 0 are first order. lambda = -inf where alpha = 0, so the
+    step after such a start has h_prev = inf and no correction. ``eta`` is unused (deterministic).
+    """
+    x0_prev, h_prev = None, math.inf
+    for t, _, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
+        x0, _ = _call(denoise, x, t)
+        h = math.log(a_n / s_n) - math.log(a_t / s_t) if a_t > 0 and s_n > 0 else math.inf  # lambda_n - lambda_t
+        # (1 + 1/2r) x0 - 1/2r x0_prev with r = h_prev / h
+        d = x0 if x0_prev is None or s_n == 0 else x0 + h / (2 * h_prev) * (x0 - x0_prev)
+        x = s_n / s_t * x - a_n * math.expm1(-h) * d  # Lu et al. 2022, Alg. 2: the ODE's exact solution for constant d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def _flow_coords(a: float, s: float) -> tuple[float, float]:
+    """(k, u) = (alpha + sigma, sigma / (alpha + sigma)): z = x / k is the straight path (1 - u) x0 + u eps."""
+    return a + s, s / (a + s)
+
+
+def sample_euler(
+    denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+    generator: torch.Generator | None = None, eta: float = 0.0,
+) -> Tensor:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1) in the variables of ``sample_heun``.
+
+    On these straight coordinates an Euler step lands on alpha_n x0_hat + sigma_n eps_hat: DDIM with eta = 0.
+    """
+    for t, _, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
+        (k_t, u_t), (k_n, u_n) = _flow_coords(a_t, s_t), _flow_coords(a_n, s_n)
+        x0, eps = _call(denoise, x, t)
+        x = k_n * (x / k_t + (u_n - u_t) * (eps - x0))  # z_n = z_t + (u_n - u_t) dz/du
+    return x
+
+
+def sample_heun(
+    denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+    generator: torch.Generator | None = None, eta: float = 0.0,
+) -> Tensor:
+    """Heun on the probability-flow ODE (Karras et al. 2022, Alg. 2), with an Euler step onto sigma = 0.
+
+    Any Gaussian path rewritten as z = x / (alpha + sigma), u = sigma / (alpha + sigma) is the
+    straight path z = (1 - u) x0 + u eps, whose ODE is dz/du = E[eps - x0 | z]; we integrate that.
+    For flow matching (alpha + sigma = 1) it is plain Heun in t on the velocity; on DDPM paths it needs
+    no special step at alpha = 0 (u = 1) or sigma = 0 (u = 0). ``eta`` is unused (deterministic).
+    """
+    for t, t_n, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
+        (k_t, u_t), (k_n, u_n) = _flow_coords(a_t, s_t), _flow_coords(a_n, s_n)
+        x0, eps = _call(denoise, x, t)
+        z, d = x / k_t, eps - x0  # z_t and dz/du at t
+        z_n = z + (u_n - u_t) * d  # Karras et al. 2022, Alg. 2, Euler predictor
+        if s_n > 0:
+            x0_n, eps_n = _call(denoise, k_n * z_n, t_n)
+            z_n = z + (u_n - u_t) * (d + eps_n - x0_n) / 2  # Karras et al. 2022, Alg. 2, trapezoidal corrector
+        x = k_n * z_n
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "heun": sample_heun,
+}
+
+
+class Sampler:
+    """A sampler choice from YAML: draws a sample from noise with any objective's times.
+
+    The noise N(0, I) is taken as x at the first time: exact where alpha = 0 there (flow matching,
+    zero terminal SNR), the usual approximation for other DDPM schedules (alpha_T ~ 0.07).
+    """
+
+    def __init__(
+        self,
+        kind: Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun"] = "dpmpp_2m",
+        steps: int = 25,  # solver steps (Heun makes two denoiser calls per step but the last)
+        eta: float = 0.0,  # DDIM stochasticity: 0 deterministic, 1 ancestral
+    ) -> None:
+        self.kind = kind
+        self.steps = steps
+        self.eta = eta
+
+    def __call__(
+        self, denoise: Denoiser, noise: Tensor, objective: Objective, generator: torch.Generator | None = None
+    ) -> Tensor:
+        times = objective.sampling_times(self.steps).to(noise.device)  # (steps+1,)
+        return SAMPLERS[self.kind](denoise, noise, times, objective.alpha_sigma, generator, eta=self.eta)

@@ -1,0 +1,192 @@
+"""Read and write autoencoder weights: ours, diffusers' AutoencoderKL and original Stable Diffusion (CompVis).
+
+Our parameter names are diffusers' names plus the latent statistics buffers, so diffusers needs only a
+key filter; the CompVis names are translated by the rename table below.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ldm.autoencoder.vae import VAE
+
+StateDict = dict[str, Tensor]
+Layout = Literal["auto", "ldm", "diffusers", "sd"]
+
+SD_PREFIX = "first_stage_model."
+STATS_KEYS = ("latent_mean", "latent_std", "latent_stats_estimated")
+
+# (our / diffusers name piece, CompVis name piece). {i} and {j} copy an index; {r} is a decoder level,
+# which diffusers counts from the coarsest resolution and CompVis from the finest.
+_SD_RENAMES = (
+    ("down_blocks.{i}.resnets.{j}.", "down.{i}.block.{j}."),
+    ("down_blocks.{i}.downsamplers.0.", "down.{i}.downsample."),
+    ("up_blocks.{r}.resnets.{j}.", "up.{r}.block.{j}."),
+    ("up_blocks.{r}.upsamplers.0.", "up.{r}.upsample."),
+    ("mid_block.resnets.0.", "mid.block_1."),
+    ("mid_block.resnets.1.", "mid.block_2."),
+    ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."),
+    ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
+    ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
+    ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
+    ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."),
+    ("conv_shortcut.", "nin_shortcut."),
+    ("conv_norm_out.", "norm_out."),
+)
+# (our name piece, the attention name piece of diffusers checkpoints written before diffusers 0.14)
+_LEGACY_DIFFUSERS_RENAMES = (
+    ("attentions.0.to_q.", "attentions.0.query."),
+    ("attentions.0.to_k.", "attentions.0.key."),
+    ("attentions.0.to_v.", "attentions.0.value."),
+    ("attentions.0.to_out.0.", "attentions.0.proj_attn."),
+)
+_ATTN_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_DECODER_LEVEL = re.compile(r"^decoder\.(?:up_blocks|up)\.(\d+)\.")
+
+
+@functools.cache
+def _pattern(template: str) -> re.Pattern[str]:
+    """Regex for a name piece starting at a dot boundary, with {i}/{j}/{r} as named integer groups."""
+    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, field, ...
+    body = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>\\d+)" for n, p in enumerate(parts))
+    return re.compile(r"(?<![^.])" + body)
+
+
+def _rename(key: str, pairs: tuple[tuple[str, str], ...], to_theirs: bool, levels: int) -> str:
+    """Apply every (ours, theirs) rename to ``key`` in the given direction; ``levels`` flips {r}."""
+    for ours, theirs in pairs:
+        source, target = (ours, theirs) if to_theirs else (theirs, ours)
+
+        def substitute(m: re.Match[str], target: str = target) -> str:
+            fields = {name: int(value) for name, value in m.groupdict().items()}
+            if "r" in fields:
+                fields["r"] = levels - 1 - fields["r"]
+            return target.format(**fields)
+
+        key = _pattern(source).sub(substitute, key)
+    return key
+
+
+def _decoder_levels(state_dict: StateDict) -> int:
+    levels = {int(m.group(1)) for k in state_dict if (m := _DECODER_LEVEL.match(k))}
+    return max(levels) + 1 if levels else 0
+
+
+def _attn_as_linear(state_dict: StateDict) -> StateDict:
+    """Attention projections stored as 1x1 conv weights (C, C, 1, 1) -> linear weights (C, C)."""
+    return {k: v[:, :, 0, 0] if _ATTN_WEIGHT.search(k) and v.ndim == 4 else v for k, v in state_dict.items()}
+
+
+def _with_default_stats(state_dict: StateDict) -> StateDict:
+    """Add unestimated latent statistics (mean 0, std 1) where a foreign checkpoint has none."""
+    if "latent_mean" in state_dict:
+        return state_dict
+    channels = state_dict["decoder.conv_in.weight"].shape[1]
+    defaults = {
+        "latent_mean": torch.zeros(channels),
+        "latent_std": torch.ones(channels),
+        "latent_stats_estimated": torch.tensor(False),
+    }
+    return {**state_dict, **defaults}
+
+
+def vae_from_diffusers(state_dict: StateDict) -> StateDict:
+    """diffusers ``AutoencoderKL`` state dict -> ours (legacy attention names and 1x1-conv weights converted)."""
+    renamed = {_rename(k, _LEGACY_DIFFUSERS_RENAMES, False, 0): v for k, v in state_dict.items()}
+    return _with_default_stats(_attn_as_linear(renamed))
+
+
+def vae_from_sd(state_dict: StateDict) -> StateDict:
+    """Original Stable Diffusion (CompVis) autoencoder weights -> ours.
+
+    Takes a full SD checkpoint (only its ``first_stage_model.*`` keys are used) or a standalone VAE
+    checkpoint (its training-loss ``loss.*`` weights are dropped).
+    """
+    if any(k.startswith(SD_PREFIX) for k in state_dict):
+        state_dict = {k.removeprefix(SD_PREFIX): v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
+    else:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
+    levels = _decoder_levels(state_dict)
+    renamed = {_rename(k, _SD_RENAMES, False, levels): v for k, v in state_dict.items()}
+    return _with_default_stats(_attn_as_linear(renamed))
+
+
+def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
+    """Our state dict -> CompVis names under ``prefix`` (attention as 1x1 convs, latent statistics dropped)."""
+    levels = _decoder_levels(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key in STATS_KEYS:
+            continue
+        if _ATTN_WEIGHT.search(key):
+            value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
+        out[prefix + _rename(key, _SD_RENAMES, True, levels)] = value
+    return out
+
+
+def _read_state_dict(path: str) -> StateDict:
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj.get("state_dict", obj)
+    raise ValueError(f"{path}: unknown weights format, expected .safetensors, .ckpt, .pt, .pth or .bin")
+
+
+def _detect_layout(state_dict: StateDict, path: str) -> Literal["ldm", "diffusers", "sd"]:
+    if "latent_mean" in state_dict:
+        return "ldm"
+    if any(k.startswith((SD_PREFIX, "encoder.down.", "decoder.up.")) for k in state_dict):
+        return "sd"
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state_dict):
+        return "diffusers"
+    raise ValueError(f"{path}: no autoencoder weights found (first keys: {sorted(state_dict)[:5]})")
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def load_vae_weights(vae: VAE, path: str | os.PathLike[str], layout: Layout = "auto") -> None:
+    """Load ours (exported or an AutoencoderKL checkpoint), diffusers or Stable Diffusion weights into ``vae`` (strict).
+
+    Foreign layouts carry no latent statistics; they are reset to mean 0, std 1, not estimated.
+    """
+    path = os.fspath(path)
+    state_dict = _read_state_dict(path)
+    if "vae.latent_mean" in state_dict:  # an AutoencoderKL Lightning checkpoint: keep its VAE
+        state_dict = {k.removeprefix("vae."): v for k, v in state_dict.items() if k.startswith("vae.")}
+    if layout == "auto":
+        layout = _detect_layout(state_dict, path)
+    converters = {"ldm": dict, "diffusers": vae_from_diffusers, "sd": vae_from_sd}
+    try:
+        state_dict = converters[layout](state_dict)
+    except KeyError as err:
+        raise ValueError(f"{path}: not a {layout!r} autoencoder checkpoint, it lacks {err}") from err
+    expected = vae.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)} in file, {tuple(v.shape)} in model"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} ({layout} layout) does not fit this VAE: missing keys {_listing(missing)}, "
+            f"unexpected keys {_listing(unexpected)}, shape mismatches {_listing(mismatched)}"
+        )
+    vae.load_state_dict(state_dict)
+
+
+def save_vae_safetensors(vae: VAE, path: str | os.PathLike[str]) -> None:
+    """Export our weights, latent statistics included, to a ``.safetensors`` file."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, os.fspath(path))

@@ -1,0 +1,171 @@
+"""WebDataModule / ShardStream: batch contents, distributed split, corrupt input."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from ldm.data.datamodule import WebDataModule
+from ldm.data.shards import count_samples, expand_shards, plan_epoch
+from ldm.data.stream import SKIPPED, ShardStream
+from ldm.data.transforms import SampleTransform
+from tests.shardutil import jpeg_bytes, write_shards
+
+
+def test_batches_have_keys_shapes_and_values(tmp_path: Path) -> None:
+    write_shards(tmp_path, [6, 5])
+    dm = WebDataModule(train=str(tmp_path / "shard-{0000..0001}.tar"), batch_size=4, num_workers=0,
+                       resolution=16, crop="center", extra_keys=("seg.png",), shuffle_buffer=0)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [len(b["caption"]) for b in batches] == [4, 4, 3]
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["label"].dtype == torch.long and b["seg"].shape == (4, 1, 16, 16) and b["seg"].dtype == torch.long
+    assert b["original_size"].tolist()[0] == [32, 40] and b["crop_coords"].shape == (4, 2)
+    for batch in batches:
+        for caption, label, seg in zip(batch["caption"], batch["label"], batch["seg"]):
+            n = int(caption.split()[1])
+            assert label == n % 5 and (seg == n % 5).all()
+    # the red channel encodes the sample index written into the jpg
+    red = (batches[0]["image"][:, 0].mean((1, 2)) + 1) * 127.5
+    expected = torch.tensor([int(c.split()[1]) for c in batches[0]["caption"]], dtype=torch.float)
+    assert torch.allclose(red, expected, atol=3)
+    assert sorted(int(c.split()[1]) for b in batches for c in b["caption"]) == list(range(11))
+
+
+def test_random_crop_and_flip_keep_maps_aligned(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    from PIL import Image
+    img = Image.new("RGB", (48, 24), (0, 0, 0))
+    seg = Image.new("L", (48, 24), 0)
+    for x in range(24, 48):  # right half white in the image, class 1 in the map
+        for y in range(24):
+            img.putpixel((x, y), (255, 255, 255))
+            seg.putpixel((x, y), 1)
+    buf, sbuf = io.BytesIO(), io.BytesIO()
+    img.save(buf, format="PNG")
+    seg.save(sbuf, format="PNG")
+    with wds.TarWriter(str(folder / "a.tar")) as sink:
+        for k in range(8):
+            sink.write({"__key__": f"{k}", "png": buf.getvalue(), "txt": "x", "seg.png": sbuf.getvalue()})
+    stream = ShardStream([str(folder / "a.tar")], SampleTransform(16, "random", True, ("seg.png",)), batch_size=8)
+    batch = next(stream.batches(0))
+    white = batch["image"][:, 0] > 0
+    assert torch.equal(white, batch["seg"][:, 0] == 1)
+    assert len({tuple(c) for c in batch["crop_coords"].tolist()}) > 1  # crops vary
+
+
+@pytest.mark.parametrize("counts,world,workers,batch", [
+    ([7, 3, 5], 2, 2, 2),  # shards do not divide evenly over 4 readers
+    ([9], 2, 2, 2),  # one shard, four readers: cut into interleaved parts
+    ([5, 5, 5, 5, 1], 3, 1, 4),
+    ([4, 4], 2, 0, 3),
+])
+def test_every_sample_once_and_equal_batches_per_rank(tmp_path: Path, counts, world, workers, batch) -> None:
+    urls = write_shards(tmp_path, counts)
+    seen: Counter[str] = Counter()
+    per_rank = []
+    for rank in range(world):
+        stream = ShardStream(urls, SampleTransform(8), batch, rank=rank, world_size=world, workers=workers)
+        batches = [b for w in range(max(workers, 1)) for b in stream.batches(w)]
+        assert len(batches) == len(stream)
+        per_rank.append(len(batches))
+        seen.update(c for b in batches for c in b["caption"])
+        assert all(len(b["caption"]) <= batch for b in batches)
+    assert len(set(per_rank)) == 1, per_rank
+    assert seen == Counter(f"sample {n}" for n in range(sum(counts)))
+
+
+def test_plan_rejects_too_little_data_for_the_world() -> None:
+    with pytest.raises(ValueError, match="too few samples"):
+        plan_epoch(["a.tar"], [3], world_size=4, workers=1, batch_size=2)
+
+
+def test_resampled_mode_yields_epoch_length_per_rank(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, [3, 2])
+    stream = ShardStream(urls, SampleTransform(8), 2, workers=2, resampled=True, epoch_length=5, shuffle_buffer=4)
+    batches = [b for w in range(2) for b in stream.batches(w)]
+    assert len(batches) == len(stream) == 5 and all(len(b["caption"]) == 2 for b in batches)
+
+
+def test_epochs_reshuffle(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, [10, 10])
+    stream = ShardStream(urls, SampleTransform(8), 20, shuffle_buffer=8)
+    orders = []
+    for epoch in (1, 2):
+        stream.epoch = epoch
+        orders.append(next(stream.batches(0))["caption"])
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+def _corrupt_shard(path: Path) -> None:
+    good = jpeg_bytes((200, 10, 10))
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "ok1", "jpg": good, "txt": "fine"})
+        sink.write({"__key__": "trunc", "jpg": good[: len(good) // 2], "txt": "truncated"})
+        sink.write({"__key__": "text", "jpg": b"this is not an image", "txt": "not an image"})
+        sink.write({"__key__": "nocap", "jpg": good})
+        sink.write({"__key__": "ok2", "jpg": good, "json": b'{"caption": "from json"}'})
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    _corrupt_shard(tmp_path / "bad.tar")
+    dm = WebDataModule(val=str(tmp_path / "bad.tar"), batch_size=2, num_workers=0, resolution=8)
+    dm.setup("validate")
+    captions, skipped = [], Counter()
+    for batch in dm.val_dataloader():
+        skipped.update(batch[SKIPPED])
+        dm.on_before_batch_transfer(batch, 0)
+        captions += batch["caption"]
+        assert SKIPPED not in batch
+    assert captions == ["fine", "from json"]
+    assert dm.skipped == skipped
+    assert sum(v for k, v in skipped.items() if k.startswith("undecodable jpg")) == 2
+    assert skipped["no caption"] == 1
+
+
+def test_skips_under_ddp_repeat_a_sample_to_keep_ranks_in_step(tmp_path: Path) -> None:
+    _corrupt_shard(tmp_path / "bad.tar")
+    urls = [str(tmp_path / "bad.tar")] * 2  # two ranks each read a share of the same samples
+    counts = []
+    for rank in range(2):
+        stream = ShardStream(urls, SampleTransform(8), 1, rank=rank, world_size=2)
+        batches = list(stream.batches(0))
+        counts.append(len(batches))
+        assert len(batches) == len(stream)
+    assert counts[0] == counts[1]
+
+
+def test_truncated_tar_is_counted_not_fatal(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, [6])
+    data = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(data[: len(data) * 2 // 3])
+    stream = ShardStream(urls, SampleTransform(8), 2)
+    batches = list(stream.batches(0))
+    assert 1 <= len(batches) <= len(stream)
+    assert any(k.startswith("unreadable tar") for b in batches for k in b[SKIPPED])
+
+
+def test_missing_pattern_names_it(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "nothing-{0000..0003}.tar")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        expand_shards(pattern)
+    dm = WebDataModule(train=pattern, num_workers=0)
+    with pytest.raises(FileNotFoundError, match=r"nothing-\{0000\.\.0003\}"):
+        dm.setup("fit")
+
+
+def test_count_samples_reads_headers(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, [3, 4])
+    assert count_samples(urls) == [3, 4]
+    with tarfile.open(urls[0]) as tar:
+        assert len(tar.getnames()) == 3 * 4  # jpg, txt, cls, seg.png per sample

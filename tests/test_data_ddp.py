@@ -1,0 +1,57 @@
+"""WebDataModule under a real 2-process CPU DDP fit (gloo): every sample once, ranks in step, reshuffled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.shardutil import write_shards
+
+PROBE = Path(__file__).with_name("ddp_data_probe.py")
+TIMEOUT_S = 180  # ranks with unequal batch counts block in an all-reduce: a hang is a failure
+TRAIN_COUNTS, VAL_COUNT = [7, 3, 6], 9  # uneven: in both splits one rank cuts an extra, smaller batch
+
+
+def _run_probe(tmp_path: Path) -> list[dict]:
+    write_shards(tmp_path / "train", TRAIN_COUNTS)
+    train = str(tmp_path / "train" / f"shard-{{0000..{len(TRAIN_COUNTS) - 1:04d}}}.tar")  # a brace range
+    val = write_shards(tmp_path / "val", [VAL_COUNT])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, str(PROBE), "--train", train, "--val", val, "--out", str(out)]
+    # a session of its own: on timeout, kill rank 1 and the loader workers too, not only rank 0
+    proc = subprocess.Popen(command, cwd=PROBE.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP fit hung for {TIMEOUT_S} s (unequal batch counts per rank?)\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_ddp_fit_reads_every_sample_once_per_epoch_with_ranks_in_step(tmp_path: Path) -> None:
+    ranks = _run_probe(tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    expected = {
+        "train": Counter(f"sample {n}" for n in range(sum(TRAIN_COUNTS))),
+        "val": Counter(f"sample {n}" for n in range(VAL_COUNT)),
+    }
+    for split, limit in (("train", "num_training_batches"), ("val", "num_val_batches")):
+        for epoch in ("0", "1"):
+            batches = [r[split][epoch] for r in ranks]
+            assert len(batches[0]) == len(batches[1]) == ranks[0][limit] == ranks[1][limit]
+            assert all(0 < len(b) <= 2 for rank in batches for b in rank)
+            assert Counter(c for rank in batches for b in rank for c in b) == expected[split]
+    for rank in ranks:  # same share of the data each epoch, in a new order
+        orders = [[c for b in rank["train"][epoch] for c in b] for epoch in ("0", "1")]
+        assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]

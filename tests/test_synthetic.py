@@ -1,0 +1,109 @@
+"""The synthetic shapes dataset: balanced attributes, self-consistent samples, deterministic shards."""
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from ldm.data.synthetic import (
+    COLOURS,
+    COMBINATIONS,
+    POSITIONS,
+    SHAPES,
+    attributes,
+    main,
+    render_sample,
+    write_shapes,
+)
+
+
+def _read(shards):
+    return list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+
+
+def test_every_combination_appears_once_per_cycle():
+    n = len(COMBINATIONS)
+    assert len(SHAPES) >= 4 and len(COLOURS) >= 6 and len(POSITIONS) == 9
+    for cycle in range(2):
+        assert Counter(attributes(i, seed=0) for i in range(cycle * n, (cycle + 1) * n)) == Counter(COMBINATIONS)
+    assert [attributes(i, 0) for i in range(20)] != [attributes(i, 1) for i in range(20)]
+
+
+def test_rendered_sample_agrees_with_its_caption_and_seg():
+    areas = {}
+    for index in range(40):
+        sample = render_sample(index, seed=0, size=64)
+        pixels = np.asarray(sample.image, np.float64)  # (64, 64, 3)
+        seg = np.asarray(sample.seg)  # (64, 64)
+        assert sample.image.size == sample.seg.size == (64, 64)
+        assert set(np.unique(seg)) == {0, 1 + sample.label}
+        assert sample.label == SHAPES.index(sample.shape)
+        assert sample.caption.startswith(f"a {sample.scale} {sample.colour} {sample.shape} ")
+        assert sample.meta() == {"caption": sample.caption, "shape": sample.shape, "colour": sample.colour,
+                                 "size": sample.scale, "position": sample.position, "label": sample.label}
+
+        colour = np.asarray(COLOURS[sample.colour], np.float64)
+        assert np.abs(np.median(pixels[seg > 0], axis=0) - colour).max() <= 3
+        background = np.median(pixels[seg == 0], axis=0)
+        assert np.ptp(background) <= 2 and background.max() < 90  # dark neutral grey
+        # seg holds the pixels that are mostly shape: nearer the colour than the background, and no others
+        distance = np.linalg.norm(pixels - colour, axis=-1) / np.linalg.norm(colour - background)  # (64, 64)
+        assert distance[seg > 0].max() < 0.6 and distance[seg == 0].min() > 0.45
+
+        ys, xs = np.nonzero(seg)
+        assert divmod(POSITIONS.index(sample.position), 3) == (int(ys.mean() * 3 // 64), int(xs.mean() * 3 // 64))
+        areas.setdefault(sample.shape, {}).setdefault(sample.scale, []).append(len(ys))
+    for by_scale in areas.values():
+        if len(by_scale) == 2:
+            assert min(by_scale["large"]) > 1.5 * max(by_scale["small"])
+
+
+def test_write_shapes_is_deterministic_and_consistent(tmp_path):
+    shards = write_shapes(tmp_path / "a", train=5, val=2, test=3, size=64, seed=0, samples_per_shard=2)
+    assert {split: len(paths) for split, paths in shards.items()} == {"train": 3, "val": 1, "test": 2}
+    assert shards["train"][0] == tmp_path / "a" / "train" / "shard-000000.tar"
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["colours"] == {name: list(rgb) for name, rgb in COLOURS.items()} and meta["shapes"] == list(SHAPES)
+
+    write_shapes(tmp_path / "b", train=5, val=2, test=3, size=64, seed=0, samples_per_shard=2)
+    write_shapes(tmp_path / "c", train=5, val=2, test=3, size=64, seed=1, samples_per_shard=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a/train/shard-000000.tar").read_bytes() != (tmp_path / "c/train/shard-000000.tar").read_bytes()
+
+    keys = []
+    for split, count in {"train": 5, "val": 2, "test": 3}.items():
+        samples = _read(shards[split])
+        assert len(samples) == count
+        for raw in samples:
+            keys.append(raw["__key__"])
+            meta = json.loads(raw["json"])
+            assert raw["txt"].decode() == meta["caption"] == render_sample(int(raw["__key__"]), 0, 64).caption
+            assert int(raw["cls"]) == meta["label"] == SHAPES.index(meta["shape"])
+            image = np.asarray(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"), np.float64)
+            seg = np.asarray(Image.open(io.BytesIO(raw["seg.png"])))
+            assert image.shape == (64, 64, 3) and set(np.unique(seg)) == {0, 1 + meta["label"]}
+            dominant = np.median(image[seg > 0], axis=0)
+            nearest = min(COLOURS, key=lambda name: np.linalg.norm(dominant - COLOURS[name]))
+            assert nearest == meta["colour"] and np.abs(dominant - COLOURS[meta["colour"]]).max() <= 12
+    assert len(set(keys)) == 10
+
+
+def test_cli_png_is_lossless_and_test_split_ignores_train_count(tmp_path):
+    main(["--out", str(tmp_path / "png"), "--train", "1", "--val", "1", "--test", "2", "--size", "32",
+          "--format", "png", "--samples-per-shard", "500"])
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["meta.json", "test", "train", "val"]
+    samples = _read(sorted((tmp_path / "png" / "test").glob("shard-*.tar")))
+    assert [raw["__key__"] for raw in samples] == ["00000000", "00000001"]
+    for raw in samples:
+        assert "jpg" not in raw
+        expected = render_sample(int(raw["__key__"]), seed=0, size=32)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw["png"]))), np.asarray(expected.image))
+
+    more = write_shapes(tmp_path / "more", train=7, val=1, test=2, size=32, image_format="png")
+    assert more["test"][0].read_bytes() == (tmp_path / "png" / "test" / "shard-000000.tar").read_bytes()

@@ -1,0 +1,176 @@
+"""The Stable Diffusion UNet backbone: shapes, init, checkpointing, CLI building, diffusers parity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+from jsonargparse import ArgumentParser
+from safetensors.torch import save_file
+
+from ldm.backbones.base import Backbone
+from ldm.backbones.unet import UNet
+from ldm.backbones.unet_blocks import ResBlock
+from ldm.interop.unet import load_unet_weights, unet_from_diffusers
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "backbone"
+TINY = yaml.safe_load((CONFIGS / "unet-tiny.yaml").read_text())["init_args"]
+# SD-1.x's block pattern (attention on all but the last level) with SD-2's fixed head width,
+# two transformer blocks per SpatialTransformer and a vector embedding.
+TINY_SD_STYLE = {**TINY, "attention_levels": [0], "head_dim": 8, "transformer_depth": 2}
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the zero init so that every parameter influences the output."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def diffusers_twin(knobs: dict, context_dim: int, vector_dim: int | None, linear_projection: bool) -> UNet2DConditionModel:
+    """diffusers' UNet2DConditionModel with the architecture of ``UNet(4, 4, context_dim, vector_dim, **knobs)``."""
+    widths = [knobs["model_channels"] * m for m in knobs["channel_mult"]]
+    attn = [i in knobs["attention_levels"] for i in range(len(widths))]
+    head_dim = knobs.get("head_dim")
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(widths),
+        layers_per_block=knobs["num_res_blocks"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        cross_attention_dim=context_dim,
+        # diffusers' attention_head_dim is the number of heads for SD-1.x-style configs
+        attention_head_dim=knobs["num_heads"] if head_dim is None else tuple(w // head_dim for w in widths),
+        transformer_layers_per_block=knobs.get("transformer_depth", 1),
+        norm_num_groups=knobs["norm_groups"],
+        use_linear_projection=linear_projection,
+        class_embed_type=None if vector_dim is None else "projection",
+        projection_class_embeddings_input_dim=vector_dim,
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "knobs, vector_dim, linear_projection",
+    [(TINY, None, False), (TINY_SD_STYLE, 12, True)],
+    ids=["unet-tiny.yaml", "sd-style-head-dim-vector"],
+)
+def test_matches_diffusers(knobs: dict, vector_dim: int | None, linear_projection: bool) -> None:
+    reference = diffusers_twin(knobs, 32, vector_dim, linear_projection)
+    ours = UNet(4, 4, 32, vector_dim, **knobs).eval()
+    ours.load_state_dict(unet_from_diffusers(reference.state_dict()), strict=True)
+    torch.manual_seed(2)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([3.5, 721.25]), torch.randn(2, 7, 32)
+    vector = None if vector_dim is None else torch.randn(2, vector_dim)
+    with torch.no_grad():
+        expected = reference(x, t, encoder_hidden_states=context, class_labels=vector).sample
+        got = ours(x, t, context, vector)
+    assert expected.abs().mean() > 1e-2  # the comparison is not between two near-zero outputs
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sd15_config_has_the_sd15_architecture() -> None:
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD-1.x's UNet
+        ours = UNet(4, 4, 768, None, **yaml.safe_load((CONFIGS / "unet-sd15.yaml").read_text())["init_args"])
+    expected = {k: v.shape for k, v in unet_from_diffusers(reference.state_dict()).items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == expected
+    assert sum(p.numel() for p in ours.parameters()) == 859_520_964
+
+
+def test_load_unet_weights_reads_safetensors_and_torch_files(tmp_path: Path) -> None:
+    state = diffusers_twin(TINY, 32, None, False).state_dict()
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    torch.save(state, tmp_path / "unet.pt")
+    expected = unet_from_diffusers(state)
+    for name in ("diffusion_pytorch_model.safetensors", "unet.pt"):
+        unet = UNet(4, 4, 32, None, **TINY)
+        load_unet_weights(unet, tmp_path / name)
+        for key, value in unet.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_load_unet_weights_names_the_file_and_the_keys(tmp_path: Path) -> None:
+    state = dict(UNet(4, 4, 32, None, **TINY).state_dict())
+    del state["conv_in.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["conv_out.weight"] = torch.zeros(3, 32, 3, 3)
+    save_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=r"broken\.safetensors.*missing: conv_in\.bias.*unexpected: extra\.weight"
+                                          r".*conv_out\.weight \(3, 32, 3, 3\) vs \(4, 32, 3, 3\)"):
+        load_unet_weights(UNet(4, 4, 32, None, **TINY), tmp_path / "broken.safetensors")
+
+
+@pytest.mark.parametrize(
+    "context_dim, vector_dim, size",
+    [(None, None, (16, 16)), (32, None, (16, 16)), (32, 12, (16, 16)), (None, 12, (8, 24))],
+)
+def test_output_has_the_latent_shape(context_dim: int | None, vector_dim: int | None, size: tuple[int, int]) -> None:
+    unet = randomize(UNet(6, 4, context_dim, vector_dim, **TINY))
+    x = torch.randn(2, 6, *size)
+    context = None if context_dim is None else torch.randn(2, 5, context_dim)
+    vector = None if vector_dim is None else torch.randn(2, vector_dim)
+    out = unet(x, torch.rand(2) * 1000, context, vector)
+    assert out.shape == (2, 4, *size)
+    assert out.isfinite().all()
+
+
+def test_rejects_conditioning_it_was_not_built_for_and_odd_sides() -> None:
+    unet = UNet(4, 4, 32, None, **TINY)
+    t = torch.rand(2)
+    with pytest.raises(ValueError, match="context_dim=32"):
+        unet(torch.randn(2, 4, 8, 8), t)
+    with pytest.raises(ValueError, match="vector_dim=None"):
+        unet(torch.randn(2, 4, 8, 8), t, torch.randn(2, 3, 32), torch.randn(2, 12))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        unet(torch.randn(2, 4, 8, 9), t, torch.randn(2, 3, 32))
+
+
+def test_predicts_zero_at_init() -> None:
+    unet = UNet(4, 4, 32, 12, **TINY)
+    out = unet(torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 5, 32), torch.randn(2, 12))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_output_and_gradients() -> None:
+    torch.manual_seed(3)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 5, 32)
+    results = []
+    for enabled in (False, True):
+        unet = randomize(UNet(4, 4, 32, None, **TINY, gradient_checkpointing=enabled)).train()
+        calls = []
+        next(m for m in unet.modules() if isinstance(m, ResBlock)).register_forward_hook(lambda *_: calls.append(1))
+        out = unet(x, t, context)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in unet.named_parameters()}, len(calls)))
+    (out_plain, grads_plain, calls_plain), (out_ckpt, grads_ckpt, calls_ckpt) = results
+    assert (calls_plain, calls_ckpt) == (1, 2)  # checkpointing really re-ran the block in backward
+    torch.testing.assert_close(out_ckpt, out_plain)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_jsonargparse_builds_it_as_a_backbone_callable() -> None:
+    """How LatentDiffusion receives it: a callable that it calls with the dimensions it alone knows."""
+    parser = ArgumentParser(exit_on_error=False)
+    # sub_configs lets the value be a YAML file's path, as LightningCLI's model arguments allow
+    parser.add_argument("--backbone", type=Callable[[int, int, int | None, int | None], Backbone], sub_configs=True)
+    from_file = parser.parse_args([f"--backbone={CONFIGS / 'unet-tiny.yaml'}"])
+    from_dict = parser.parse_object({"backbone": {"class_path": "ldm.backbones.unet.UNet", "init_args": TINY}})
+    assert from_file.backbone.init_args == from_dict.backbone.init_args
+    build = parser.instantiate_classes(from_file).backbone
+    unet = build(4, 4, 32, None)
+    assert isinstance(unet, UNet)
+    assert unet.context_dim == 32 and unet.vector_embedding is None
+    assert len(unet.down_blocks) == 2 and unet.conv_in.out_channels == TINY["model_channels"]
+    assert unet.down_blocks[0].attentions is None and unet.down_blocks[1].attentions is not None
+    unconditional = build(4, 4, None, None)
+    assert not hasattr(unconditional.mid_block.attentions[0].transformer_blocks[0], "attn2")
