@@ -94,6 +94,11 @@ class AutoencoderKL(L.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     @torch.no_grad()
+    def evaluation_images(self, batch: dict[str, Any]) -> Tensor:
+        """Reconstructions (posterior mean) of the batch's images, for rFID."""
+        return self.vae(batch[self.hparams.image_key], sample=False)[0].clamp(-1, 1)
+
+    @torch.no_grad()
     def log_images(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Inputs, reconstructions and decoded prior samples, in [-1, 1], for image grids."""
         x = batch[self.hparams.image_key][: self.hparams.num_logged_images]

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.prompts import PromptDataset
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class WebDataModule(L.LightningDataModule):
-    """Streams batches {image, caption, label?, original_size, crop_coords, extra maps} from shards.
+    """Streams batches {key, image, caption, label?, original_size, crop_coords, extra maps} from shards.
 
     Shard patterns take brace ranges (`shards-{0000..0099}.tar`), globs, and any URL webdataset
     opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt or
@@ -93,7 +94,7 @@ class WebDataModule(L.LightningDataModule):
             self._datasets[split],
             batch_size=None,  # batches are made in the workers, to give every rank the same count
             num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,  # a fresh copy per epoch carries the new epoch number
             prefetch_factor=4 if workers else None,
         )

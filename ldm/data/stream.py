@@ -88,8 +88,9 @@ class ShardStream(IterableDataset):
             if last:  # one batch of lookahead, so the skips behind the final batch are reported with it
                 yield self._collate(last, skipped)
             last = batch
-        for _ in samples:  # read to the end: trailing bad samples get counted too
-            skipped["beyond the planned count"] += 1
+        if self.plans is not None:  # finite: read to the end, trailing bad samples get counted too
+            for _ in samples:
+                skipped["beyond the planned count"] += 1
         if last:
             yield self._collate(last, skipped)
 

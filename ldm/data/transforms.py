@@ -38,7 +38,7 @@ class SampleTransform:
         caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else meta.get("caption")
         if self.require_caption and not caption:
             raise SkipSample("no caption")
-        out: dict[str, Any] = {"caption": caption or "", "original_size": torch.tensor(original)}
+        out: dict[str, Any] = {"key": raw.get("__key__", ""), "caption": caption or "", "original_size": torch.tensor(original)}
         if "cls" in raw:
             out["label"] = int(raw["cls"].decode().strip())
         elif "label" in meta:

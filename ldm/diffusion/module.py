@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
+import zlib
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -69,15 +71,15 @@ class LatentDiffusion(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
-    def latents(self, batch: Mapping[str, Any]) -> Tensor:
-        """The batch's normalised latents: cached ones if present, else encoded images."""
+    def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Normalised latents: cached ones if present, else encoded images, the posterior drawn from generator."""
         if self.hparams.latent_key in batch:
             return batch[self.hparams.latent_key]
-        return self.codec.encode(batch[self.hparams.image_key])
+        return self.codec.encode(batch[self.hparams.image_key], generator)
 
     def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Per-sample objective loss at random times; the conditioner drops conditions while training."""
-        z = self.latents(batch)  # (B, C, h, w)
+        z = self.latents(batch, generator)  # (B, C, h, w)
         cond = self.conditioner(batch, tuple(z.shape[-2:]))
         t = self.objective.sample_t(z.shape[0], z.device, generator)  # (B,)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if generator else torch.randn_like(z)
@@ -156,6 +158,12 @@ class LatentDiffusion(L.LightningModule):
         if self.hparams.image_key in head:
             out["real"] = head[self.hparams.image_key]
         return out
+
+    def evaluation_images(self, batch: Mapping[str, Any]) -> Tensor:
+        """Generated images for a data batch at `cfg_scale`, seeded by each sample's key: the same
+        sample gets the same noise whatever the batch, rank or world size."""
+        indices = torch.tensor([zlib.crc32(str(k).encode()) for k in batch["key"]]) if "key" in batch else None
+        return self.generate(batch, indices=indices)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         images = self.generate(batch, indices=batch.get("index"))

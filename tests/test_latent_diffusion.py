@@ -1,0 +1,303 @@
+"""Stage 2 end to end on CPU: every shapes experiment trains; predict, checkpoints, EMA and sampling behave.
+
+CLI runs use the experiments as they are, with tiny data (32 px shards), a random codec, 2 sampler steps
+and everything written under tmp_path; the unit-level tests build a tiny LatentDiffusion directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ldm.autoencoder.codec import LatentCodec
+from ldm.autoencoder.vae import VAE
+from ldm.backbones.unet import UNet
+from ldm.cli import LdmCLI, main
+from ldm.conditioning import ClassEmbedder, Conditioner
+from ldm.data.synthetic import SHAPES, render_sample, write_shapes
+from ldm.diffusion.module import LatentDiffusion
+from ldm.diffusion.samplers import Sampler
+from ldm.interop.autoencoder import save_vae_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments" / "shapes").glob("*.yaml") if p.name != "autoencoder.yaml")
+TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
+RESOLUTION = 32
+# An experiment's own backbone is what its smoke test checks; only one above this size is swapped for
+# the tiny config of its class, so a large future experiment cannot slow the suite down.
+MAX_BACKBONE_PARAMS = 40_000_000
+TINY_BACKBONES = {"UNet": "configs/backbone/unet-tiny.yaml", "DiT": "configs/backbone/dit-tiny.yaml"}
+PROMPTS = ["a large red circle in the center", "a small blue star on the left", "a large green square at the top"]
+DDP_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_process():
+    """One thread (tiny models run fastest so, several thrash a busy 2-core machine) and pytest's argv hidden
+    from LightningCLI, which warns when it sees both command-line arguments and `args`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["ldm"])
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, train=8, val=4, test=4, size=RESOLUTION)
+    return root
+
+
+def _experiment(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _backbone_override(path: Path) -> list[str]:
+    """`--model.init_args.backbone <tiny config>` if the experiment's backbone is over budget, else nothing."""
+    spec = _experiment(path)["model"]["init_args"]["backbone"]
+    if isinstance(spec, str):  # a backbone config given by path
+        spec = yaml.safe_load((path.parent / spec).read_text())
+    module, name = spec["class_path"].rsplit(".", 1)
+    with torch.device("meta"):  # counts parameters without allocating them
+        backbone = getattr(importlib.import_module(module), name)(4, 4, None, None, **spec.get("init_args", {}))
+    if sum(p.numel() for p in backbone.parameters()) <= MAX_BACKBONE_PARAMS:
+        return []
+    return ["--model.init_args.backbone", str(ROOT / TINY_BACKBONES[name])]
+
+
+def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | None = None) -> list[str]:
+    """The experiment on the tiny shards, everything written under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    overlay = {  # values that must be null or replace a whole component go in a YAML (see jsonargparse's 'None')
+        "model": {"init_args": {
+            "codec": {"init_args": {"weights": codec_weights}},
+            "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}},
+        }},
+        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(out / "runs"), "name": "test"}}},
+    }
+    (out / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    data = {split: str(shards / split / "shard-*.tar") for split in ("train", "val", "test")}
+    return [
+        "--config", str(experiment), "--config", str(out / "overlay.yaml"), *_backbone_override(experiment),
+        *(arg for split, pattern in data.items() for arg in (f"--data.init_args.{split}", pattern)),
+        "--data.init_args.resolution", str(RESOLUTION), "--data.init_args.batch_size", "2",
+        "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false",
+        "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+        "--checkpoint.dirpath", str(out / "checkpoints"),
+    ]
+
+
+def build_cli(args: list[str]) -> LdmCLI:
+    """The model and data of a config, instantiated as `ldm` does, without running anything."""
+    return LdmCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  auto_configure_optimizers=False, run=False, args=args)
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
+    a, b = (state(m) if isinstance(m, torch.nn.Module) else m for m in (a, b))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def differs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- every experiment, through the CLI --------------------------------------------------------------
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_fast_dev_run(experiment: Path, shards: Path, tmp_path: Path) -> None:
+    cli = main(["fit", *cli_args(experiment, shards, tmp_path), "--trainer.fast_dev_run", "1"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+
+
+@pytest.fixture(scope="module")
+def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[LdmCLI, list[str], Path]:
+    """txt2img fitted for 2 steps with its codec loaded from a weights file: (cli, config args, last.ckpt)."""
+    out = tmp_path_factory.mktemp("txt2img")
+    vae_spec = _experiment(TXT2IMG)["model"]["init_args"]["codec"]["init_args"]["vae"]
+    vae = VAE(**vae_spec["init_args"])
+    vae.estimate_latent_stats([torch.randn(2, vae_spec["init_args"]["latent_channels"], 4, 4)])
+    save_vae_safetensors(vae, out / "vae.safetensors")
+    args = cli_args(TXT2IMG, shards, out, codec_weights=str(out / "vae.safetensors"))
+    cli = main(["fit", *args, "--trainer.max_steps", "2"])
+    return cli, args, out / "checkpoints" / "last.ckpt"
+
+
+def _predict(args: list[str], ckpt: Path, prompts: Path) -> Path:
+    cli = main(["predict", *args, "--ckpt_path", str(ckpt), "--data.init_args.predict", str(prompts)])
+    return Path(cli.trainer.log_dir) / "predictions"
+
+
+def test_predict_writes_one_png_per_prompt_reproducibly(trained: tuple, tmp_path: Path) -> None:
+    _, args, ckpt = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    first, second = _predict(args, ckpt, prompts), _predict(args, ckpt, prompts)
+    assert first != second
+    names = [f"{i:06d}.png" for i in range(len(PROMPTS))]
+    for folder in (first, second):
+        assert sorted(p.name for p in folder.glob("*.png")) == names
+        lines = [json.loads(line) for line in (folder / "prompts.rank0.jsonl").read_text().splitlines()]
+        assert sorted((r["index"], r["caption"]) for r in lines) == list(enumerate(PROMPTS))
+    images = [[np.asarray(Image.open(folder / name)) for name in names] for folder in (first, second)]
+    assert all(image.shape == (RESOLUTION, RESOLUTION, 3) for image in images[0])
+    for a, b in zip(*images):  # same seed, same images
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(images[0][0], images[0][1])  # each request has noise of its own
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_predict_from_jsonl_requests_with_maps(experiment: Path, shards: Path, tmp_path: Path) -> None:
+    """Requests carry caption, label and seg map, so every experiment finds the keys it reads."""
+    (tmp_path / "maps").mkdir()
+    lines = []
+    for i in (5, 9):
+        sample = render_sample(i, size=RESOLUTION)
+        sample.seg.save(tmp_path / "maps" / f"{i}.png")
+        lines.append(json.dumps({"caption": sample.caption, "label": sample.label, "seg": f"maps/{i}.png"}))
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    cli = main(["predict", *cli_args(experiment, shards, tmp_path),
+                "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
+    folder = Path(cli.trainer.log_dir) / "predictions"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png"]
+    records = [json.loads(line) for line in (folder / "prompts.rank0.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["label"]) for r in records) == [(0, render_sample(5).label), (1, render_sample(9).label)]
+
+
+def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: tuple) -> None:
+    cli, args, ckpt = trained
+    model = cli.model.eval()
+    state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("ema.") for k in state_dict) and any(k.startswith("backbone.") for k in state_dict)
+    assert not [k for k in state_dict if k.startswith("codec.")]
+    assert any(k.startswith("conditioner.embedders.0.clip.") for k in model.state_dict())
+    assert not [k for k in state_dict if k.startswith("conditioner.")]  # the frozen text tower is its only part
+
+    fresh = build_cli(args).model.eval()
+    assert differs(fresh.backbone, model.backbone) and differs(fresh.ema, model.ema)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    fresh.on_load_checkpoint(checkpoint)  # what Lightning does, before a strict load
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert_same_state(fresh.backbone, model.backbone)
+    assert_same_state(fresh.ema, model.ema)
+    assert_same_state(fresh.codec, model.codec)  # rebuilt from its weights file
+
+    batch = {"caption": PROMPTS, "target_size": torch.tensor([[RESOLUTION, RESOLUTION]] * len(PROMPTS))}
+    with model.ema_weights(), fresh.ema_weights():
+        torch.testing.assert_close(fresh.generate(batch), model.generate(batch), rtol=0, atol=0)
+
+
+def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
+    cli = main(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.precision", "bf16-mixed",
+                "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+
+
+def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "ldm.cli", "fit", *cli_args(TXT2IMG, shards, tmp_path),
+               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+               "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]
+    # a session of its own: on timeout, kill both ranks, not only rank 0
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        log, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP fit did not finish in {DDP_TIMEOUT_S} s\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# --- a tiny LatentDiffusion built directly ----------------------------------------------------------
+def tiny_model(ema_decay: float | None = 0.9) -> LatentDiffusion:
+    """Class-conditional, f=2 random codec, 2-step DPM-Solver++ sampling; every output layer non-zero."""
+    torch.manual_seed(0)
+    codec = LatentCodec(VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4),
+                        scale=1.0)
+    backbone = partial(UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                       num_heads=2, norm_groups=8)
+    model = LatentDiffusion(backbone, codec, Conditioner([ClassEmbedder(len(SHAPES), 32)]),
+                            sampler=Sampler(steps=2), ema_decay=ema_decay, cfg_scale=2.0)
+    with torch.no_grad():  # the UNet starts zeroed at its outputs (predicts 0): give it a real function
+        for p in model.backbone.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def requests(labels: list[int], size: int = 16) -> dict[str, torch.Tensor]:
+    return {"label": torch.tensor(labels), "target_size": torch.tensor([[size, size]] * len(labels))}
+
+
+def test_validation_and_predict_use_the_ema_and_restore_the_trained_weights() -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.ema.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained_weights = state(model.backbone)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 3])}
+    val_loss = trainer.validate(model, DataLoader([batch], batch_size=None), verbose=False)[0]["val/loss"]
+    assert_same_state(model.backbone, trained_weights)
+
+    def loss(weights: dict[str, torch.Tensor]) -> float:  # the validation loss of batch 0 with these weights
+        reference = tiny_model()
+        reference.load_state_dict(model.state_dict())
+        reference.backbone.load_state_dict(weights)
+        return reference.diffusion_loss(batch, torch.Generator().manual_seed(model.hparams.seed)).mean().item()
+
+    assert val_loss == pytest.approx(loss(state(model.ema.module)), rel=1e-6)
+    assert val_loss != pytest.approx(loss(trained_weights), rel=1e-3)
+
+    prompts = {**requests([1, 4]), "index": torch.tensor([0, 1])}
+    predicted = trainer.predict(model, DataLoader([prompts], batch_size=None))[0]["images"]
+    assert_same_state(model.backbone, trained_weights)
+    with model.ema_weights():
+        torch.testing.assert_close(predicted, model.generate(prompts, indices=prompts["index"]))
+    assert not torch.allclose(predicted, model.generate(prompts, indices=prompts["index"]), atol=1e-4)
+
+
+def test_sample_depends_only_on_seed_and_index() -> None:
+    model = tiny_model()
+    everything = model.generate(requests([0, 1, 2, 3]))  # indices 0..3
+    pair = model.generate(requests([2, 3]), indices=torch.tensor([2, 3]))
+    torch.testing.assert_close(pair, everything[2:])  # so FID samples do not depend on the world size
+    assert not torch.allclose(everything[2], everything[3], atol=1e-3)
+
+
+def test_class_label_changes_the_sample_from_the_same_noise() -> None:
+    model = tiny_model()
+    images = model.generate(requests([0, 1, 0]), indices=torch.tensor([7, 7, 7]))  # one noise for all three
+    torch.testing.assert_close(images[0], images[2])
+    assert (images[0] - images[1]).abs().max() > 1e-3

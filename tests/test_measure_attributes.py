@@ -1,0 +1,138 @@
+"""tools/measure_attributes.py: ground-truth shapes score ~1, mismatched prompts score chance, blanks measure none."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ldm.data.prompts import PromptDataset
+from ldm.data.synthetic import COLOURS, POSITIONS, SHAPES, caption_for, render_sample
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import measure_attributes as ma  # noqa: E402
+
+N_SAMPLES = 35  # covers every colour and position of the seed-0 dataset
+
+
+def _write_predictions(folder: Path, images: list[Image.Image], captions: list[str]) -> Path:
+    """The `ldm predict` layout: NNNNNN.png plus request logs, split over two ranks as under DDP."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank in (0, 1):
+        lines = [json.dumps({"index": i, "caption": captions[i], "label": 0}) for i in range(rank, len(images), 2)]
+        (folder / f"prompts.rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:06d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [render_sample(i, seed=0, size=64) for i in range(N_SAMPLES)]
+
+
+def _noisy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A soft, grainy copy, as a generator might draw it (this noise defeats a measure without median filter)."""
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), np.float64) + rng.normal(0, 20, (64, 64, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_caption_parsing_round_trips_every_colour_and_position():
+    for colour in COLOURS:
+        for position in POSITIONS:
+            caption = caption_for("star", colour, "small", position)
+            assert (ma.prompted_colour(caption), ma.prompted_position(caption)) == (colour, position)
+    assert ma.prompted_colour("A Blue cat, then a red one") == "blue"
+    assert ma.prompted_colour("a photo of a cat") is None and ma.prompted_position("a cat") is None
+
+
+def test_soft_edges_do_not_dilute_the_colour():
+    yy, xx = np.mgrid[:64, :64]
+    alpha = np.clip((10 - np.hypot(yy - 20.5, xx - 44.5)) / 6, 0, 1)[..., None]  # (64, 64, 1): solid to r=4, ramp to 10
+    for name, rgb in COLOURS.items():
+        image = Image.fromarray(np.round(40 * (1 - alpha) + np.array(rgb) * alpha).astype(np.uint8))
+        measured = ma.measure_image(image)
+        assert (measured.colour, measured.position) == (name, "top right")
+        assert measured.delta_e < 5  # the core's colour, not a blend with the background
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_ground_truth_renders_match_their_captions(tmp_path, samples, noisy):
+    rng = np.random.default_rng(0)
+    images = [_noisy(s.image, rng) if noisy else s.image for s in samples]
+    assert {s.colour for s in samples} == set(COLOURS) and {s.position for s in samples} == set(POSITIONS)
+    folder = _write_predictions(tmp_path / "pred", images, [s.caption for s in samples])
+    report = ma.measure_folder(folder, position=True)
+    colour, position = report["colour"], report["position"]
+    assert report["images"] == colour["n"] == N_SAMPLES
+    assert colour["accuracy"] >= 0.95 and position["accuracy"] >= 0.95
+    assert colour["p_value"] < 0.01 and colour["accuracy"] > 3 * colour["chance_shuffled"]
+    assert colour["chance_uniform"] == pytest.approx(1 / len(COLOURS))
+    assert colour["prompted"] == {c: sum(s.colour == c for s in samples) for c in COLOURS}
+    assert sum(colour["confusion"][c][c] for c in COLOURS) == sum(colour["correct"].values())
+    assert [r["index"] for r in report["per_image"]] == list(range(N_SAMPLES))
+
+
+def test_mismatched_colour_words_score_at_chance(tmp_path, samples):
+    names = list(COLOURS)
+    wrong = [caption_for(s.shape, names[(names.index(s.colour) + 1) % len(names)], s.scale, s.position)
+             for s in samples]  # every prompt names the next palette colour
+    report = ma.measure_folder(_write_predictions(tmp_path / "wrong", [s.image for s in samples], wrong))
+    colour = report["colour"]
+    assert colour["accuracy"] == 0.0 and colour["p_value"] > 0.5
+    assert all(colour["confusion"][names[(names.index(s.colour) + 1) % len(names)]][s.colour] > 0 for s in samples)
+
+    order = np.random.default_rng(1).permutation(N_SAMPLES)  # captions shuffled across images
+    shuffled = [samples[j].caption for j in order]
+    folder = _write_predictions(tmp_path / "shuffled", [s.image for s in samples], shuffled)
+    colour = ma.measure_folder(folder)["colour"]
+    expected = sum(samples[j].colour == s.colour for j, s in zip(order, samples)) / N_SAMPLES
+    assert colour["accuracy"] == pytest.approx(expected) and colour["accuracy"] < 0.4
+
+
+def test_blank_and_noise_images_measure_none(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [Image.new("RGB", (64, 64), grey) for grey in (0, 40, 128, 255)]
+    images += [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    captions = [caption_for("circle", c, "large", "center") for c in list(COLOURS)[:7]] + ["an empty picture"]
+    report = ma.measure_folder(_write_predictions(tmp_path / "blank", images, captions), position=True)
+    assert [r["colour"] for r in report["per_image"]] == [ma.NONE] * 8
+    assert report["colour"]["n"] == 7 and report["colour"]["accuracy"] == 0.0  # the colourless caption is left out
+    assert report["colour"]["measured"][ma.NONE] == 7 and report["position"]["accuracy"] == 0.0
+    json.dumps(report)  # serialisable as written by --out
+
+
+def test_write_prompts_is_balanced_deterministic_and_readable(tmp_path):
+    captions = ma.write_prompts(tmp_path / "a.jsonl", 70, seed=3)
+    assert Counter(map(ma.prompted_colour, captions)) == {c: 10 for c in COLOURS}
+    assert max(Counter(map(ma.prompted_position, captions)).values()) <= 8  # 70 / 9 rounded up
+    requests = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in requests] == captions
+    assert all(SHAPES[r["label"]] in r["caption"].split() for r in requests)
+    assert len(PromptDataset(str(tmp_path / "a.jsonl"), resolution=64)) == 70
+
+    ma.write_prompts(tmp_path / "b.jsonl", 70, seed=3)
+    ma.write_prompts(tmp_path / "c.jsonl", 70, seed=4)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+
+    text = ma.write_prompts(tmp_path / "d.txt", 10, seed=0)
+    assert (tmp_path / "d.txt").read_text().splitlines() == text
+    assert max(Counter(map(ma.prompted_colour, text)).values()) == 2 and len(set(map(ma.prompted_colour, text))) == 7
+
+
+def test_cli_prints_tables_and_writes_json(tmp_path, samples, capsys):
+    folder = _write_predictions(tmp_path / "pred", [s.image for s in samples[:14]], [s.caption for s in samples[:14]])
+    ma.main([str(folder), "--position", "--out", str(tmp_path / "report.json")])
+    printed = capsys.readouterr().out
+    assert "colour: accuracy 1.000 over 14 prompts" in printed and "position: accuracy" in printed
+    assert "confusion (rows prompted, columns measured)" in printed
+    assert json.loads((tmp_path / "report.json").read_text())["colour"]["accuracy"] == 1.0
+
+    ma.main(["--make-prompts", str(tmp_path / "p.txt"), "--n", "14"])
+    assert len((tmp_path / "p.txt").read_text().splitlines()) == 14
+    with pytest.raises(SystemExit):
+        ma.main([])

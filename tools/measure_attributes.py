@@ -1,0 +1,220 @@
+"""Does a text-to-image model draw what the prompt names? Measure colour (and position) on shapes samples.
+
+Reads a folder written by `ldm predict` (`NNNNNN.png` plus `prompts.rank*.jsonl` lines
+`{"index": i, "caption": ...}`). In each image, after a 3x3 median filter against speckle noise,
+the shape is the set of pixels far (CIELAB distance) from the image's median colour, which is the
+dark neutral background of the shapes dataset. Its colour is the median of its most distinct half,
+classified to the nearest entry of `COLOURS`; its position is the 3x3 grid cell of its centroid.
+The prompted colour is the palette word in the caption. The report compares accuracy with
+chance: uniform (1 / colours) and shuffled (prompts permuted across images, which discounts a
+model that ignores its prompt but favours a few colours), with a permutation-test p-value.
+
+    python tools/measure_attributes.py --make-prompts prompts.jsonl --n 70
+    ldm predict --config run.yaml --data.predict prompts.jsonl ...
+    python tools/measure_attributes.py runs/.../predictions --position --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from ldm.data.synthetic import COLOURS, POSITIONS, SCALES, SHAPES, caption_for
+
+NONE = "none"  # measured when no single shape stands out from the background
+FOREGROUND_DELTA_E = 40.0  # Lab distance from the background median that marks a shape pixel
+MIN_COVERAGE, MAX_COVERAGE = 0.002, 0.25  # shape pixels / image outside this: blank or not one shape
+PERMUTATIONS = 2000  # shuffles in the permutation test
+_RGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])  # sRGB, D65
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+_ROWS = {"top": 0, "bottom": 2}  # caption words -> grid row / column; absent means the middle
+_COLUMNS = {"left": 0, "right": 2}
+_POSITION_WORDS = {*_ROWS, *_COLUMNS, "center", "centre", "middle"}
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values in [0, 255], shape (..., 3) -> (..., 3)."""
+    c = np.asarray(rgb, np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)  # undo the sRGB transfer curve
+    xyz = linear @ _RGB_TO_XYZ.T / _WHITE_D65  # (..., 3), relative to the white point
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+PALETTE_LAB = srgb_to_lab(np.array(list(COLOURS.values())))  # (K, 3)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one image shows: the shape's palette colour and grid position, or NONE."""
+
+    colour: str
+    position: str
+    delta_e: float | None  # Lab distance of the shape's colour to the chosen palette entry
+    coverage: float  # fraction of pixels taken as the shape
+
+
+def measure_image(image: Image.Image) -> Measurement:
+    """Find the pixels that stand out from the background and classify their colour and centroid."""
+    lab = srgb_to_lab(np.asarray(image.convert("RGB").filter(ImageFilter.MedianFilter(3))))  # (H, W, 3)
+    distance = np.linalg.norm(lab - np.median(lab.reshape(-1, 3), axis=0), axis=-1)  # (H, W)
+    mask = distance > FOREGROUND_DELTA_E
+    coverage = float(mask.mean())
+    if not MIN_COVERAGE <= coverage <= MAX_COVERAGE:
+        return Measurement(NONE, NONE, None, coverage)
+    core = mask & (distance >= np.median(distance[mask]))  # the most distinct half: no antialiased edge
+    colour = np.median(lab[core], axis=0)  # (3,)
+    gaps = np.linalg.norm(PALETTE_LAB - colour, axis=-1)  # (K,)
+    rows, cols = np.nonzero(mask)
+    row, col = min(int(3 * rows.mean() / mask.shape[0]), 2), min(int(3 * cols.mean() / mask.shape[1]), 2)
+    return Measurement(list(COLOURS)[int(gaps.argmin())], POSITIONS[3 * row + col], float(gaps.min()), coverage)
+
+
+def prompted_colour(caption: str) -> str | None:
+    """The first palette colour word of a caption, or None when it names none."""
+    return next((word for word in re.findall(r"[a-z]+", caption.lower()) if word in COLOURS), None)
+
+
+def prompted_position(caption: str) -> str | None:
+    """The 3x3 grid cell a caption names ("in the top left", "on the right", "in the center"), or None."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    if not words & _POSITION_WORDS:
+        return None
+    row = next((r for word, r in _ROWS.items() if word in words), 1)
+    col = next((c for word, c in _COLUMNS.items() if word in words), 1)
+    return POSITIONS[3 * row + col]
+
+
+def load_predictions(folder: str | Path) -> list[tuple[int, str, Path]]:
+    """(index, caption, image path) of every request in the folder's prompt logs whose image exists."""
+    root = Path(folder)
+    captions: dict[int, str] = {}
+    for log in sorted(root.glob("prompts.rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            if line.strip():
+                request = json.loads(line)
+                captions[int(request["index"])] = request.get("caption", "")
+    if not captions:
+        raise FileNotFoundError(f"{root}: no prompts.rank*.jsonl lines (is this an `ldm predict` output folder?)")
+    found = [(i, captions[i], root / f"{i:06d}.png") for i in sorted(captions)]
+    return [entry for entry in found if entry[2].is_file()]
+
+
+def score(prompted: list[str | None], measured: list[str], classes: tuple[str, ...], seed: int = 0) -> dict:
+    """Accuracy of `measured` against `prompted` (None prompts are left out), chance levels and confusion."""
+    pairs = [(p, m) for p, m in zip(prompted, measured) if p is not None]
+    want = np.array([p for p, _ in pairs], dtype=object)
+    got = np.array([m for _, m in pairs], dtype=object)
+    n = len(pairs)
+    hits = int((want == got).sum())
+    want_counts, got_counts = Counter(want.tolist()), Counter(got.tolist())
+    rng = np.random.default_rng(seed)
+    shuffled = [int((rng.permutation(want) == got).sum()) for _ in range(PERMUTATIONS if n else 0)]
+    return {
+        "n": n,
+        "accuracy": hits / n if n else 0.0,
+        "chance_uniform": 1 / len(classes),
+        # expected accuracy when each image gets a prompt drawn at random: sum_c P(prompt c) P(measured c)
+        "chance_shuffled": sum(want_counts[c] * got_counts[c] for c in classes) / n**2 if n else 0.0,
+        "p_value": (1 + sum(s >= hits for s in shuffled)) / (1 + len(shuffled)),  # one-sided permutation test
+        "prompted": {c: want_counts[c] for c in classes},
+        "measured": {c: got_counts[c] for c in (*classes, NONE)},
+        "correct": {c: int(((want == c) & (got == c)).sum()) for c in classes},
+        "confusion": {p: {m: int(((want == p) & (got == m)).sum()) for m in (*classes, NONE)} for p in classes},
+    }
+
+
+def measure_folder(folder: str | Path, position: bool = False, seed: int = 0) -> dict:
+    """Measure every image of an `ldm predict` folder and score colour (and position) against its prompt."""
+    entries = load_predictions(folder)
+    measured = [measure_image(Image.open(path)) for _, _, path in entries]
+    colours = [prompted_colour(caption) for _, caption, _ in entries]
+    report = {"folder": str(folder), "images": len(entries),
+              "colour": score(colours, [m.colour for m in measured], tuple(COLOURS), seed)}
+    positions = [prompted_position(caption) for _, caption, _ in entries]
+    if position:
+        report["position"] = score(positions, [m.position for m in measured], POSITIONS, seed)
+    report["per_image"] = [
+        {"index": index, "caption": caption, "prompted_colour": colour, "prompted_position": where, **asdict(m)}
+        for (index, caption, _), colour, where, m in zip(entries, colours, positions, measured)
+    ]
+    return report
+
+
+def format_score(name: str, result: dict) -> str:
+    """A readable block: accuracy against chance, per-class counts and the confusion table."""
+    classes, columns = list(result["prompted"]), list(result["measured"])
+    width = max(len(c) for c in columns) + 1
+    lines = [
+        f"{name}: accuracy {result['accuracy']:.3f} over {result['n']} prompts "
+        f"(chance: uniform {result['chance_uniform']:.3f}, shuffled {result['chance_shuffled']:.3f}; "
+        f"permutation p = {result['p_value']:.4f})",
+        f"{'':<{width}} {'prompted':>8} {'measured':>8} {'correct':>8} {'recall':>7}",
+    ]
+    for c in classes:
+        recall = f"{result['correct'][c] / result['prompted'][c]:.2f}" if result["prompted"][c] else "-"
+        lines.append(f"{c:<{width}} {result['prompted'][c]:>8} {result['measured'][c]:>8} "
+                     f"{result['correct'][c]:>8} {recall:>7}")
+    short = ["".join(w[0] for w in c.split()) if " " in c else c for c in columns]  # "top left" -> "tl"
+    lines.append(f"confusion (rows prompted, columns measured)\n{'':<{width}}" + "".join(f"{c:>7}" for c in short))
+    lines += [f"{p:<{width}}" + "".join(f"{result['confusion'][p][m]:>7}" for m in columns) for p in classes]
+    return "\n".join(lines)
+
+
+def write_prompts(path: str | Path, n: int, seed: int = 0) -> list[str]:
+    """Write n shapes-style captions naming each colour (and position, shape, size) equally often.
+
+    `.jsonl` lines carry the shape index as `label` too (for class-conditional models); any other
+    suffix gets one caption per line. Returns the captions in file order.
+    """
+    rng = np.random.default_rng(seed)
+
+    def balanced(options: tuple[str, ...]) -> list[str]:  # counts differ by at most one, in random order
+        return [options[i] for i in rng.permutation(np.resize(np.arange(len(options)), n))]
+
+    rows = list(zip(balanced(SHAPES), balanced(tuple(COLOURS)), balanced(tuple(SCALES)), balanced(POSITIONS)))
+    captions = [caption_for(*row) for row in rows]
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if file.suffix == ".jsonl":
+        lines = [json.dumps({"caption": c, "label": SHAPES.index(row[0])}) for c, row in zip(captions, rows)]
+    else:
+        lines = captions
+    file.write_text("\n".join(lines) + "\n")
+    return captions
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, help="an `ldm predict` output folder to measure")
+    parser.add_argument("--position", action="store_true", help="also score the shape's 3x3 grid cell")
+    parser.add_argument("--out", type=Path, help="write the full report (with per-image results) as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the permutation test / prompt sampling")
+    parser.add_argument("--make-prompts", type=Path, metavar="FILE", help="write a balanced .jsonl/.txt prompt file")
+    parser.add_argument("--n", type=int, default=70, help="prompts to write with --make-prompts")
+    args = parser.parse_args(argv)
+    if args.make_prompts is None and args.folder is None:
+        parser.error("give a predictions folder to measure, or --make-prompts FILE")
+    if args.make_prompts is not None:
+        write_prompts(args.make_prompts, args.n, args.seed)
+        print(f"wrote {args.n} prompts to {args.make_prompts}")
+    if args.folder is not None:
+        report = measure_folder(args.folder, args.position, args.seed)
+        print(f"{report['images']} images in {report['folder']}")
+        print(format_score("colour", report["colour"]))
+        if args.position:
+            print(format_score("position", report["position"]))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
