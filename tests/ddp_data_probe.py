@@ -36,9 +36,8 @@ class CaptionRecorder(L.LightningModule):
         return (self.weight * batch["image"].mean()) ** 2  # backward all-reduces the gradient across ranks
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        count = self.trainer.strategy.reduce(torch.tensor(float(len(batch["caption"]))), reduce_op="sum")  # a collective
+        self.trainer.strategy.barrier()  # a collective: a rank with more val batches than the other blocks here
         if not self.trainer.sanity_checking:
-            assert count >= len(batch["caption"])
             self.seen["val"][self.current_epoch].append(list(batch["caption"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -210,7 +210,7 @@ def test_latent_stats_tool(fitted, overlay, tmp_path, capsys):
     _, ckpt = fitted
     out, ckpt_out = tmp_path / "shapes" / "vae.safetensors", tmp_path / "with_stats.ckpt"
     latent_stats_tool.main(["--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt),
-                            "--ckpt_out", str(ckpt_out), "--batches", "2", "--split", "val", "--seed", "3"])
+                            "--out", str(out), "--ckpt_out", str(ckpt_out), "--batches", "2", "--split", "val", "--seed", "3"])
     assert "over 2 val batches" in capsys.readouterr().out
 
     # by hand: the same model, the first 2 validation batches and the same seed for the posterior samples

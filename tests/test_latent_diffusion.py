@@ -224,7 +224,9 @@ def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
 def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "ldm.cli", "fit", *cli_args(TXT2IMG, shards, tmp_path),
                "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-               "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]
+               "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
+               # one validation, where rank 0 alone samples the image grids: no collective may wait on it
+               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
     # a session of its own: on timeout, kill both ranks, not only rank 0
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -301,3 +303,13 @@ def test_class_label_changes_the_sample_from_the_same_noise() -> None:
     images = model.generate(requests([0, 1, 0]), indices=torch.tensor([7, 7, 7]))  # one noise for all three
     torch.testing.assert_close(images[0], images[2])
     assert (images[0] - images[1]).abs().max() > 1e-3
+
+
+def test_ema_updates_once_per_optimizer_step_under_gradient_accumulation() -> None:
+    model = tiny_model()
+    trainer = Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = [{"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([i, 5 - i])} for i in range(4)]
+    trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2
+    assert int(model.ema.num_updates) == 2

@@ -10,7 +10,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch_fidelity import calculate_metrics
@@ -19,7 +18,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from ldm.metrics.clip_score import CLIPScorer, clip_score, try_build_clip_scorer
-from ldm.metrics.features import InceptionFeatures, reference_stats
+from ldm.metrics.features import InceptionFeatures, load_cached_stats, reference_stats
 from ldm.metrics.fid import feature_stats, fid, kid
 from tests.shardutil import write_shards
 
@@ -145,27 +144,28 @@ def test_reference_stats_are_cached_by_key(tmp_path):
     torch.testing.assert_close(again, (mu, sigma, 12))
     reference_stats(images[:1], extractor, str(tmp_path), {**key, "resolution": 32})
     assert extractor.calls == 4 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert load_cached_stats(str(tmp_path), {**key, "split": "test"}) is None
 
 
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception architecture with random weights, saved as a state dict."""
+@pytest.fixture
+def random_inception(tmp_path) -> tuple[Path, nn.Module]:
+    """torch-fidelity's Inception with random weights, and the state dict file it was saved to."""
     with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
         mp.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
         mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
         torch.manual_seed(0)
         net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    path = tmp_path / "inception.pth"
     torch.save(net.state_dict(), path)
-    return path
+    return path, net
 
 
 def test_inception_features_load_a_local_file_and_see_uint8_pixels(random_inception, offline):
+    path, net = random_inception
     pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
-    ours = InceptionFeatures(str(random_inception))(pixels.float() / 127.5 - 1)
-    reference = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(random_inception))
+    ours = InceptionFeatures(str(path))(pixels.float() / 127.5 - 1)
     assert ours.shape == (1, 2048)
-    torch.testing.assert_close(ours, reference(pixels)[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours, net(pixels)[0], rtol=0, atol=0)
 
 
 def test_inception_features_without_weights_name_the_cache(tmp_path, monkeypatch, offline):
@@ -176,7 +176,8 @@ def test_inception_features_without_weights_name_the_cache(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not ASSET_INCEPTION.is_file(), reason=f"no real FID Inception weights at {ASSET_INCEPTION} "
-                    "(shared assets absent); test_evaluate_* run the same path with injected extractors")
+                    "(shared assets absent); random weights load through InceptionFeatures and test_evaluate_* run "
+                    "the same evaluation path with an injected extractor")
 def test_fid_with_real_inception_matches_torch_fidelity(tmp_path):
     write_images(tmp_path / "a", 0, 10, size=32)
     write_images(tmp_path / "b", 1, 10, size=32)
@@ -189,7 +190,7 @@ def test_fid_with_real_inception_matches_torch_fidelity(tmp_path):
 def test_clip_score_is_clamped_scaled_cosine():
     image, text = torch.randn(2, 6, 16)
     text[0] = -image[0]  # cosine -1: clamped to 0
-    expected = (100 * F.cosine_similarity(image, text, dim=-1)).clamp(min=0)
+    expected = (100 * (image * text).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1))).clamp(min=0)
     torch.testing.assert_close(clip_score(image, text), expected)
     assert clip_score(image, text)[0] == 0 and clip_score(image, 3 * image).tolist() == pytest.approx([100.0] * 6)
 

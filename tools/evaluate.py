@@ -84,8 +84,7 @@ def evaluate(
         texts = own if lines is None else [_next_caption(lines) for _ in own]
         keep = [i for i, text in enumerate(texts) if text]
         if clip_scorer is not None and keep:
-            device = clip_scorer.mean.device
-            scores.append(clip_scorer(images[keep].to(device), [texts[i] for i in keep]).cpu())  # (K,)
+            scores.append(clip_scorer(images[keep], [texts[i] for i in keep]).cpu())  # (K,)
     if lines is not None and next(lines, None) is not None:
         raise ValueError(f"more captions than the {sum(map(len, features))} generated images")
     gen_feats = torch.cat(features)  # (N, D)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -54,18 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     data.setup("fit" if args.split == "train" else "validate")
     loader = data.train_dataloader() if args.split == "train" else data.val_dataloader()
 
-    used = [0]
+    used = 0
 
-    def counted(batches):
+    def counted(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        nonlocal used
         for batch in batches:
-            used[0] += 1
+            used += 1
             yield batch
 
     batches = itertools.islice(loader, args.batches)  # starts the loader (it draws its seed) before seeding
     torch.manual_seed(args.seed)
     model.estimate_latent_stats(counted(batches))
     vae = model.vae
-    print(f"latent statistics over {used[0]} {args.split} batches:")
+    print(f"latent statistics over {used} {args.split} batches:")
     for c, (mean, std) in enumerate(zip(vae.latent_mean.tolist(), vae.latent_std.tolist())):
         print(f"  channel {c}: mean {mean:+.4f}  std {std:.4f}")
 

@@ -53,6 +53,6 @@ class PromptDataset(Dataset):
         img = Image.open(os.path.join(self.folder, value))
         size = (self.resolution, self.resolution)
         if img.mode in ("L", "P"):
-            return torch.from_numpy(np.asarray(img.resize(size, Image.NEAREST))).long()[None]  # (1, R, R)
+            return torch.from_numpy(np.array(img.resize(size, Image.NEAREST))).long()[None]  # (1, R, R); a writable copy
         array = np.asarray(img.convert("RGB").resize(size, Image.BICUBIC))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, R, R)

@@ -99,11 +99,13 @@ class CLIPScorer(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor, captions: list[str]) -> Tensor:
         """CLIP scores (B,) of (B, 3, H, W) images in [-1, 1] against their captions."""
-        pixels = images.float().add(1).div(2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        pixels = TF.resize(pixels, min(_pair(self.image_size)), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        pixels = TF.center_crop(pixels, list(_pair(self.image_size)))  # (B, 3, S, S), open_clip's eval crop
+        device = self.mean.device
+        pixels = images.to(device, torch.float32).add(1).div(2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+        size = _pair(self.image_size)
+        pixels = TF.resize(pixels, min(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        pixels = TF.center_crop(pixels, list(size))  # (B, 3, S, S), open_clip's eval resize and crop
         image_feats = self.clip.encode_image((pixels - self.mean) / self.std)  # (B, E)
-        text_feats = self.clip.encode_text(self.tokenizer(captions).to(images.device))  # (B, E)
+        text_feats = self.clip.encode_text(self.tokenizer(captions).to(device))  # (B, E)
         return clip_score(image_feats, text_feats)
 
 

@@ -66,6 +66,30 @@ def extract_features(images: Iterable[Tensor], extractor: nn.Module) -> Tensor:
     return torch.cat(features)  # (N, D)
 
 
+def _stats_path(cache_dir: str, key: Mapping[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"refstats-{digest}.safetensors"
+
+
+def load_cached_stats(cache_dir: str, key: Mapping[str, object]) -> tuple[Tensor, Tensor, int] | None:
+    """The (mu, sigma, count) cached under ``key``, or None."""
+    path = _stats_path(cache_dir, key)
+    if not path.is_file():
+        return None
+    stored = load_file(path)
+    return stored["mu"], stored["sigma"], int(stored["count"])
+
+
+def save_cached_stats(cache_dir: str, key: Mapping[str, object], mu: Tensor, sigma: Tensor, count: int) -> None:
+    """Cache (mu, sigma, count) under ``key``; written atomically, so readers never see a torn file."""
+    path = _stats_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    tensors = {"mu": mu.contiguous(), "sigma": sigma.contiguous(), "count": torch.tensor(count)}
+    save_file(tensors, partial, metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+    os.replace(partial, path)
+
+
 def reference_stats(
     images: Iterable[Tensor], extractor: nn.Module, cache_dir: str, key: Mapping[str, object]
 ) -> tuple[Tensor, Tensor, int]:
@@ -74,16 +98,10 @@ def reference_stats(
     The file name hashes ``key``, which must name everything the statistics depend on (data,
     split, resolution, count, extractor); ``images`` is iterated only when no file matches.
     """
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"refstats-{digest}.safetensors"
-    if path.is_file():
-        stored = load_file(path)
-        return stored["mu"], stored["sigma"], int(stored["count"])
+    cached = load_cached_stats(cache_dir, key)
+    if cached is not None:
+        return cached
     features = extract_features(images, extractor)  # (N, D)
     mu, sigma = feature_stats(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({"mu": mu, "sigma": sigma, "count": torch.tensor(len(features))}, partial,
-              metadata={"key": json.dumps(key, sort_keys=True, default=str)})
-    os.replace(partial, path)  # atomic: a crash or a concurrent rank never leaves a torn file
+    save_cached_stats(cache_dir, key, mu, sigma, len(features))
     return mu, sigma, len(features)

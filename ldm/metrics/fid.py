@@ -60,7 +60,9 @@ def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
     return within - 2 * k_xy.sum() / (m * m)
 
 
-def kid(x_feats: Tensor, y_feats: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(
+    x_feats: Tensor, y_feats: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance: mean and std of the unbiased MMD^2 over random subsets.
 
     The subset size is clipped to the smaller set. Subsets are drawn without replacement by
