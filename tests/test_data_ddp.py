@@ -15,7 +15,7 @@ import pytest
 from tests.shardutil import write_shards
 
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
-TIMEOUT_S = 180  # ranks with unequal batch counts block in an all-reduce: a hang is a failure
+TIMEOUT_S = 180  # ranks with unequal batch counts block in a collective: a hang is a failure
 TRAIN_COUNTS, VAL_COUNT = [7, 3, 6], 9  # uneven: in both splits one rank cuts an extra, smaller batch
 
 

@@ -48,8 +48,8 @@ DDP_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module", autouse=True)
 def cli_process():
-    """One thread (tiny models run fastest so, several thrash a busy 2-core machine) and pytest's argv hidden
-    from LightningCLI, which warns when it sees both command-line arguments and `args`."""
+    """One thread: tiny models run fastest so, and several thrash a busy 2-core machine. Pytest's argv is
+    hidden from LightningCLI, which warns when it sees both command-line arguments and `args`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
@@ -193,7 +193,8 @@ def test_predict_from_jsonl_requests_with_maps(experiment: Path, shards: Path, t
 def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: tuple) -> None:
     cli, args, ckpt = trained
     model = cli.model.eval()
-    state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state_dict = checkpoint["state_dict"]
     assert any(k.startswith("ema.") for k in state_dict) and any(k.startswith("backbone.") for k in state_dict)
     assert not [k for k in state_dict if k.startswith("codec.")]
     assert any(k.startswith("conditioner.embedders.0.clip.") for k in model.state_dict())
@@ -201,9 +202,8 @@ def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: t
 
     fresh = build_cli(args).model.eval()
     assert differs(fresh.backbone, model.backbone) and differs(fresh.ema, model.ema)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     fresh.on_load_checkpoint(checkpoint)  # what Lightning does, before a strict load
-    fresh.load_state_dict(checkpoint["state_dict"])
+    fresh.load_state_dict(state_dict)
     assert_same_state(fresh.backbone, model.backbone)
     assert_same_state(fresh.ema, model.ema)
     assert_same_state(fresh.codec, model.codec)  # rebuilt from its weights file
@@ -241,7 +241,7 @@ def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
 
 
 # --- a tiny LatentDiffusion built directly ----------------------------------------------------------
-def tiny_model(ema_decay: float | None = 0.9) -> LatentDiffusion:
+def tiny_model() -> LatentDiffusion:
     """Class-conditional, f=2 random codec, 2-step DPM-Solver++ sampling; every output layer non-zero."""
     torch.manual_seed(0)
     codec = LatentCodec(VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4),
@@ -249,7 +249,7 @@ def tiny_model(ema_decay: float | None = 0.9) -> LatentDiffusion:
     backbone = partial(UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        num_heads=2, norm_groups=8)
     model = LatentDiffusion(backbone, codec, Conditioner([ClassEmbedder(len(SHAPES), 32)]),
-                            sampler=Sampler(steps=2), ema_decay=ema_decay, cfg_scale=2.0)
+                            sampler=Sampler(steps=2), ema_decay=0.9, cfg_scale=2.0)
     with torch.no_grad():  # the UNet starts zeroed at its outputs (predicts 0): give it a real function
         for p in model.backbone.parameters():
             if not p.any():

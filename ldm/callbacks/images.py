@@ -24,15 +24,18 @@ class ImageGrid(L.Callback):
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if batch_idx or trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
+        if batch_idx or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask, or rank 0 waits forever
+        if not trainer.is_global_zero:
             return
         for name, images in pl_module.log_images(batch).items():
             grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=self.nrow)  # (3, H', W') in [0, 1]
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
-            if self.save_png and trainer.log_dir:
-                folder = os.path.join(trainer.log_dir, "images")
+            if self.save_png and log_dir:
+                folder = os.path.join(log_dir, "images")
                 os.makedirs(folder, exist_ok=True)
                 save_image(grid, os.path.join(folder, f"{name}_step{trainer.global_step:07d}.png"))
 

@@ -18,6 +18,7 @@ class EvaluationReport(L.Callback):
         self.filename = filename
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank must ask
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -33,7 +34,6 @@ class EvaluationReport(L.Callback):
             "checkpoint": trainer.ckpt_path,
             "model": type(pl_module).__name__,
         }
-        folder = trainer.log_dir or trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, self.filename)
         with open(path, "w") as f:
