@@ -1,7 +1,6 @@
 """Conditioner and embedders: dims, null values, CFG dropout, frozen offline OpenCLIP, CLI parsing."""
 
 import json
-import socket
 
 import jsonargparse
 import open_clip
@@ -13,17 +12,6 @@ from ldm.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEmbedder, S
 
 LATENT = (4, 4)
 TINY = dict(random_init=True, width=32, layers=2, heads=2, context_length=8)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture

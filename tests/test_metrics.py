@@ -2,7 +2,6 @@
 
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 
@@ -27,17 +26,6 @@ import evaluate as ev  # noqa: E402
 
 ASSET_INCEPTION = Path(__file__).resolve().parents[2] / "shared" / "assets" / "weights-inception-2015-12-05-6726825d.pth"
 TINY_CLIP = dict(random_init=True, width=32, layers=1, heads=2, image_size=32, patch_size=16)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def feature_sets(dim: int, kind: str, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
+from ldm.diffusion.objectives import DDPM, FlowMatching
 from ldm.diffusion.schedules import (
     cosine_betas,
     linear_betas,
@@ -16,23 +16,6 @@ from ldm.diffusion.schedules import (
     shift_time,
 )
 from ldm.diffusion.weighting import MinSNR
-
-OBJECTIVES = {
-    "ddpm-eps-scaled_linear": lambda: DDPM("eps"),
-    "ddpm-eps-linear": lambda: DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02),
-    "ddpm-v-cosine": lambda: DDPM("v", "cosine"),
-    "ddpm-x0-scaled_linear": lambda: DDPM("x0"),
-    "ddpm-v-ztsnr": lambda: DDPM("v", zero_terminal_snr=True),
-    "ddpm-x0-cosine-ztsnr": lambda: DDPM("x0", "cosine", zero_terminal_snr=True),
-    "flow-uniform": lambda: FlowMatching("uniform"),
-    "flow-logit_normal-shift3": lambda: FlowMatching(shift=3.0),
-}
-
-
-@pytest.fixture(params=list(OBJECTIVES), ids=list(OBJECTIVES))
-def objective(request) -> Objective:
-    return OBJECTIVES[request.param]()
-
 
 def test_linear_schedules():
     b = linear_betas(1000, 1e-4, 0.02)

@@ -7,26 +7,12 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
+from tests.conftest import OBJECTIVES
 from ldm.diffusion.samplers import SAMPLERS, Denoiser, Sampler, sample_ddim, sample_ddpm, sample_euler, sample_heun
 
-OBJECTIVES = {
-    "ddpm-eps-scaled_linear": lambda: DDPM("eps"),
-    "ddpm-eps-linear": lambda: DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02),
-    "ddpm-v-cosine": lambda: DDPM("v", "cosine"),
-    "ddpm-x0-scaled_linear": lambda: DDPM("x0"),
-    "ddpm-v-ztsnr": lambda: DDPM("v", zero_terminal_snr=True),
-    "ddpm-x0-cosine-ztsnr": lambda: DDPM("x0", "cosine", zero_terminal_snr=True),
-    "flow-uniform": lambda: FlowMatching("uniform"),
-    "flow-logit_normal-shift3": lambda: FlowMatching(shift=3.0),
-}
 DETERMINISTIC = [("ddim", 0.0), ("dpmpp_2m", 0.0), ("euler", 0.0), ("heun", 0.0)]
 ODE_TOLERANCE = {"ddim": 0.1, "euler": 0.1, "dpmpp_2m": 0.05, "heun": 0.05}  # max error at 100 steps, by order
 STOCHASTIC = [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.5)]
-
-
-@pytest.fixture(params=list(OBJECTIVES), ids=list(OBJECTIVES))
-def objective(request) -> Objective:
-    return OBJECTIVES[request.param]()
 
 
 def gaussian_denoiser(objective: Objective, mean: Tensor | float, var: float) -> Denoiser:

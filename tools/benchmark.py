@@ -1,10 +1,22 @@
 """Throughput benchmarks of the ldm platform, one subcommand each.
 
     python tools/benchmark.py data --shards 'data/train/shard-{000000..000009}.tar' --workers 0 1 2 4
+    python tools/benchmark.py train --config experiments/shapes/txt2img_unet.yaml --device cuda --precision bf16-mixed
+    python tools/benchmark.py sample --config experiments/shapes/txt2img_unet.yaml --model.backbone configs/backbone/dit-tiny.yaml
 
 `data` times the WebDataModule train loader (random crop, shuffle buffer on) per DataLoader worker
 count and the single-process decode rate of the shards' images. Without `--shards` it writes a
-temporary synthetic shapes dataset at 256 px. It prints a table and a final JSON line.
+temporary synthetic shapes dataset at 256 px.
+
+`train` and `sample` build an experiment's model and data as `ldm` does (any option the tool does not
+know, such as `--model.backbone ...`, goes to the `ldm` CLI after the `--config` files) and time one
+fixed batch of its training data, so the loader is not timed. `train` runs optimisation steps through
+a Lightning Trainer (either stage; its own trainer options, not the experiment's); `sample` times
+`evaluation_images`: generation for LatentDiffusion, reconstruction for AutoencoderKL. Both report peak
+memory (CUDA max allocated, or the process's peak RSS on CPU), FLOPs per sample (the matmuls,
+convolutions and attention of one untimed call under FlopCounterMode: for `train` the whole step,
+forward and backward, frozen encoders included) and MFU against the GPU's dense bf16 peak where known.
+Each subcommand prints a table and a final JSON line.
 """
 
 from __future__ import annotations
@@ -12,15 +24,24 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningDataModule, LightningModule
 from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from webdataset.tariterators import tarfile_samples
 
+from ldm.callbacks.monitor import synchronize
+from ldm.cli import LdmCLI
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
@@ -29,6 +50,8 @@ from ldm.data.transforms import IMAGE_KEYS
 WARMUP_BATCHES = 3  # untimed: worker start-up and the first fill of the shuffle buffer
 DECODE_IMAGES = 500  # images decoded for the per-core rate
 SYNTHETIC_SAMPLES, SYNTHETIC_SIZE = 600, 256  # the temporary shapes dataset used without --shards
+BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU name; specific first
+AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # precision: autocast dtype
 
 
 def benchmark_data(
@@ -93,8 +116,161 @@ def _data_command(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def build_experiment(configs: list[str], ldm_options: list[str], batch_size: int | None) -> tuple[LightningModule, dict]:
+    """An experiment's model, built as `ldm` builds it, and the first batch of its training data."""
+    torch.set_float32_matmul_precision("high")  # as ldm.cli.main
+    args = [arg for path in configs for arg in ("--config", path)]
+    args += ["--data.init_args.batch_size", str(batch_size)] if batch_size else []
+    cli = LdmCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 auto_configure_optimizers=False, run=False,
+                 args=[*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options])
+    cli.datamodule.setup("fit")
+    batch = cli.datamodule.on_before_batch_transfer(next(iter(cli.datamodule.train_dataloader())), 0)
+    return cli.model, batch
+
+
+def _measurements(model: LightningModule, batch: dict, device: torch.device, flops: int, seconds: float,
+                  calls: int) -> dict[str, Any]:
+    """What train and sample both report, from the FLOPs of one call and the time of `calls` timed calls."""
+    size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
+    if device.type == "cuda":
+        memory, memory_kind = torch.cuda.max_memory_allocated(device), "CUDA max allocated"
+    else:
+        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak RSS"  # KiB on Linux
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((flops for part, flops in BF16_PEAK_FLOPS.items() if part in name), None)
+    return {
+        "model": type(model).__name__, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "batch_size": size, "image_size": list(batch["image"].shape[-2:]) if "image" in batch else None,
+        "device": name, "samples_per_s": size * calls / seconds, "ms_per_call": 1000 * seconds / calls,
+        "peak_memory_gib": memory / 2**30, "peak_memory_kind": memory_kind, "flops_per_sample": flops / size,
+        "mfu": flops * calls / seconds / peak if peak else None,
+    }
+
+
+class _StepTimer(L.Callback):
+    """Counts the FLOPs of training batch 0 and times the batches from `warmup` on, device-synchronised."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.flops, self.seconds = warmup, 0, 0.0
+        self._counter = FlopCounterMode(display=False)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._counter.__enter__()
+        if batch_idx == self.warmup:
+            synchronize(pl_module.device)
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._counter.__exit__(None, None, None)
+            self.flops = self._counter.get_total_flops()
+        if batch_idx == trainer.num_training_batches - 1:
+            synchronize(pl_module.device)
+            self.seconds = time.perf_counter() - self._start
+
+
+def benchmark_train(configs: list[str], ldm_options: Sequence[str] = (), batch_size: int | None = None, device: str = "cpu",
+                    precision: str = "32-true", steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+    """Optimisation steps per second of an experiment on one fixed batch; FLOPs of one step (forward + backward)."""
+    if warmup < 1:
+        raise ValueError("train needs a warm-up step: the first step counts FLOPs and is not timed")
+    model, batch = build_experiment(configs, list(ldm_options), batch_size)
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    fixed = move_data_to_device(batch, trainer.strategy.root_device)  # no host-to-device copy inside the timing
+    trainer.fit(model, DataLoader([fixed] * (warmup + steps), batch_size=None))
+    result = _measurements(model, batch, model.device, timer.flops, timer.seconds, steps)
+    return {"benchmark": "train", "configs": configs, "ldm_options": list(ldm_options), "precision": precision,
+            "steps": steps, "warmup": warmup, **result}
+
+
+@torch.no_grad()
+def benchmark_sample(configs: list[str], ldm_options: Sequence[str] = (), batch_size: int | None = None, device: str = "cpu",
+                     precision: str = "32-true", repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Images per second of `evaluation_images` (samples or reconstructions) on one fixed batch."""
+    model, batch = build_experiment(configs, list(ldm_options), batch_size)
+    target = torch.device(device)
+    model, fixed = model.to(target).eval(), move_data_to_device(batch, target)
+    dtype = AUTOCAST[precision]
+    with torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with FlopCounterMode(display=False) as counter:
+            model.evaluation_images(fixed)  # also the first warm-up call
+        for _ in range(warmup - 1):
+            model.evaluation_images(fixed)
+        synchronize(target)
+        if target.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(target)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.evaluation_images(fixed)
+        synchronize(target)
+    result = _measurements(model, batch, target, counter.get_total_flops(), time.perf_counter() - start, repeats)
+    return {"benchmark": "sample", "configs": configs, "ldm_options": list(ldm_options), "precision": precision,
+            "sampler": getattr(getattr(model, "sampler", None), "kind", None),
+            "sampler_steps": getattr(getattr(model, "sampler", None), "steps", None), "repeats": repeats, **result}
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeat to overlay more)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: the experiment's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=list(AUTOCAST), default="32-true")
+    parser.set_defaults(ldm_options=[])  # main() fills in the options it does not know: they are the ldm CLI's
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _experiment_arguments(parser)
+    parser.add_argument("--steps", type=int, default=20, help="timed optimisation steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first counts FLOPs)")
+
+
+def _sample_arguments(parser: argparse.ArgumentParser) -> None:
+    _experiment_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="timed evaluation_images calls")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first counts FLOPs)")
+    parser.add_argument("--sampler-steps", type=int, help="LatentDiffusion sampler steps (default: the experiment's)")
+
+
+def _print_experiment(result: dict[str, Any], timed: str, unit: str) -> None:
+    """The table of a train or sample result, then its JSON line."""
+    shape = "x".join(map(str, result["image_size"] or [])) or "?"
+    print(f"{result['benchmark']}: {result['model']} ({result['trainable_params'] / 1e6:.2f} M trainable parameters) from "
+          f"{' + '.join(result['configs'])} {' '.join(result['ldm_options'])}".rstrip())
+    print(f"batch {result['batch_size']} x {shape} px on {result['device']} ({result['precision']}), {timed}")
+    mfu = f"{100 * result['mfu']:.1f} % of dense bf16 peak" if result["mfu"] is not None else "unknown (no bf16 peak known)"
+    rows = [("samples/s", f"{result['samples_per_s']:.2f}"), (f"ms/{unit}", f"{result['ms_per_call']:.1f}"),
+            ("peak memory", f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})"),
+            ("GFLOP/sample", f"{result['flops_per_sample'] / 1e9:.3f}"), ("MFU", mfu)]
+    for name, value in rows:
+        print(f"  {name:<13} {value}")
+    print(json.dumps(result))
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    result = benchmark_train(args.config, args.ldm_options, args.batch_size, args.device, args.precision, args.steps,
+                             args.warmup)
+    _print_experiment(result, f"{args.steps} timed steps after {args.warmup} warm-up (forward + backward FLOPs)", "step")
+
+
+def _sample_command(args: argparse.Namespace) -> None:
+    steps = ["--model.init_args.sampler.init_args.steps", str(args.sampler_steps)] if args.sampler_steps else []
+    result = benchmark_sample(args.config, [*args.ldm_options, *steps], args.batch_size, args.device, args.precision,
+                              args.repeats, args.warmup)
+    sampler = f"{result['sampler']} x {result['sampler_steps']} steps, " if result["sampler"] else ""
+    _print_experiment(result, f"{sampler}{args.repeats} timed calls after {args.warmup} warm-up", "batch")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "data": (_data_arguments, _data_command),  # name: (add its arguments, run it)
+    "train": (_train_arguments, _train_command),
+    "sample": (_sample_arguments, _sample_command),
 }
 
 
@@ -103,7 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _) in COMMANDS.items():
         add_arguments(commands.add_parser(name, help=f"{name} throughput"))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not hasattr(args, "ldm_options"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.ldm_options = unknown
     COMMANDS[args.command][1](args)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.backbones.layers import Attention, FeedForward
+from ldm.backbones.layers import Attention, FeedForward, Upsample
 
 
 class ResBlock(nn.Module):
@@ -96,17 +96,6 @@ class VectorEmbedder(nn.Module):
 
     def forward(self, vector: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(vector)))  # (B, D_emb)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 MakeResBlock = Callable[[int, int], ResBlock]  # (in_channels, out_channels) -> ResBlock

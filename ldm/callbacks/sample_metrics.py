@@ -79,17 +79,21 @@ class SampleMetrics(L.Callback):
                 self.fid = False
         if self.scorer is None and self.clip_model is not None:
             self.scorer = try_build_clip_scorer(self.clip_model, self.clip_pretrained)
-        for module in (self.extractor, self.scorer):
-            if module is not None:
-                module.to(pl_module.device).eval()
 
     # --- per epoch -----------------------------------------------------------------------------
-    def _start(self, trainer: L.Trainer, split: str) -> None:
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
         self._split, self._seen, self._fake, self._real, self._reference = split, 0, None, None, None
         self._clip = torch.zeros(2, dtype=torch.float64)  # (sum of scores, count)
+        for module in (self.extractor, self.scorer):  # here, not in setup: the strategy moves pl_module after setup
+            if module is not None:
+                module.to(pl_module.device).eval()
         if self.fid:
             self._key = self._reference_key(trainer, split)
             self._reference = load_cached_stats(self.cache_dir, self._key)
+            # every rank must take the same path in _finish: use the cache only where all ranks found it
+            found = torch.tensor(float(self._reference is not None), device=pl_module.device)
+            if not trainer.strategy.reduce(found, reduce_op="min"):
+                self._reference = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validations += not trainer.sanity_checking
@@ -98,12 +102,12 @@ class SampleMetrics(L.Callback):
             and (self.fid or self.scorer is not None)
         )
         if self._active:
-            self._start(trainer, "val")
+            self._start(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._active = self.fid or self.scorer is not None
         if self._active:
-            self._start(trainer, "test")
+            self._start(trainer, pl_module, "test")
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
         cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
@@ -148,8 +152,8 @@ class SampleMetrics(L.Callback):
             total, count = strategy.reduce(self._clip.to(pl_module.device), reduce_op="sum").tolist()
             if count:
                 metrics[f"{split}/clip_score"] = total / count
-        for name, value in metrics.items():
-            pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
+        for name, value in metrics.items():  # equal on all ranks; logged on each, so any rank can monitor them
+            pl_module.log(name, value, sync_dist=True)
         self._active = False
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -160,11 +164,14 @@ class SampleMetrics(L.Callback):
 
     def _reference_key(self, trainer: L.Trainer, split: str) -> dict[str, Any]:
         data = trainer.datamodule
+        hp = getattr(data, "hparams", {})
+        # Under a cap, which samples come first depends on how the split is dealt to ranks, loader workers and batches.
+        layout = (trainer.world_size, hp.get("num_workers"), hp.get("eval_batch_size") or hp.get("batch_size"))
         return {
             "data": getattr(data, "patterns", {}).get(split),
             "split": split,
-            "resolution": getattr(getattr(data, "hparams", {}), "resolution", None),
+            "resolution": hp.get("resolution"),
             "max_samples": self.max_samples,
-            "world_size": trainer.world_size if self.max_samples is not None else None,
+            "layout": layout if self.max_samples is not None else None,
             "extractor": self.inception_weights if isinstance(self.extractor, InceptionFeatures) else type(self.extractor).__name__,
         }

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import tarfile_samples
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: the objectives every diffusion test runs over, and a network guard."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
+
+OBJECTIVES = {
+    "ddpm-eps-scaled_linear": lambda: DDPM("eps"),
+    "ddpm-eps-linear": lambda: DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02),
+    "ddpm-v-cosine": lambda: DDPM("v", "cosine"),
+    "ddpm-x0-scaled_linear": lambda: DDPM("x0"),
+    "ddpm-v-ztsnr": lambda: DDPM("v", zero_terminal_snr=True),
+    "ddpm-x0-cosine-ztsnr": lambda: DDPM("x0", "cosine", zero_terminal_snr=True),
+    "flow-uniform": lambda: FlowMatching("uniform"),
+    "flow-logit_normal-shift3": lambda: FlowMatching(shift=3.0),
+}
+
+
+@pytest.fixture(params=list(OBJECTIVES), ids=list(OBJECTIVES))
+def objective(request) -> Objective:
+    return OBJECTIVES[request.param]()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

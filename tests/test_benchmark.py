@@ -1,0 +1,100 @@
+"""tools/benchmark.py train and sample on CPU, for both stages: every number in the table and the JSON line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ldm.data.synthetic import write_shapes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import benchmark  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTOENCODER = str(ROOT / "experiments" / "shapes" / "autoencoder.yaml")
+CLASS2IMG = str(ROOT / "experiments" / "shapes" / "class2img_unet.yaml")
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv is not ours
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; several thrash a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    write_shapes(root, train=4, val=2, test=0, size=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def options(data: Path) -> list[str]:
+    """Tool and ldm options running an experiment on the tiny 16 px shards."""
+    return ["--device", "cpu", "--batch-size", "2", "--data.init_args.train", str(data / "train" / "shard-*.tar"),
+            "--data.init_args.val", str(data / "val" / "shard-*.tar"), "--data.init_args.resolution", "16"]
+
+
+@pytest.fixture(scope="module")
+def random_codec(data: Path) -> list[str]:
+    """A LatentDiffusion overlay config: the codec without a weights file."""
+    (data / "codec.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"codec": {"init_args": {"weights": None}}}}}))
+    return ["--config", str(data / "codec.yaml")]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, dict]:
+    benchmark.main(argv)
+    out = capsys.readouterr().out.strip()
+    return out, json.loads(out.splitlines()[-1])
+
+
+def check_table(out: str, result: dict, unit: str) -> None:
+    for number in (result["samples_per_s"], result["ms_per_call"], result["flops_per_sample"], result["peak_memory_gib"]):
+        assert math.isfinite(number) and number > 0
+    assert result["batch_size"] == 2 and result["image_size"] == [16, 16] and result["device"] == "cpu"
+    assert result["mfu"] is None and result["peak_memory_kind"] == "CPU peak RSS"
+    rows = {"samples/s": f"{result['samples_per_s']:.2f}", f"ms/{unit}": f"{result['ms_per_call']:.1f}",
+            "peak memory": f"{result['peak_memory_gib']:.2f} GiB (CPU peak RSS)",
+            "GFLOP/sample": f"{result['flops_per_sample'] / 1e9:.3f}", "MFU": "unknown (no bf16 peak known)"}
+    lines = out.splitlines()
+    for name, value in rows.items():  # the table row of each number
+        assert f"  {name:<13} {value}" in lines
+
+
+def test_train_and_sample_of_the_autoencoder(options: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    out, train = run(["train", "--config", AUTOENCODER, *options, "--steps", "2", "--warmup", "1"], capsys)
+    assert train["model"] == "AutoencoderKL" and train["steps"] == 2 and "2 timed steps after 1 warm-up" in out
+    check_table(out, train, "step")
+    out, sample = run(["sample", "--config", AUTOENCODER, *options, "--repeats", "1"], capsys)
+    assert sample["model"] == "AutoencoderKL" and sample["sampler"] is None  # reconstructions
+    check_table(out, sample, "batch")
+    # a step is a forward and a backward of the autoencoder, about 3 forwards: the backward was counted
+    assert train["flops_per_sample"] > 2 * sample["flops_per_sample"]
+
+
+def test_train_and_sample_of_latent_diffusion_with_a_swapped_backbone(options: list[str], random_codec: list[str],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    dit = ["--model.init_args.backbone", str(ROOT / "configs" / "backbone" / "dit-tiny.yaml")]
+    options = ["--config", CLASS2IMG, *random_codec, *dit, *options]
+    out, train = run(["train", *options, "--steps", "2", "--warmup", "1"], capsys)
+    assert train["model"] == "LatentDiffusion" and train["ldm_options"][:2] == dit and "dit-tiny.yaml" in out
+    check_table(out, train, "step")
+    out, sample = run(["sample", *options, "--repeats", "1", "--sampler-steps", "2"], capsys)
+    assert (sample["sampler"], sample["sampler_steps"]) == ("dpmpp_2m", 2) and "dpmpp_2m x 2 steps" in out
+    check_table(out, sample, "batch")
+
+
+def test_options_the_data_benchmark_does_not_know_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        benchmark.main(["data", "--model.init_args.backbone", "x.yaml"])
+    assert "unrecognized arguments: --model.init_args.backbone x.yaml" in capsys.readouterr().err

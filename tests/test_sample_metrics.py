@@ -1,0 +1,252 @@
+"""Evaluation callbacks: SampleMetrics (FID against the exact feature statistics, the reference cache,
+CLIP score, seeds that make FID independent of the world size), EvaluationReport and TrainingMonitor.
+
+CLI runs use the shapes experiments on tiny 16 px shards with a tiny feature extractor
+(tests/tiny_modules.py) in place of Inception and a random-init OpenCLIP scorer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ldm.autoencoder.loss import AutoencoderLoss
+from ldm.autoencoder.module import AutoencoderKL
+from ldm.autoencoder.vae import VAE
+from ldm.callbacks.monitor import TrainingMonitor
+from ldm.callbacks.sample_metrics import SampleMetrics
+from ldm.cli import LdmCLI, main
+from ldm.data.synthetic import write_shapes
+from ldm.metrics.clip_score import CLIPScorer
+from ldm.metrics.fid import fid
+from tests.tiny_modules import TinyFeatures
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
+CLASS2IMG = ROOT / "experiments" / "shapes" / "class2img_unet.yaml"
+TINY_UNET = ROOT / "configs" / "backbone" / "unet-tiny.yaml"
+RESOLUTION, TEST_SAMPLES = 16, 5  # 5 test samples in batches of 2: 2 + 2 + 1 on one rank, 2 + 1 and 2 on two
+TINY_CLIP = {"random_init": True, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "patch_size": 16}
+DDP_TIMEOUT_S = 240
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv is not ours
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the 1-rank run then computes like each DDP rank does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, train=4, val=2, test=TEST_SAMPLES, size=RESOLUTION)
+    return root
+
+
+def metrics_callback(cache: Path, **init_args: Any) -> dict[str, Any]:
+    """SampleMetrics with the tiny extractor, as a trainer.callbacks entry."""
+    init_args = {"feature_extractor": {"class_path": "tests.tiny_modules.TinyFeatures"}, "cache_dir": str(cache), **init_args}
+    return {"class_path": "ldm.callbacks.sample_metrics.SampleMetrics", "init_args": init_args}
+
+
+def cli_args(experiment: Path, shards: Path, out: Path, callbacks: list[dict], model: dict | None = None) -> list[str]:
+    """The experiment on the tiny shards with these callbacks only, no logger, everything under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    overlay = {"trainer": {"logger": False, "callbacks": [*callbacks, {"class_path": "ldm.callbacks.report.EvaluationReport"}]}}
+    if model:
+        overlay["model"] = {"init_args": model}
+    (out / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    data = [arg for split in ("train", "val", "test") for arg in (f"--data.init_args.{split}", str(shards / split / "shard-*.tar"))]
+    return [
+        "--config", str(experiment), "--config", str(out / "overlay.yaml"), *data,
+        "--data.init_args.resolution", str(RESOLUTION), "--data.init_args.batch_size", "2",
+        "--data.init_args.eval_batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false",
+        "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--checkpoint.dirpath", str(out / "checkpoints"),
+    ]
+
+
+def run(command: str, args: list[str]) -> LdmCLI:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["ldm"])  # LightningCLI must not see pytest's own arguments
+        return main([command, *args])
+
+
+def sample_metrics(cli: LdmCLI) -> SampleMetrics:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, SampleMetrics))
+
+
+def report(out: Path) -> dict[str, Any]:
+    return json.loads((out / "report.json").read_text())
+
+
+# --- stage 1: rFID through `ldm test`, the reference cache, CLIP score and the report -----------------
+def test_autoencoder_test_run_logs_rfid_and_clip_score_caches_the_reference_and_reports(shards: Path, tmp_path: Path,
+                                                                                        offline: None) -> None:
+    fit_args = cli_args(AUTOENCODER, shards, tmp_path / "fit", [])
+    run("fit", [*fit_args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    scorer = {"class_path": "ldm.metrics.clip_score.CLIPScorer", "init_args": TINY_CLIP}
+    callbacks = [metrics_callback(tmp_path / "cache", clip_scorer=scorer)]
+
+    first = run("test", [*cli_args(AUTOENCODER, shards, tmp_path / "first", callbacks), "--ckpt_path", str(ckpt)])
+    assert sample_metrics(first).extractor.images_seen == 2 * TEST_SAMPLES  # reconstructions and real images
+    assert len(list((tmp_path / "cache").glob("refstats-*.safetensors"))) == 1
+    result = report(tmp_path / "first")
+    metrics = result["metrics"]
+    assert math.isfinite(metrics["test/fid"]) and metrics["test/fid"] > 0 and metrics["test/fid_samples"] == TEST_SAMPLES
+    assert 0 <= metrics["test/clip_score"] <= 100 and "test/psnr" in metrics and "test/l1" in metrics
+    assert metrics == pytest.approx({k: float(v) for k, v in first.trainer.callback_metrics.items()})
+    assert result == {"metrics": metrics, "num_samples": TEST_SAMPLES, "sampler": None, "steps": None, "guidance": None,
+                      "seed": None, "checkpoint": str(ckpt), "model": "AutoencoderKL"}
+
+    second = run("test", [*cli_args(AUTOENCODER, shards, tmp_path / "second", callbacks), "--ckpt_path", str(ckpt)])
+    assert sample_metrics(second).extractor.images_seen == TEST_SAMPLES  # the real images' statistics came from the cache
+    assert report(tmp_path / "second")["metrics"]["test/fid"] == metrics["test/fid"]
+
+
+@pytest.mark.parametrize("pretrained", ["laion2b_s34b_b79k", "/no/such/open_clip_model.safetensors"])
+def test_clip_score_without_weights_is_one_log_line_and_the_run_completes(pretrained: str, shards: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture,
+                                                                          offline: None) -> None:
+    callbacks = [metrics_callback(tmp_path / "cache", clip_model="ViT-B-32", clip_pretrained=pretrained)]
+    with caplog.at_level(logging.WARNING, logger="ldm.metrics.clip_score"):
+        cli = run("test", cli_args(AUTOENCODER, shards, tmp_path, callbacks))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.clip_score"]
+    assert len(lines) == 1 and "\n" not in lines[0] and lines[0].startswith("CLIP score disabled")
+    metrics = report(tmp_path)["metrics"]
+    assert "test/clip_score" not in metrics and "test/clip_score" not in cli.trainer.callback_metrics
+    assert math.isfinite(metrics["test/fid"]) and "test/psnr" in metrics
+
+
+# --- FID and CLIP score equal their definitions on the same images ---------------------------------
+def tiny_autoencoder() -> AutoencoderKL:
+    torch.manual_seed(0)
+    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
+    return AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_layers=1, disc_channels=8)).eval()
+
+
+def test_fid_and_clip_score_equal_their_values_on_the_features_of_the_same_images(tmp_path: Path, offline: None) -> None:
+    model, extractor, scorer = tiny_autoencoder(), TinyFeatures(), CLIPScorer(**TINY_CLIP)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "caption": [f"shape {4 * b + i}" for i in range(4)],
+                "key": [f"{4 * b + i:06d}" for i in range(4)]} for b in range(3)]
+    callback = SampleMetrics(feature_extractor=extractor, clip_scorer=scorer, max_samples=6, cache_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)[0]
+
+    real = torch.cat([b["image"] for b in batches])[:6]  # the cap: all of the first batch, half of the second
+    captions = [c for b in batches for c in b["caption"]][:6]
+    with torch.no_grad():
+        fake = model.evaluation_images({"image": real})
+        expected_fid = fid(extractor.net(fake), extractor.net(real))
+        expected_clip = scorer(fake, captions).mean().item()
+    assert logged["val/fid_samples"] == 6
+    assert logged["val/fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-5)
+
+
+# --- stage 2: per-sample seeds make FID independent of the number of ranks --------------------------
+def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_path: Path) -> None:
+    """The whole test split (5 samples, dealt 3 + 2 to two ranks) generated under 1 and 2 ranks gives one FID."""
+    model = {"codec": {"init_args": {"weights": None}},
+             "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}}}
+
+    def args(out: Path) -> list[str]:
+        callbacks = [metrics_callback(tmp_path / f"cache-{out.name}")]  # a cache each: both compute their reference
+        return [*cli_args(CLASS2IMG, shards, out, callbacks, model), "--model.init_args.backbone", str(TINY_UNET)]
+
+    run("test", args(tmp_path / "one"))
+    command = [sys.executable, "-m", "ldm.cli", "test", *args(tmp_path / "two"), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    # a session of its own: on timeout, kill both ranks, not only rank 0
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        log, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP test did not finish in {DDP_TIMEOUT_S} s\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+
+    one, two = report(tmp_path / "one"), report(tmp_path / "two")
+    for result in (one, two):
+        assert result["metrics"]["test/fid_samples"] == TEST_SAMPLES  # every test sample once
+        assert math.isfinite(result["metrics"]["test/loss"])
+        assert {k: result[k] for k in ("num_samples", "sampler", "steps", "guidance", "seed", "checkpoint", "model")} == {
+            "num_samples": TEST_SAMPLES, "sampler": "dpmpp_2m", "steps": 2, "guidance": 3.0, "seed": 0,
+            "checkpoint": None, "model": "LatentDiffusion"}
+    assert two["metrics"]["test/fid"] == pytest.approx(one["metrics"]["test/fid"], rel=1e-6)
+
+
+# --- TrainingMonitor ---------------------------------------------------------------------------------
+class LinearRegression(L.LightningModule):
+    """y = w x + b on one fixed batch; records its gradient norm where Lightning calls the monitor, before clipping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+        self.grad_norms: list[float] = []
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return (self.linear(batch["x"]) - batch["y"]).square().mean()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = torch.cat([p.grad.flatten() for p in self.parameters()])
+        self.grad_norms.append(grads.norm().item())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_training_monitor_logs_grad_norm_and_samples_per_sec_to_tensorboard(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(3, 4), "y": torch.randn(3, 1) + 5}
+    model = LinearRegression()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, log_every_n_steps=1, gradient_clip_val=1e-3,
+                        logger=TensorBoardLogger(tmp_path, name="monitor"), callbacks=[TrainingMonitor()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader([batch] * 2, batch_size=None))
+
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    grad_norm = events.Scalars("train/grad_norm")
+    assert [e.step for e in grad_norm] == [0, 1]
+    assert [e.value for e in grad_norm] == pytest.approx(model.grad_norms, rel=1e-6)
+    assert all(norm > 1e-3 for norm in model.grad_norms)  # so clipping would have shown
+    throughput = events.Scalars("train/samples_per_sec")
+    assert len(throughput) == 2 and all(math.isfinite(e.value) and e.value > 0 for e in throughput)
