@@ -48,7 +48,8 @@ def options(data: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def random_codec(data: Path) -> list[str]:
     """A LatentDiffusion overlay config: the codec without a weights file."""
-    (data / "codec.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"codec": {"init_args": {"weights": None}}}}}))
+    overlay = {"model": {"init_args": {"codec": {"init_args": {"weights": None}}}}}
+    (data / "codec.yaml").write_text(yaml.safe_dump(overlay))
     return ["--config", str(data / "codec.yaml")]
 
 
@@ -59,8 +60,8 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, dict]
 
 
 def check_table(out: str, result: dict, unit: str) -> None:
-    for number in (result["samples_per_s"], result["ms_per_call"], result["flops_per_sample"], result["peak_memory_gib"]):
-        assert math.isfinite(number) and number > 0
+    for key in ("samples_per_s", "ms_per_call", "flops_per_sample", "peak_memory_gib"):
+        assert math.isfinite(result[key]) and result[key] > 0
     assert result["batch_size"] == 2 and result["image_size"] == [16, 16] and result["device"] == "cpu"
     assert result["mfu"] is None and result["peak_memory_kind"] == "CPU peak RSS"
     rows = {"samples/s": f"{result['samples_per_s']:.2f}", f"ms/{unit}": f"{result['ms_per_call']:.1f}",
@@ -98,3 +99,13 @@ def test_options_the_data_benchmark_does_not_know_are_refused(capsys: pytest.Cap
     with pytest.raises(SystemExit):
         benchmark.main(["data", "--model.init_args.backbone", "x.yaml"])
     assert "unrecognized arguments: --model.init_args.backbone x.yaml" in capsys.readouterr().err
+
+
+def test_dit_against_diffusers_times_both_in_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+    benchmark.main(["dit", "--preset", "dit-tiny", "--batch-size", "2", "--latent-size", "8", "--steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    ms = result["ms_per_step"]
+    assert set(ms) == {"ldm DiT", "diffusers DiTTransformer2DModel"} and all(v > 0 for v in ms.values())
+    assert result["ratio_ldm_over_diffusers"] == pytest.approx(ms["ldm DiT"] / ms["diffusers DiTTransformer2DModel"])
+    assert "ratio ldm / diffusers" in out

@@ -2,7 +2,8 @@
 
     python tools/benchmark.py data --shards 'data/train/shard-{000000..000009}.tar' --workers 0 1 2 4
     python tools/benchmark.py train --config experiments/shapes/txt2img_unet.yaml --device cuda --precision bf16-mixed
-    python tools/benchmark.py sample --config experiments/shapes/txt2img_unet.yaml --model.backbone configs/backbone/dit-tiny.yaml
+    python tools/benchmark.py sample --config experiments/shapes/txt2img_unet.yaml \
+        --model.backbone configs/backbone/dit-tiny.yaml
 
 `data` times the WebDataModule train loader (random crop, shuffle buffer on) per DataLoader worker
 count and the single-process decode rate of the shards' images. Without `--shards` it writes a
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -47,6 +49,7 @@ from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
 from ldm.data.transforms import IMAGE_KEYS
 
+ROOT = Path(__file__).resolve().parent.parent
 WARMUP_BATCHES = 3  # untimed: worker start-up and the first fill of the shuffle buffer
 DECODE_IMAGES = 500  # images decoded for the per-core rate
 SYNTHETIC_SAMPLES, SYNTHETIC_SIZE = 600, 256  # the temporary shapes dataset used without --shards
@@ -116,7 +119,8 @@ def _data_command(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def build_experiment(configs: list[str], ldm_options: list[str], batch_size: int | None) -> tuple[LightningModule, dict]:
+def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size: int | None
+                     ) -> tuple[LightningModule, dict]:
     """An experiment's model, built as `ldm` builds it, and the first batch of its training data."""
     torch.set_float32_matmul_precision("high")  # as ldm.cli.main
     args = [arg for path in configs for arg in ("--config", path)]
@@ -140,7 +144,8 @@ def _measurements(model: LightningModule, batch: dict, device: torch.device, flo
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((flops for part, flops in BF16_PEAK_FLOPS.items() if part in name), None)
     return {
-        "model": type(model).__name__, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model": type(model).__name__,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "batch_size": size, "image_size": list(batch["image"].shape[-2:]) if "image" in batch else None,
         "device": name, "samples_per_s": size * calls / seconds, "ms_per_call": 1000 * seconds / calls,
         "peak_memory_gib": memory / 2**30, "peak_memory_kind": memory_kind, "flops_per_sample": flops / size,
@@ -174,12 +179,19 @@ class _StepTimer(L.Callback):
             self.seconds = time.perf_counter() - self._start
 
 
-def benchmark_train(configs: list[str], ldm_options: Sequence[str] = (), batch_size: int | None = None, device: str = "cpu",
-                    precision: str = "32-true", steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+def benchmark_train(
+    configs: list[str],  # experiment YAML files, in order
+    ldm_options: Sequence[str] = (),  # further `ldm` CLI options, e.g. ("--model.backbone", "<config>")
+    batch_size: int | None = None,  # None: the experiment's
+    device: str = "cpu",  # a Lightning accelerator: cpu or cuda
+    precision: str = "32-true",  # a Lightning precision
+    steps: int = 20,  # timed optimisation steps
+    warmup: int = 3,  # untimed steps before them (at least 1: the first counts FLOPs)
+) -> dict[str, Any]:
     """Optimisation steps per second of an experiment on one fixed batch; FLOPs of one step (forward + backward)."""
     if warmup < 1:
         raise ValueError("train needs a warm-up step: the first step counts FLOPs and is not timed")
-    model, batch = build_experiment(configs, list(ldm_options), batch_size)
+    model, batch = build_experiment(configs, ldm_options, batch_size)
     timer = _StepTimer(warmup)
     trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -192,10 +204,17 @@ def benchmark_train(configs: list[str], ldm_options: Sequence[str] = (), batch_s
 
 
 @torch.no_grad()
-def benchmark_sample(configs: list[str], ldm_options: Sequence[str] = (), batch_size: int | None = None, device: str = "cpu",
-                     precision: str = "32-true", repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+def benchmark_sample(
+    configs: list[str],  # experiment YAML files, in order
+    ldm_options: Sequence[str] = (),  # further `ldm` CLI options
+    batch_size: int | None = None,  # None: the experiment's
+    device: str = "cpu",  # cpu or cuda
+    precision: str = "32-true",  # a Lightning precision: sets the autocast dtype
+    repeats: int = 3,  # timed calls
+    warmup: int = 1,  # untimed calls before them (the first counts FLOPs)
+) -> dict[str, Any]:
     """Images per second of `evaluation_images` (samples or reconstructions) on one fixed batch."""
-    model, batch = build_experiment(configs, list(ldm_options), batch_size)
+    model, batch = build_experiment(configs, ldm_options, batch_size)
     target = torch.device(device)
     model, fixed = model.to(target).eval(), move_data_to_device(batch, target)
     dtype = AUTOCAST[precision]
@@ -241,10 +260,10 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _print_experiment(result: dict[str, Any], timed: str, unit: str) -> None:
     """The table of a train or sample result, then its JSON line."""
     shape = "x".join(map(str, result["image_size"] or [])) or "?"
-    print(f"{result['benchmark']}: {result['model']} ({result['trainable_params'] / 1e6:.2f} M trainable parameters) from "
-          f"{' + '.join(result['configs'])} {' '.join(result['ldm_options'])}".rstrip())
+    print(f"{result['benchmark']}: {result['model']} ({result['trainable_params'] / 1e6:.2f} M trainable parameters) "
+          f"from {' + '.join(result['configs'])} {' '.join(result['ldm_options'])}".rstrip())
     print(f"batch {result['batch_size']} x {shape} px on {result['device']} ({result['precision']}), {timed}")
-    mfu = f"{100 * result['mfu']:.1f} % of dense bf16 peak" if result["mfu"] is not None else "unknown (no bf16 peak known)"
+    mfu = "unknown (no bf16 peak known)" if result["mfu"] is None else f"{100 * result['mfu']:.1f} % of dense bf16 peak"
     rows = [("samples/s", f"{result['samples_per_s']:.2f}"), (f"ms/{unit}", f"{result['ms_per_call']:.1f}"),
             ("peak memory", f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})"),
             ("GFLOP/sample", f"{result['flops_per_sample'] / 1e9:.3f}"), ("MFU", mfu)]
@@ -256,7 +275,8 @@ def _print_experiment(result: dict[str, Any], timed: str, unit: str) -> None:
 def _train_command(args: argparse.Namespace) -> None:
     result = benchmark_train(args.config, args.ldm_options, args.batch_size, args.device, args.precision, args.steps,
                              args.warmup)
-    _print_experiment(result, f"{args.steps} timed steps after {args.warmup} warm-up (forward + backward FLOPs)", "step")
+    timed = f"{args.steps} timed steps after {args.warmup} warm-up (forward + backward FLOPs)"
+    _print_experiment(result, timed, "step")
 
 
 def _sample_command(args: argparse.Namespace) -> None:
@@ -267,10 +287,71 @@ def _sample_command(args: argparse.Namespace) -> None:
     _print_experiment(result, f"{sampler}{args.repeats} timed calls after {args.warmup} warm-up", "batch")
 
 
+def benchmark_dit(preset: str = "dit-S-2", batch_size: int = 8, latent_size: int = 32, steps: int = 10,
+                  warmup: int = 2, device: str = "cpu") -> dict[str, Any]:
+    """Train-step ms of our DiT and of diffusers' DiTTransformer2DModel: same preset, class-conditional,
+    learned-sigma output, batch, MSE loss and AdamW; the two alternate step by step in one run."""
+    import yaml
+    from diffusers import DiTTransformer2DModel
+
+    from ldm.backbones.dit import DiT
+
+    knobs = yaml.safe_load((ROOT / "configs" / "backbone" / f"{preset}.yaml").read_text())["init_args"]
+    width, heads, depth, patch, classes = knobs["width"], knobs["num_heads"], knobs["depth"], knobs["patch_size"], 1000
+    torch.manual_seed(0)
+    ours, table = DiT(4, 8, None, width, **knobs), torch.nn.Embedding(classes + 1, width)  # class vector from outside
+    theirs = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
+                                   out_channels=8, num_layers=depth, sample_size=latent_size, patch_size=patch,
+                                   num_embeds_ada_norm=classes)
+    x = torch.randn(batch_size, 4, latent_size, latent_size, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    y = torch.randint(0, classes, (batch_size,), device=device)
+    target = torch.randn(batch_size, 8, latent_size, latent_size, device=device)
+    models = {
+        "ldm DiT": (torch.nn.ModuleList([ours, table]), lambda: ours(x, t.float(), vector=table(y))),
+        "diffusers DiTTransformer2DModel": (theirs, lambda: theirs(x, timestep=t, class_labels=y).sample),
+    }
+    optimizers = {name: torch.optim.AdamW(m.to(device).parameters(), lr=1e-4) for name, (m, _) in models.items()}
+    seconds = {name: 0.0 for name in models}
+    for step in range(warmup + steps):
+        for name, (_, forward) in models.items():  # alternate, so load changes hit both alike
+            synchronize(torch.device(device))
+            start = time.perf_counter()
+            loss = torch.nn.functional.mse_loss(forward(), target)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            synchronize(torch.device(device))
+            seconds[name] += (time.perf_counter() - start) * (step >= warmup)
+    result = {"preset": preset, "batch_size": batch_size, "latent_size": latent_size, "device": device, "steps": steps,
+              "params_M": {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, (m, _) in models.items()},
+              "ms_per_step": {n: 1000 * s / steps for n, s in seconds.items()}}
+    result["ratio_ldm_over_diffusers"] = result["ms_per_step"]["ldm DiT"] / result["ms_per_step"]["diffusers DiTTransformer2DModel"]
+    return result
+
+
+def _dit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="dit-S-2", help="configs/backbone/<preset>.yaml")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--latent-size", type=int, default=32, help="latent side (32: 256 px images at f=8)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dit_command(args: argparse.Namespace) -> None:
+    result = benchmark_dit(args.preset, args.batch_size, args.latent_size, args.steps, device=args.device)
+    print(f"{args.preset} train step, batch {args.batch_size}, latent {args.latent_size}^2, {args.device}, {args.steps} timed steps")
+    for name, ms in result["ms_per_step"].items():
+        print(f"  {name:32s} {ms:9.1f} ms/step  {result['params_M'][name]:7.2f} M params")
+    print(f"  ratio ldm / diffusers: {result['ratio_ldm_over_diffusers']:.3f}")
+    print(json.dumps(result))
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "data": (_data_arguments, _data_command),  # name: (add its arguments, run it)
     "train": (_train_arguments, _train_command),
     "sample": (_sample_arguments, _sample_command),
+    "dit": (_dit_arguments, _dit_command),  # our DiT vs diffusers' on one train step
 }
 
 
