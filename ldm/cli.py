@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from jsonargparse import lazy_instance
+import os
+
+# Idle OpenMP threads sleep instead of spinning: with DataLoader workers on a few CPU cores, spinning
+# intra-op threads starve the workers (a CPU run here went 1.6x slower). Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from jsonargparse import lazy_instance  # noqa: E402
 
 
 class LdmCLI(LightningCLI):

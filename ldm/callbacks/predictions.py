@@ -21,14 +21,23 @@ class PredictionWriter(BasePredictionWriter):
     def folder(self, trainer: L.Trainer) -> str:
         return self.output_dir or os.path.join(trainer.log_dir or ".", "predictions")
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start this rank's prompt log afresh: a repeated run overwrites its images, not appends."""
+        folder = self.folder(trainer)
+        os.makedirs(folder, exist_ok=True)
+        open(self._log_path(folder, trainer), "w").close()
+
+    @staticmethod
+    def _log_path(folder: str, trainer: L.Trainer) -> str:
+        return os.path.join(folder, f"prompts.rank{trainer.global_rank}.jsonl")
+
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any], batch_indices: Any,
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
         folder = self.folder(trainer)
-        os.makedirs(folder, exist_ok=True)
         images = ((prediction["images"].float() + 1) / 2).clamp(0, 1).cpu()  # (B, 3, H, W)
-        with open(os.path.join(folder, f"prompts.rank{trainer.global_rank}.jsonl"), "a") as log:
+        with open(self._log_path(folder, trainer), "a") as log:
             for i, image in enumerate(images):
                 index = int(prediction["index"][i])
                 save_image(image, os.path.join(folder, f"{index:06d}.png"))
