@@ -29,8 +29,8 @@ class LdmCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> LdmCLI:
-    """Entry point of `ldm fit|validate|test|predict --config ...`."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:
+    """The `ldm` CLI on ``args``; with ``run=False`` it only builds the model and data module (tools)."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; no effect on CPU
     return LdmCLI(
         LightningModule,
@@ -40,7 +40,13 @@ def main(args: list[str] | None = None) -> LdmCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `ldm fit|validate|test|predict --config ...` (exit status 0 on success)."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

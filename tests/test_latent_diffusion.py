@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.backbones.unet import UNet
-from ldm.cli import LdmCLI, main
+from ldm.cli import LdmCLI, build_cli
 from ldm.conditioning import ClassEmbedder, Conditioner
 from ldm.data.synthetic import SHAPES, render_sample, write_shapes
 from ldm.diffusion.module import LatentDiffusion
@@ -106,12 +106,6 @@ def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | Non
     ]
 
 
-def build_cli(args: list[str]) -> LdmCLI:
-    """The model and data of a config, instantiated as `ldm` does, without running anything."""
-    return LdmCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  auto_configure_optimizers=False, run=False, args=args)
-
-
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -130,7 +124,7 @@ def differs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 # --- every experiment, through the CLI --------------------------------------------------------------
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
 def test_experiment_fast_dev_run(experiment: Path, shards: Path, tmp_path: Path) -> None:
-    cli = main(["fit", *cli_args(experiment, shards, tmp_path), "--trainer.fast_dev_run", "1"])
+    cli = build_cli(["fit", *cli_args(experiment, shards, tmp_path), "--trainer.fast_dev_run", "1"])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 1
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
@@ -145,12 +139,12 @@ def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ldm
     vae.estimate_latent_stats([torch.randn(2, vae_spec["init_args"]["latent_channels"], 4, 4)])
     save_vae_safetensors(vae, out / "vae.safetensors")
     args = cli_args(TXT2IMG, shards, out, codec_weights=str(out / "vae.safetensors"))
-    cli = main(["fit", *args, "--trainer.max_steps", "2"])
+    cli = build_cli(["fit", *args, "--trainer.max_steps", "2"])
     return cli, args, out / "checkpoints" / "last.ckpt"
 
 
 def _predict(args: list[str], ckpt: Path, prompts: Path) -> Path:
-    cli = main(["predict", *args, "--ckpt_path", str(ckpt), "--data.init_args.predict", str(prompts)])
+    cli = build_cli(["predict", *args, "--ckpt_path", str(ckpt), "--data.init_args.predict", str(prompts)])
     return Path(cli.trainer.log_dir) / "predictions"
 
 
@@ -182,7 +176,7 @@ def test_predict_from_jsonl_requests_with_maps(experiment: Path, shards: Path, t
         sample.seg.save(tmp_path / "maps" / f"{i}.png")
         lines.append(json.dumps({"caption": sample.caption, "label": sample.label, "seg": f"maps/{i}.png"}))
     (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
-    cli = main(["predict", *cli_args(experiment, shards, tmp_path),
+    cli = build_cli(["predict", *cli_args(experiment, shards, tmp_path),
                 "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
     folder = Path(cli.trainer.log_dir) / "predictions"
     assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png"]
@@ -200,7 +194,7 @@ def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: t
     assert any(k.startswith("conditioner.embedders.0.clip.") for k in model.state_dict())
     assert not [k for k in state_dict if k.startswith("conditioner.")]  # the frozen text tower is its only part
 
-    fresh = build_cli(args).model.eval()
+    fresh = build_cli(args, run=False).model.eval()
     assert differs(fresh.backbone, model.backbone) and differs(fresh.ema, model.ema)
     fresh.on_load_checkpoint(checkpoint)  # what Lightning does, before a strict load
     fresh.load_state_dict(state_dict)
@@ -214,7 +208,7 @@ def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: t
 
 
 def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
-    cli = main(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.precision", "bf16-mixed",
+    cli = build_cli(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.precision", "bf16-mixed",
                 "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2

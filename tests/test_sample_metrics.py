@@ -31,7 +31,7 @@ from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import VAE
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
-from ldm.cli import LdmCLI, main
+from ldm.cli import LdmCLI, build_cli
 from ldm.data.synthetic import write_shapes
 from ldm.metrics.clip_score import CLIPScorer
 from ldm.metrics.fid import fid
@@ -93,7 +93,7 @@ def cli_args(experiment: Path, shards: Path, out: Path, callbacks: list[dict], m
 def run(command: str, args: list[str]) -> LdmCLI:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["ldm"])  # LightningCLI must not see pytest's own arguments
-        return main([command, *args])
+        return build_cli([command, *args])
 
 
 def sample_metrics(cli: LdmCLI) -> SampleMetrics:

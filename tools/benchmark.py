@@ -36,14 +36,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from webdataset.tariterators import tarfile_samples
 
 from ldm.callbacks.monitor import synchronize
-from ldm.cli import LdmCLI
+from ldm.cli import build_cli
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
@@ -122,12 +122,9 @@ def _data_command(args: argparse.Namespace) -> None:
 def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size: int | None
                      ) -> tuple[LightningModule, dict]:
     """An experiment's model, built as `ldm` builds it, and the first batch of its training data."""
-    torch.set_float32_matmul_precision("high")  # as ldm.cli.main
     args = [arg for path in configs for arg in ("--config", path)]
     args += ["--data.init_args.batch_size", str(batch_size)] if batch_size else []
-    cli = LdmCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 auto_configure_optimizers=False, run=False,
-                 args=[*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options])
+    cli = build_cli([*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options], run=False)
     cli.datamodule.setup("fit")
     batch = cli.datamodule.on_before_batch_transfer(next(iter(cli.datamodule.train_dataloader())), 0)
     return cli.model, batch

@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 
 from ldm.autoencoder.module import AutoencoderKL
-from ldm.cli import LdmCLI
+from ldm.cli import build_cli
 from ldm.interop.autoencoder import STATS_KEYS
 
 
 def build(configs: list[str]) -> tuple[AutoencoderKL, LightningDataModule]:
     """The model and data module `ldm fit --config ...` would train, without running anything."""
     args = [arg for config in configs for arg in ("--config", config)]
-    cli = LdmCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 auto_configure_optimizers=False, run=False, args=args)
+    with warnings.catch_warnings():  # LightningCLI warns that sys.argv (this tool's own options) goes unread
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = build_cli(args, run=False)
     if not isinstance(cli.model, AutoencoderKL):
         raise TypeError(f"{configs}: the model is a {type(cli.model).__name__}, not an AutoencoderKL")
     return cli.model, cli.datamodule
