@@ -215,8 +215,11 @@ def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
 
 
-def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "ldm.cli", "fit", *cli_args(TXT2IMG, shards, tmp_path),
+@pytest.mark.parametrize("backbone", ["unet-tiny", "dit-tiny"])
+def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path, backbone: str) -> None:
+    """txt2img with either backbone, swapped by one option, trains under 2-process CPU DDP."""
+    swap = ["--model.init_args.backbone", str(ROOT / "configs" / "backbone" / f"{backbone}.yaml")]
+    command = [sys.executable, "-m", "ldm.cli", "fit", *cli_args(TXT2IMG, shards, tmp_path), *swap,
                "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
                # one validation, where rank 0 alone samples the image grids: no collective may wait on it
