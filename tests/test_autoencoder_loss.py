@@ -11,7 +11,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import vgg
 
-from ldm.autoencoder.discriminator import ActNorm, NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from ldm.autoencoder.discriminator import (
+    ActNorm,
+    NLayerDiscriminator,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.lpips import build_lpips
 

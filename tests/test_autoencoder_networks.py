@@ -12,7 +12,13 @@ from safetensors.torch import save_file
 
 from ldm.autoencoder.posterior import DiagonalGaussian
 from ldm.autoencoder.vae import VAE, latent_stats
-from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors, vae_from_diffusers, vae_from_sd, vae_to_sd
+from ldm.interop.autoencoder import (
+    load_vae_weights,
+    save_vae_safetensors,
+    vae_from_diffusers,
+    vae_from_sd,
+    vae_to_sd,
+)
 
 diffusers = pytest.importorskip("diffusers")
 

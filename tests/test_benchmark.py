@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from ldm.data.synthetic import write_shapes
@@ -19,16 +18,10 @@ import benchmark  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = str(ROOT / "experiments" / "shapes" / "autoencoder.yaml")
 CLASS2IMG = str(ROOT / "experiments" / "shapes" / "class2img_unet.yaml")
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv is not ours
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several thrash a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
+    pytest.mark.usefixtures("one_thread"),  # tiny models run fastest on one thread
+]
 
 
 @pytest.fixture(scope="module")

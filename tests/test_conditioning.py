@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from ldm.backbones.layers import timestep_embedding
-from ldm.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEmbedder, SizeEmbedder, SpatialEmbedder
+from ldm.conditioning import (
+    ClassEmbedder,
+    Conditioner,
+    OpenCLIPTextEmbedder,
+    SizeEmbedder,
+    SpatialEmbedder,
+)
 
 LATENT = (4, 4)
 TINY = dict(random_init=True, width=32, layers=2, heads=2, context_length=8)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
+from tests.processes import run_isolated
 from tests.shardutil import write_shards
 
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
@@ -26,16 +22,7 @@ def _run_probe(tmp_path: Path) -> list[dict]:
     out = tmp_path / "out"
     out.mkdir()
     command = [sys.executable, str(PROBE), "--train", train, "--val", val, "--out", str(out)]
-    # a session of its own: on timeout, kill rank 1 and the loader workers too, not only rank 0
-    proc = subprocess.Popen(command, cwd=PROBE.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"DDP fit hung for {TIMEOUT_S} s (unequal batch counts per rank?)\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    run_isolated(command, PROBE.parent.parent, TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

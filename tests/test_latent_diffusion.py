@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -33,6 +30,7 @@ from ldm.data.synthetic import SHAPES, render_sample, write_shapes
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.samplers import Sampler
 from ldm.interop.autoencoder import save_vae_safetensors
+from tests.processes import run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments" / "shapes").glob("*.yaml") if p.name != "autoencoder.yaml")
@@ -224,16 +222,7 @@ def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path, backbone: st
                "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
                # one validation, where rank 0 alone samples the image grids: no collective may wait on it
                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
-    # a session of its own: on timeout, kill both ranks, not only rank 0
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        log, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"DDP fit did not finish in {DDP_TIMEOUT_S} s\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    run_isolated(command, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -13,7 +13,10 @@ from PIL import Image
 from torch import nn
 from torch_fidelity import calculate_metrics
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import (
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from ldm.metrics.clip_score import CLIPScorer, clip_score, try_build_clip_scorer

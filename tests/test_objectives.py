@@ -17,6 +17,7 @@ from ldm.diffusion.schedules import (
 )
 from ldm.diffusion.weighting import MinSNR
 
+
 def test_linear_schedules():
     b = linear_betas(1000, 1e-4, 0.02)
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)

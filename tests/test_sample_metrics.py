@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from ldm.cli import LdmCLI, build_cli
 from ldm.data.synthetic import write_shapes
 from ldm.metrics.clip_score import CLIPScorer
 from ldm.metrics.fid import fid
+from tests.processes import run_isolated
 from tests.tiny_modules import TinyFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +42,10 @@ TINY_UNET = ROOT / "configs" / "backbone" / "unet-tiny.yaml"
 RESOLUTION, TEST_SAMPLES = 16, 5  # in batches of 2: 2 + 2 + 1 on one rank; 3 and 2 samples on two ranks
 TINY_CLIP = {"random_init": True, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "patch_size": 16}
 DDP_TIMEOUT_S = 240
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv is not ours
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the 1-rank run then computes like each DDP rank does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
+    pytest.mark.usefixtures("one_thread"),  # tiny models run fastest on one thread
+]
 
 
 @pytest.fixture(scope="module")
@@ -185,16 +177,7 @@ def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_pat
     run("test", args(tmp_path / "one"))
     command = [sys.executable, "-m", "ldm.cli", "test", *args(tmp_path / "two"), "--trainer.strategy", "ddp",
                "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    # a session of its own: on timeout, kill both ranks, not only rank 0
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        log, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"DDP test did not finish in {DDP_TIMEOUT_S} s\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    run_isolated(command, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
 
     one, two = report(tmp_path / "one"), report(tmp_path / "two")
     for result in (one, two):

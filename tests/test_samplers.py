@@ -7,8 +7,16 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
+from ldm.diffusion.samplers import (
+    SAMPLERS,
+    Denoiser,
+    Sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_heun,
+)
 from tests.conftest import OBJECTIVES
-from ldm.diffusion.samplers import SAMPLERS, Denoiser, Sampler, sample_ddim, sample_ddpm, sample_euler, sample_heun
 
 DETERMINISTIC = [("ddim", 0.0), ("dpmpp_2m", 0.0), ("euler", 0.0), ("heun", 0.0)]
 ODE_TOLERANCE = {"ddim": 0.1, "euler": 0.1, "dpmpp_2m": 0.05, "heun": 0.05}  # max error at 100 steps, by order
