@@ -169,3 +169,17 @@ def test_count_samples_reads_headers(tmp_path: Path) -> None:
     assert count_samples(urls) == [3, 4]
     with tarfile.open(urls[0]) as tar:
         assert len(tar.getnames()) == 3 * 4  # jpg, txt, cls, seg.png per sample
+
+
+def test_shard_index_gives_counts_without_scanning(tmp_path: Path) -> None:
+    import json
+
+    from ldm.data.shards import INDEX_NAME, write_shard_index
+
+    urls = write_shards(tmp_path, [3, 4])
+    index = write_shard_index([Path(u) for u in urls])
+    assert index.name == INDEX_NAME and count_samples(urls) == [3, 4]
+    data = json.loads(index.read_text())
+    data["shardlist"][0]["nsamples"] = 99  # the index, not the tar, is what is read
+    index.write_text(json.dumps(data))
+    assert count_samples(urls) == [99, 4]

@@ -25,6 +25,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from ldm.data.shards import write_shard_index
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> WebDataset entry name
 
@@ -204,6 +206,8 @@ def make_shards(
     finally:
         sink.close()
     report.shards = sink.shards
+    if report.shards:
+        write_shard_index([Path(p) for p in report.shards])  # sample counts for the readers' epoch plan
     return report
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from ldm.data.shards import write_shard_index
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -187,6 +189,8 @@ def write_shapes(
     for split in SPLITS:
         indices = range(start, start + counts[split])
         shards[split] = _write_split(root / split, indices, seed, size, samples_per_shard, image_format)
+        if shards[split]:
+            write_shard_index(shards[split])  # sample counts: readers plan epochs without scanning the tars
         start = indices.stop
     meta = {
         "shapes": list(SHAPES),
