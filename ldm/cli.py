@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning: with DataLoader workers on a few CPU cores, spinning
 # intra-op threads starve the workers (a CPU run here went 1.6x slower). Set before torch loads OpenMP.
@@ -15,12 +18,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from jsonargparse import lazy_instance  # noqa: E402
 
+from ldm.callbacks.export import ExportWeights  # noqa: E402
+
 
 class LdmCLI(LightningCLI):
-    """Any LightningModule / LightningDataModule is chosen by `class_path`; runs log to `runs/`."""
+    """Any LightningModule / LightningDataModule is chosen by `class_path`; runs log to `runs/`.
+
+    Every fit checkpoints (`--checkpoint.*`, `last.ckpt` always) and ends by exporting the model's
+    weights as safetensors (`--export.path`, default `<log dir>/export.safetensors`).
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ExportWeights, "export")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -42,6 +52,22 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:
         args=args,
         run=run,
     )
+
+
+class _ComposeOnly(LdmCLI):
+    """Parses and composes, but builds nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def compose(args: list[str]) -> dict[str, Any]:
+    """The configuration `ldm fit <args>` would build (every --config and option applied), as a plain dict."""
+    with warnings.catch_warnings():  # LightningCLI warns when the caller's own sys.argv goes unread
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ComposeOnly(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           auto_configure_optimizers=False, args=args, run=False)
+    return json.loads(cli.parser.dump(cli.config, format="json", skip_check=True))
 
 
 def main(args: list[str] | None = None) -> None:

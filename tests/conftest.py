@@ -1,4 +1,4 @@
-"""Shared fixtures: the objectives every diffusion test runs over, and a network guard."""
+"""Shared fixtures: the objectives every diffusion test runs over, no weight downloads, and a network guard."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ OBJECTIVES = {
 @pytest.fixture(params=list(OBJECTIVES), ids=list(OBJECTIVES))
 def objective(request) -> Objective:
     return OBJECTIVES[request.param]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_downloads():
+    """Pretrained weights are never downloaded: ldm.interop.pretrained honours LDM_OFFLINE (subprocesses inherit it).
+
+    Session-wide, so module fixtures see it too; a test may lift it with its own ``monkeypatch``.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LDM_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture

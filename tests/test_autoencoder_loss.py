@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import vgg
@@ -19,6 +21,8 @@ from ldm.autoencoder.discriminator import (
 )
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.lpips import build_lpips
+from ldm.interop.io import WeightsError
+from tests.assets import asset
 
 DISC_START = 10
 
@@ -41,8 +45,7 @@ def _batch(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def lpips_loss() -> AutoencoderLoss:
-    with pytest.warns(UserWarning, match="uncalibrated"):
-        return _loss(perceptual_weight=1.0, disc_start=0)
+    return _loss(perceptual_weight=1.0, disc_start=0, lpips_random_init=True)
 
 
 def _count_calls(module: nn.Module) -> list[int]:
@@ -114,12 +117,11 @@ def test_lpips_random_trunk_is_frozen_and_separates(lpips_loss):
     assert y.grad.abs().sum() > 0  # a loss: gradients reach the reconstruction
 
 
-def test_lpips_state_dict_roundtrip_is_exact(lpips_loss, tmp_path, recwarn):
+def test_lpips_state_dict_roundtrip_is_exact(lpips_loss, tmp_path):
     lpips = lpips_loss.perceptual_loss
     path = tmp_path / "lpips.pt"
     torch.save(lpips.state_dict(), path)
-    loaded = build_lpips(str(path))
-    assert not any("uncalibrated" in str(w.message) for w in recwarn)
+    loaded = build_lpips("vgg", str(path))
     torch.manual_seed(1)
     x, y = torch.rand(2, 2, 3, 16, 16) * 2 - 1
     assert torch.equal(loaded(x, y), lpips(x, y))
@@ -133,7 +135,7 @@ def test_lpips_loads_torchvision_vgg16(tmp_path):
     torch.save(features.state_dict(), paths[0])
     save_file(whole_model, str(paths[1]))
     for path in paths:
-        lpips = build_lpips(str(path))
+        lpips = build_lpips("vgg", str(path))
         assert torch.equal(lpips.net.slice1[0].weight, features[0].weight)
         assert torch.equal(lpips.net.slice5[-2].bias, features[28].bias)
 
@@ -148,11 +150,26 @@ def test_lpips_bad_weights_file_names_it(lpips_loss, tmp_path, content):
     }[content]
     path = tmp_path / f"{content}.pt"
     torch.save(bad, path)
-    with pytest.raises(ValueError, match=re.escape(str(path))):
-        build_lpips(str(path))
+    with pytest.raises(WeightsError, match=re.escape(str(path))):
+        build_lpips("vgg", str(path))
 
 
-# ---- generator / discriminator losses -----------------------------------------------------------
+def _example(name: str) -> torch.Tensor:
+    """An upstream LPIPS example image (1, 3, 64, 64) in [-1, 1], as ``lpips.im2tensor`` makes it."""
+    path = asset(f"lpips/examples/{name}", "test_lpips_random_trunk_is_frozen_and_separates")
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("net, trunk, expected", [("alex", "alexnet_features.pth", (0.722, 0.138)),
+                                                  ("vgg", "vgg16_features.pth", (0.5686, 0.4217))])
+def test_lpips_with_imagenet_trunks_gives_the_published_distances(net, trunk, expected):
+    path = asset(f"lpips/{trunk}", "test_lpips_loads_torchvision_vgg16")
+    lpips = build_lpips(net, str(path))
+    ref, p0, p1 = (_example(f"ex_{name}.png") for name in ("ref", "p0", "p1"))
+    assert lpips(torch.cat([ref, ref]), torch.cat([p0, p1])).tolist() == pytest.approx(expected, abs=1e-3)
+
+
+# ---- autoencoder / discriminator losses -----------------------------------------------------------
 
 
 def test_no_lpips_network_when_perceptual_weight_is_zero():
@@ -164,12 +181,12 @@ def test_gan_term_is_zero_and_discriminator_unused_before_disc_start():
     calls = _count_calls(loss.discriminator)
     decoder, z, inputs, kl = _batch()
     recon = decoder(z)
-    total, logs = loss.generator_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START - 1)
+    total, logs = loss.autoencoder_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START - 1)
     assert calls[0] == 0
     assert logs["g"] == 0 and logs["d_weight"] == 0
     assert torch.equal(total, logs["nll"] + loss.kl_weight * logs["kl"])
 
-    total, logs = loss.generator_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START)
+    total, logs = loss.autoencoder_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START)
     assert calls[0] == 1
     assert logs["g"] != 0 and logs["d_weight"] > 0
     gan = total - (logs["nll"] + loss.kl_weight * logs["kl"])
@@ -180,7 +197,7 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     loss = _loss(disc_weight=0.7, disc_factor=0.5)
     decoder, z, inputs, kl = _batch(1)
     recon = decoder(z)
-    total, logs = loss.generator_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START)
+    total, logs = loss.autoencoder_loss(inputs, recon, kl, decoder.weight, global_step=DISC_START)
 
     nll = ((inputs - recon).abs() / math.exp(0.3) + 0.3).sum() / 2
     g = -loss.discriminator(recon).mean()
@@ -197,15 +214,15 @@ def test_without_a_graph_the_gan_term_is_logged_but_left_out():
     loss = _loss()
     decoder, z, inputs, kl = _batch()
     with torch.inference_mode():  # as in Lightning's validation loop
-        total, logs = loss.generator_loss(inputs, decoder(z), kl, decoder.weight, global_step=DISC_START)
+        total, logs = loss.autoencoder_loss(inputs, decoder(z), kl, decoder.weight, global_step=DISC_START)
     assert logs["g"] != 0 and logs["d_weight"] == 0
     assert torch.equal(total, logs["nll"] + loss.kl_weight * logs["kl"])
 
 
-def test_generator_backward_leaves_discriminator_grads_none():
+def test_autoencoder_backward_leaves_discriminator_grads_none():
     loss = _loss()
     decoder, z, inputs, kl = _batch()
-    total, _ = loss.generator_loss(inputs, decoder(z), kl, decoder.weight, global_step=DISC_START)
+    total, _ = loss.autoencoder_loss(inputs, decoder(z), kl, decoder.weight, global_step=DISC_START)
     total.backward()
     assert all(p.grad is None for p in loss.discriminator.parameters())
     assert all(p.requires_grad for p in loss.discriminator.parameters())  # restored after the call
@@ -234,16 +251,16 @@ def test_discriminator_loss_touches_only_the_discriminator(disc_loss):
 def test_bf16_autocast_matches_fp32(lpips_loss):
     decoder, z, inputs, kl = _batch()
     recon = decoder(z)
-    total, logs = lpips_loss.generator_loss(inputs, recon, kl, decoder.weight, global_step=0)
+    total, logs = lpips_loss.autoencoder_loss(inputs, recon, kl, decoder.weight, global_step=0)
     d, d_logs = lpips_loss.discriminator_loss(inputs, recon, global_step=0)
     assert logs["perceptual"] > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # fp32 tensors in: autocast is off inside, so every term matches fp32 to rounding
-        total_amp, logs_amp = lpips_loss.generator_loss(inputs, recon, kl, decoder.weight, global_step=0)
+        total_amp, logs_amp = lpips_loss.autoencoder_loss(inputs, recon, kl, decoder.weight, global_step=0)
         d_amp, _ = lpips_loss.discriminator_loss(inputs, recon, global_step=0)
         # a bf16 decoder output in: finite and close
         recon_bf16 = decoder(z)
-        total_bf16, _ = lpips_loss.generator_loss(inputs, recon_bf16, kl, decoder.weight, global_step=0)
+        total_bf16, _ = lpips_loss.autoencoder_loss(inputs, recon_bf16, kl, decoder.weight, global_step=0)
     assert recon_bf16.dtype == torch.bfloat16
     for key in logs:
         torch.testing.assert_close(logs_amp[key], logs[key], rtol=1e-5, atol=1e-6)

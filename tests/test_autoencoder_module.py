@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
-from ldm.autoencoder.vae import VAE, latent_stats
+from ldm.autoencoder.vae import VAE, estimate_latent_stats
 from ldm.cli import build_cli as ldm_main
+from ldm.cli import compose
 from ldm.data.synthetic import write_shapes
 from ldm.interop.autoencoder import load_vae_weights
 from tools import latent_stats as latent_stats_tool
@@ -29,7 +30,7 @@ AUTOENCODER = "ldm.autoencoder.module.AutoencoderKL"
 EXPERIMENTS = sorted(
     str(p.relative_to(ROOT))
     for p in (ROOT / "experiments").rglob("*.yaml")
-    if (yaml.safe_load(p.read_text()).get("model") or {}).get("class_path") == AUTOENCODER
+    if compose(["--config", str(p)])["model"]["class_path"] == AUTOENCODER
 )
 VAE_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "autoencoder").glob("*.yaml"))
 BATCH, VAL_SAMPLES = 4, 12  # 32 px shapes: 3 validation batches
@@ -86,7 +87,7 @@ def _fit(module: AutoencoderKL, batches: int) -> _Recorder:
         enable_model_summary=False, callbacks=[recorder],
     )
     trainer.fit(module, loader)
-    assert module.generator_steps == batches
+    assert module.autoencoder_steps == batches
     return recorder
 
 
@@ -125,6 +126,7 @@ def overlay(tmp_path_factory) -> str:
             "limit_val_batches": 1,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(root / "runs")}},
         },
+        "export": {"path": str(root / "autoencoder.safetensors")},
         "data": {"init_args": {**patterns, "resolution": 32, "batch_size": BATCH, "eval_batch_size": BATCH, "num_workers": 0, "shuffle_buffer": 0, "pin_memory": False}},
     }
     path = root / "overlay.yaml"
@@ -156,7 +158,7 @@ def test_experiment_fast_dev_run(experiment, vae, overlay, tmp_path):
                     "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(tmp_path),
                     "--model.loss.init_args.disc_start", "0", *QUIET])  # GAN on: every loss term runs
     metrics = cli.trainer.callback_metrics
-    assert cli.model.generator_steps == 1 and "train/d" in metrics and "val/psnr" in metrics
+    assert cli.model.autoencoder_steps == 1 and "train/d" in metrics and "val/psnr" in metrics
     assert all(math.isfinite(v.item()) for v in metrics.values())
 
 
@@ -165,7 +167,7 @@ def test_bf16_mixed_fit_logs_finite_losses(overlay, tmp_path):
                     "--model.loss.init_args.disc_start", "0", "--trainer.max_steps", "4",  # 2 batches x 2 optimizers
                     "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
                     "--checkpoint.dirpath", str(tmp_path / "checkpoints"), *QUIET])
-    assert cli.model.generator_steps == 2
+    assert cli.model.autoencoder_steps == 2
     events = EventAccumulator(cli.trainer.logger.log_dir).Reload()
     tags = [t for t in events.Tags()["scalars"] if t.startswith(("train/", "val/"))]
     assert {"train/total", "train/nll", "train/g", "train/d", "train/d_weight", "val/psnr"} <= set(tags)
@@ -177,7 +179,7 @@ def test_bf16_mixed_fit_logs_finite_losses(overlay, tmp_path):
 def test_checkpoint_round_trip_and_resume(fitted, overlay):
     model, ckpt = fitted
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert checkpoint["generator_steps"] == model.generator_steps == 2
+    assert checkpoint["autoencoder_steps"] == model.autoencoder_steps == 2
     fresh, _ = latent_stats_tool.build([EXPERIMENTS[0], overlay])
     fresh.eval()
     x = _images()
@@ -187,52 +189,58 @@ def test_checkpoint_round_trip_and_resume(fitted, overlay):
         assert torch.equal(fresh.vae(x, sample=False)[0], model.vae(x, sample=False)[0])
     # resuming restores the GAN schedule's counter: 2 restored + 1 new batch
     cli = ldm_main(["fit", "--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt),
-                    "--trainer.max_steps", "3", "--checkpoint.dirpath", str(ckpt.parent / "resumed"), *QUIET])
-    assert cli.model.generator_steps == 3
+                    "--trainer.max_steps", "3", "--checkpoint.dirpath", str(ckpt.parent / "resumed"),
+                    "--export.path", str(ckpt.parent / "resumed" / "export.safetensors"), *QUIET])
+    assert cli.model.autoencoder_steps == 3
 
 
-def test_export_round_trip_with_latent_stats(fitted, overlay, tmp_path):
-    model, _ = fitted
-    torch.manual_seed(0)
-    model.estimate_latent_stats([{"image": _images(1)}, {"image": _images(2)}])
-    assert bool(model.vae.latent_stats_estimated)
-    model.export(str(tmp_path / "vae.safetensors"))
-    fresh = latent_stats_tool.build([EXPERIMENTS[0], overlay])[0].vae.eval()
-    load_vae_weights(fresh, tmp_path / "vae.safetensors")
-    for name, value in model.vae.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], value), name
+def _estimate(model: AutoencoderKL, loader, batches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = (b["image"] for b in itertools.islice(loader, batches))
+    return estimate_latent_stats(model.vae, images, torch.Generator().manual_seed(seed))
+
+
+def test_fit_ends_by_exporting_the_vae_with_seeded_latent_statistics(fitted, overlay):
+    model, ckpt = fitted
+    export = Path(yaml.safe_load(Path(overlay).read_text())["export"]["path"])
+    exported = load_file(export)
+    assert bool(exported["latent_stats_estimated"]) and bool(model.vae.latent_stats_estimated)
+    for name, value in model.vae.state_dict().items():  # the export is the fitted VAE, statistics included
+        assert torch.equal(exported[name], value), name
+    # the statistics are those of posterior samples of the training batches from the callback's own seed 0
+    # (the overlay's data has no shuffle and no random crop, so the order is every epoch's)
+    fresh, data = latent_stats_tool.build([EXPERIMENTS[0], overlay])
+    data.setup("fit")
+    mean, std = _estimate(model, data.train_dataloader(), batches=50, seed=0)
+    torch.testing.assert_close(exported["latent_mean"], mean)
+    torch.testing.assert_close(exported["latent_std"], std)
+    # no checkpoint is rewritten: last.ckpt was saved before the estimate
+    assert not torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]["vae.latent_stats_estimated"]
+    load_vae_weights(fresh.vae, export)
     with torch.no_grad():
-        assert torch.equal(fresh(_images(), sample=False)[0], model.vae(_images(), sample=False)[0])
+        assert torch.equal(fresh.vae.eval()(_images(), sample=False)[0], model.vae(_images(), sample=False)[0])
 
 
-def test_latent_stats_tool(fitted, overlay, tmp_path, capsys):
+def test_latent_stats_tool_writes_a_new_export_and_nothing_else(fitted, overlay, tmp_path, capsys):
     _, ckpt = fitted
-    out, ckpt_out = tmp_path / "shapes" / "vae.safetensors", tmp_path / "with_stats.ckpt"
-    latent_stats_tool.main(["--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt),
-                            "--out", str(out), "--ckpt_out", str(ckpt_out), "--batches", "2", "--split", "val", "--seed", "3"])
-    assert "over 2 val batches" in capsys.readouterr().out
+    out = tmp_path / "shapes" / "vae.safetensors"
+    ckpt_bytes = ckpt.read_bytes()
+    args = ["--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt), "--out", str(out),
+            "--batches", "2", "--split", "val", "--seed", "3"]
+    latent_stats_tool.main(args)
+    assert "over up to 2 val batches" in capsys.readouterr().out
+    assert ckpt.read_bytes() == ckpt_bytes
+    with pytest.raises(SystemExit):  # an existing export is never overwritten
+        latent_stats_tool.main(args)
 
     # by hand: the same model, the first 2 validation batches and the same seed for the posterior samples
     model, data = latent_stats_tool.build([EXPERIMENTS[0], overlay])
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     model.eval()
     data.setup("validate")
-    images = [b["image"] for b in itertools.islice(data.val_dataloader(), 3)]
-    with torch.no_grad():
-        latents = []
-        for seed, count in ((3, 2), (3, 1), (3, 3)):
-            torch.manual_seed(seed)
-            latents.append(latent_stats(model.vae.encode(x).sample() for x in images[:count]))
-    mean, std = latents[0]
-    assert not torch.allclose(mean, latents[1][0]) and not torch.allclose(mean, latents[2][0])  # 2 batches, not 1 or 3
-
+    estimates = [_estimate(model, data.val_dataloader(), batches, seed) for batches, seed in ((2, 3), (1, 3), (3, 3), (2, 4))]
+    mean, std = estimates[0]
+    assert all(not torch.allclose(mean, other[0]) for other in estimates[1:])  # 2 batches, seed 3: no other
     exported = load_file(out)
     assert bool(exported["latent_stats_estimated"])
     torch.testing.assert_close(exported["latent_mean"], mean)
     torch.testing.assert_close(exported["latent_std"], std)
-    updated = torch.load(ckpt_out, map_location="cpu", weights_only=True)["state_dict"]
-    torch.testing.assert_close(updated["vae.latent_mean"], mean)
-    assert not torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]["vae.latent_stats_estimated"]
-    vae = model.vae
-    load_vae_weights(vae, ckpt_out)  # the updated checkpoint carries the statistics to LatentCodec
-    torch.testing.assert_close(vae.latent_std, std)

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 from ldm.autoencoder.posterior import DiagonalGaussian
-from ldm.autoencoder.vae import VAE, latent_stats
+from ldm.autoencoder.vae import VAE, estimate_latent_stats, latent_moments, stats_from_moments
 from ldm.interop.autoencoder import (
     load_vae_weights,
     save_vae_safetensors,
@@ -19,6 +19,7 @@ from ldm.interop.autoencoder import (
     vae_from_sd,
     vae_to_sd,
 )
+from ldm.interop.io import WeightsError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -136,7 +137,7 @@ def test_sd_names_agree_with_diffusers_converter(diffusers_vae: torch.nn.Module)
 
 def test_sd_round_trip(diffusers_vae: torch.nn.Module) -> None:
     vae = tiny_vae()
-    vae.estimate_latent_stats([torch.randn(2, 4, 4, 4)])
+    vae.set_latent_stats(torch.randn(4), torch.rand(4) + 0.5)
     ours = vae.state_dict()
     back = vae_from_sd(vae_to_sd(ours))
     assert back.keys() == ours.keys()
@@ -152,7 +153,7 @@ def test_sd_round_trip(diffusers_vae: torch.nn.Module) -> None:
 
 def test_safetensors_export_reproduces_outputs(tmp_path: Path) -> None:
     vae = tiny_vae(seed=0)
-    vae.estimate_latent_stats([torch.randn(3, 4, 4, 4) * 2 + 1 for _ in range(3)])
+    vae.set_latent_stats(torch.randn(4) + 1, torch.rand(4) + 2)
     path = tmp_path / "vae.safetensors"
     save_vae_safetensors(vae, path)
     loaded = tiny_vae(seed=1)
@@ -173,7 +174,7 @@ def test_load_sd_ckpt(tmp_path: Path, layout: str) -> None:
     path = tmp_path / "sd.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1), **vae_to_sd(vae.state_dict())}}, path)
     loaded = tiny_vae(seed=1)
-    loaded.estimate_latent_stats([torch.randn(2, 4, 2, 2)])
+    loaded.set_latent_stats(torch.randn(4), torch.rand(4) + 0.5)
     load_vae_weights(loaded, str(path), layout=layout)  # type: ignore[arg-type]
     for key, value in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key  # latent stats reset to the defaults
@@ -182,28 +183,40 @@ def test_load_sd_ckpt(tmp_path: Path, layout: str) -> None:
 def test_load_errors_name_the_file(tmp_path: Path, diffusers_vae: torch.nn.Module) -> None:
     unrelated = tmp_path / "unrelated.safetensors"
     save_file({"foo.weight": torch.zeros(2)}, unrelated)
-    with pytest.raises(ValueError, match="unrelated.safetensors"):
+    with pytest.raises(WeightsError, match=r"unrelated\.safetensors: no autoencoder weights found"):
         load_vae_weights(tiny_vae(), unrelated)
     other = tmp_path / "other_vae.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_vae.state_dict().items()}, other)
     expected = (
-        r"other_vae\.safetensors.*unexpected keys \[.*up_blocks.*"
-        r"shape mismatches \['encoder\.conv_in\.weight: \(32, 3, 3, 3\) in file"
+        r"other_vae\.safetensors does not fit this VAE \(diffusers layout\); missing keys: .*; unexpected keys: "
+        r".*up_blocks.*; mis-shaped keys: encoder\.conv_in\.weight \(32, 3, 3, 3\) in file vs \(16, 3, 3, 3\)"
     )
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(WeightsError, match=expected):
         load_vae_weights(tiny_vae(), other)
     truncated = tmp_path / "truncated.safetensors"
     save_file({k: v for k, v in tiny_vae().state_dict().items() if k != "quant_conv.bias"}, truncated)
-    with pytest.raises(ValueError, match=r"truncated\.safetensors.*missing keys \['quant_conv\.bias'\]"):
+    with pytest.raises(WeightsError, match=r"truncated\.safetensors does not fit this VAE \(ldm layout\); "
+                                           r"missing keys: quant_conv\.bias$"):
         load_vae_weights(tiny_vae(), truncated, layout="ldm")
 
 
-def test_latent_stats_streaming_equals_concatenated() -> None:
+def test_latent_moments_add_across_batches_and_ranks_to_the_whole_sets_statistics() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(b, 3, 5, 5, generator=gen) * torch.tensor([1.0, 2.0, 0.5])[:, None, None] + 3 for b in (1, 4, 2)]
-    mean, std = latent_stats(iter(batches))
+    mean, std = stats_from_moments(sum(latent_moments(z) for z in batches))  # as an all-reduce of per-rank sums
     everything = torch.cat(batches)  # (7, 3, 5, 5)
     torch.testing.assert_close(mean, everything.mean((0, 2, 3)))
     torch.testing.assert_close(std, everything.std((0, 2, 3), correction=0))
     with pytest.raises(ValueError):
-        latent_stats([])
+        stats_from_moments(torch.zeros(3, 3))
+
+
+def test_estimated_statistics_come_from_posterior_samples_of_the_given_generator() -> None:
+    vae = tiny_vae().eval()
+    images = [torch.rand(2, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    first, again, other = (estimate_latent_stats(vae, images, torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first[0], other[0])
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x).sample(g) for g in [torch.Generator().manual_seed(1)] for x in images])
+    torch.testing.assert_close(first, (z.mean((0, 2, 3)), z.std((0, 2, 3), correction=0)))

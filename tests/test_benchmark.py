@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ldm.data.synthetic import write_shapes
@@ -59,11 +60,21 @@ def check_table(out: str, result: dict, unit: str) -> None:
     assert result["mfu"] is None and result["peak_memory_kind"] == "CPU peak RSS"
     rows = {"samples/s": f"{result['samples_per_s']:.2f}", f"ms/{unit}": f"{result['ms_per_call']:.1f}",
             "peak memory": f"{result['peak_memory_gib']:.2f} GiB (CPU peak RSS)",
-            "GFLOP/sample": f"{result['flops_per_sample'] / 1e9:.3f}", "MFU": "unknown (no bf16 peak known)"}
+            "GFLOP/sample": f"{result['flops_per_sample'] / 1e9:.3f}", "MFU": "unknown (no peak FLOP/s known)"}
     lines = out.splitlines()
     for name, value in rows.items():  # the table row of each number
         assert f"  {name:<13} {value}" in lines
 
+
+
+def test_mfu_divides_by_lightnings_peak_for_the_compute_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+    monkeypatch.setattr(benchmark, "get_available_flops", lambda device, dtype: asked.append(dtype) or 8e9)
+    batch = {"image": torch.zeros(2, 3, 4, 4)}
+    result = benchmark._measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "bf16-mixed", 1e9, 2.0, 4)
+    assert asked == [torch.bfloat16] and result["mfu"] == pytest.approx(0.25)  # 4 calls x 1 GFLOP / 2 s / 8 GFLOP/s
+    benchmark._measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "32-true", 1e9, 2.0, 4)
+    assert asked[-1] is torch.float32
 
 def test_train_and_sample_of_the_autoencoder(options: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     out, train = run(["train", "--config", AUTOENCODER, *options, "--steps", "2", "--warmup", "1"], capsys)

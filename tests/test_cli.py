@@ -44,6 +44,7 @@ def test_fit_exits_0_and_saves_config_and_last_checkpoint_twice(tmp_path: Path) 
         "trainer": {"max_steps": 1, "val_check_interval": 1, "enable_progress_bar": False, "callbacks": [],
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "ae", "version": "v"}}},
+        "export": {"path": str(tmp_path / "autoencoder.safetensors")},
         "data": {"init_args": {"train": str(tmp_path / "data/train/shard-*.tar"), "val": str(tmp_path / "data/val/shard-*.tar"),
                                "resolution": 32, "num_workers": 0, "batch_size": 2}},
     }))
@@ -52,4 +53,5 @@ def test_fit_exits_0_and_saves_config_and_last_checkpoint_twice(tmp_path: Path) 
         assert run.returncode == 0, run.stderr[-3000:]
     folder = tmp_path / "runs" / "ae" / "v"
     assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "autoencoder.safetensors").is_file()  # the fit ends with its export
     assert list(folder.glob("events.out.tfevents.*"))

@@ -1,7 +1,5 @@
 """Conditioner and embedders: dims, null values, CFG dropout, frozen offline OpenCLIP, CLI parsing."""
 
-import json
-
 import jsonargparse
 import open_clip
 import pytest
@@ -15,9 +13,13 @@ from ldm.conditioning import (
     SizeEmbedder,
     SpatialEmbedder,
 )
+from ldm.interop.io import WeightsUnavailable
+from ldm.interop.open_clip import OpenCLIP
+from tests.tiny_clip import register_tiny_clip
 
 LATENT = (4, 4)
-TINY = dict(random_init=True, width=32, layers=2, heads=2, context_length=8)
+TINY_TEXT = {"width": 32, "layers": 2, "heads": 2, "context_length": 8}
+TINY = dict(clip=OpenCLIP("ViT-H-14", random_init=True, text_cfg=TINY_TEXT))
 
 
 @pytest.fixture
@@ -141,7 +143,7 @@ def test_text_random_init_is_seeded(offline):
     a, b = OpenCLIPTextEmbedder(**TINY)(batch, LATENT), OpenCLIPTextEmbedder(**TINY)(batch, LATENT)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
     assert torch.equal(a, b)
-    assert not torch.allclose(OpenCLIPTextEmbedder(**TINY, seed=1)(batch, LATENT), a)
+    assert not torch.allclose(OpenCLIPTextEmbedder(clip=OpenCLIP("ViT-H-14", random_init=True, seed=1, text_cfg=TINY_TEXT))(batch, LATENT), a)
 
 
 def test_text_layer_and_pooled(offline):
@@ -156,29 +158,24 @@ def test_text_layer_and_pooled(offline):
 
 
 def test_text_loads_local_weights_file(offline, tmp_path):
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"layers": 1, "width": 8, "head_width": 8, "patch_size": 1, "image_size": 1},
-        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-    (tmp_path / "ldm-test-tiny.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "ldm-test-tiny.json")
+    register_tiny_clip(tmp_path, "ldm-test-tiny", text={"context_length": 8, "layers": 2},
+                       vision={"width": 8, "head_width": 8, "patch_size": 1, "image_size": 1})
     reference = open_clip.create_model("ldm-test-tiny")
     torch.save(reference.state_dict(), tmp_path / "weights.pt")
-    emb = OpenCLIPTextEmbedder(model="ldm-test-tiny", pretrained=str(tmp_path / "weights.pt"), output="pooled")
+    emb = OpenCLIPTextEmbedder(clip=OpenCLIP("ldm-test-tiny", str(tmp_path / "weights.pt")), output="pooled")
     assert not hasattr(emb.clip, "visual")
     assert torch.equal(emb({"caption": ["a cat"]}, LATENT), reference.encode_text(emb.tokenizer(["a cat"])))
 
 
 def test_text_requires_weights_or_explicit_random_init():
+    with pytest.raises(WeightsUnavailable, match="none named; set clip.pretrained of OpenCLIPTextEmbedder"):
+        OpenCLIPTextEmbedder(clip=OpenCLIP(pretrained=None))
     with pytest.raises(ValueError, match="random_init"):
-        OpenCLIPTextEmbedder(pretrained=None)
-    with pytest.raises(ValueError, match="random_init"):
-        OpenCLIPTextEmbedder(pretrained="some.safetensors", width=32)
+        OpenCLIPTextEmbedder(clip=OpenCLIP(pretrained="some.safetensors", text_cfg={"width": 32}))
 
 
 def test_conditioner_text_and_token_length_mismatch(text):
-    other = OpenCLIPTextEmbedder(**{**TINY, "context_length": 6})
+    other = OpenCLIPTextEmbedder(clip=OpenCLIP("ViT-H-14", random_init=True, text_cfg={**TINY_TEXT, "context_length": 6}))
     batch = {"caption": ["a", "b"], **labels(2)}
     cond = Conditioner([text, OpenCLIPTextEmbedder(**TINY, layer="last"), ClassEmbedder(4, 8)])
     out = cond(batch, LATENT, drop=False)

@@ -6,7 +6,6 @@ and everything written under tmp_path; the unit-level tests build a tiny LatentD
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from functools import partial
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -24,22 +22,20 @@ from torch.utils.data import DataLoader
 from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.backbones.unet import UNet
-from ldm.cli import LdmCLI, build_cli
+from ldm.cli import LdmCLI, build_cli, compose
 from ldm.conditioning import ClassEmbedder, Conditioner
-from ldm.data.synthetic import SHAPES, render_sample, write_shapes
+from ldm.data.synthetic import SHAPES, render_sample
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.samplers import Sampler
 from ldm.interop.autoencoder import save_vae_safetensors
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tests.processes import run_isolated
+from tests.stage2 import RESOLUTION, cli_args, write_stage2_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments" / "shapes").glob("*.yaml") if p.name != "autoencoder.yaml")
 TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
-RESOLUTION = 32
-# An experiment's own backbone is what its smoke test checks; only one above this size is swapped for
-# the tiny config of its class, so a large future experiment cannot slow the suite down.
-MAX_BACKBONE_PARAMS = 40_000_000
-TINY_BACKBONES = {"UNet": "configs/backbone/unet-tiny.yaml", "DiT": "configs/backbone/dit-tiny.yaml"}
 PROMPTS = ["a large red circle in the center", "a small blue star on the left", "a large green square at the top"]
 DDP_TIMEOUT_S = 240
 
@@ -58,50 +54,12 @@ def cli_process():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=8, val=4, test=4, size=RESOLUTION)
-    return root
+    return write_stage2_shards(tmp_path_factory.mktemp("shapes"))
 
 
 def _experiment(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
-
-
-def _backbone_override(path: Path) -> list[str]:
-    """`--model.init_args.backbone <tiny config>` if the experiment's backbone is over budget, else nothing."""
-    spec = _experiment(path)["model"]["init_args"]["backbone"]
-    if isinstance(spec, str):  # a backbone config given by path
-        spec = yaml.safe_load((path.parent / spec).read_text())
-    module, name = spec["class_path"].rsplit(".", 1)
-    with torch.device("meta"):  # counts parameters without allocating them
-        backbone = getattr(importlib.import_module(module), name)(4, 4, None, None, **spec.get("init_args", {}))
-    if sum(p.numel() for p in backbone.parameters()) <= MAX_BACKBONE_PARAMS:
-        return []
-    return ["--model.init_args.backbone", str(ROOT / TINY_BACKBONES[name])]
-
-
-def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | None = None) -> list[str]:
-    """The experiment on the tiny shards, everything written under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    overlay = {  # values that must be null or replace a whole component go in a YAML (see jsonargparse's 'None')
-        "model": {"init_args": {
-            "codec": {"init_args": {"weights": codec_weights}},
-            "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}},
-        }},
-        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(out / "runs"), "name": "test"}}},
-    }
-    (out / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    data = {split: str(shards / split / "shard-*.tar") for split in ("train", "val", "test")}
-    return [
-        "--config", str(experiment), "--config", str(out / "overlay.yaml"), *_backbone_override(experiment),
-        *(arg for split, pattern in data.items() for arg in (f"--data.init_args.{split}", pattern)),
-        "--data.init_args.resolution", str(RESOLUTION), "--data.init_args.batch_size", "2",
-        "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false",
-        "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-        "--checkpoint.dirpath", str(out / "checkpoints"),
-    ]
+    """The experiment's composed configuration (its parts and includes resolved)."""
+    return compose(["--config", str(path)])
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -134,7 +92,8 @@ def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ldm
     out = tmp_path_factory.mktemp("txt2img")
     vae_spec = _experiment(TXT2IMG)["model"]["init_args"]["codec"]["init_args"]["vae"]
     vae = VAE(**vae_spec["init_args"])
-    vae.estimate_latent_stats([torch.randn(2, vae_spec["init_args"]["latent_channels"], 4, 4)])
+    channels = vae_spec["init_args"]["latent_channels"]
+    vae.set_latent_stats(torch.randn(channels), torch.rand(channels) + 0.5)
     save_vae_safetensors(vae, out / "vae.safetensors")
     args = cli_args(TXT2IMG, shards, out, codec_weights=str(out / "vae.safetensors"))
     cli = build_cli(["fit", *args, "--trainer.max_steps", "2"])
@@ -203,6 +162,55 @@ def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: t
     batch = {"caption": PROMPTS, "target_size": torch.tensor([[RESOLUTION, RESOLUTION]] * len(PROMPTS))}
     with model.ema_weights(), fresh.ema_weights():
         torch.testing.assert_close(fresh.generate(batch), model.generate(batch), rtol=0, atol=0)
+
+
+def _other_codec_weights(out: Path, mean_shift: float = 0.0, seed: int | None = None) -> str:
+    """The trained fixture's codec weights file, with its latent mean shifted or its weights re-drawn."""
+    state = load_file(out / "vae.safetensors")
+    state["latent_mean"] = state["latent_mean"] + mean_shift
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() and "latent" not in k
+                 else v for k, v in state.items()}
+    path = out / f"vae-shift{mean_shift}-seed{seed}.safetensors"
+    save_file(state, path)
+    return str(path)
+
+
+def test_checkpoint_refuses_a_codec_with_other_weights_or_statistics(trained: tuple, shards: Path, tmp_path: Path) -> None:
+    cli, args, ckpt = trained
+    out = ckpt.parent.parent
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["codec"] == cli.model.codec.fingerprint()
+    for weights, message in ((_other_codec_weights(out, mean_shift=0.5), "other latent statistics"),
+                             (_other_codec_weights(out, seed=1), "another autoencoder")):
+        other = build_cli(cli_args(TXT2IMG, shards, tmp_path, codec_weights=weights), run=False).model
+        with pytest.raises(ValueError, match=message):
+            other.on_load_checkpoint(checkpoint)
+    same = build_cli(cli_args(TXT2IMG, shards, tmp_path, codec_weights=str(out / "vae.safetensors")), run=False).model
+    same.on_load_checkpoint(checkpoint)  # the codec it was trained with loads
+
+
+def test_fit_exports_the_ema_backbone_with_the_codec_fingerprint(trained: tuple) -> None:
+    cli, _, ckpt = trained
+    model = cli.model
+    path = ckpt.parent.parent / "export.safetensors"  # where cli_args puts it
+    exported = load_file(path)
+    with model.ema_weights():
+        assert_same_state({k.removeprefix("backbone."): v for k, v in exported.items() if k.startswith("backbone.")},
+                          model.backbone)
+    assert not [k for k in exported if not k.startswith("backbone.")]  # the frozen text tower is not exported
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["codec"]) == model.codec.fingerprint()
+
+
+def test_init_weights_starts_backbone_and_ema_from_an_export(trained: tuple) -> None:
+    cli, args, ckpt = trained
+    export = ckpt.parent.parent / "export.safetensors"  # where cli_args puts it
+    started = build_cli([*args, "--model.init_args.init_weights", str(export)], run=False).model
+    with cli.model.ema_weights():
+        assert_same_state(started.backbone, cli.model.backbone)  # the exported EMA weights
+        assert_same_state(started.ema.module, cli.model.backbone)  # and the EMA starts from them too
 
 
 def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
@@ -276,11 +284,17 @@ def test_validation_and_predict_use_the_ema_and_restore_the_trained_weights() ->
     assert not torch.allclose(predicted, model.generate(prompts, indices=prompts["index"]), atol=1e-4)
 
 
-def test_sample_depends_only_on_seed_and_index() -> None:
+@pytest.mark.parametrize("kind, eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("dpmpp_2m", 0.0),
+                                       ("euler", 0.0), ("heun", 0.0)])
+def test_sample_depends_only_on_seed_and_index_for_every_sampler(kind: str, eta: float) -> None:
+    """Each sample draws its initial and per-step noise from its own stream, so batching cannot change it."""
     model = tiny_model()
-    everything = model.generate(requests([0, 1, 2, 3]))  # indices 0..3
-    pair = model.generate(requests([2, 3]), indices=torch.tensor([2, 3]))
-    torch.testing.assert_close(pair, everything[2:])  # so FID samples do not depend on the world size
+    model.sampler = Sampler(kind, steps=3, eta=eta)
+    everything = model.generate(requests([0, 1, 2, 3]))  # indices 0..3 in one batch
+    parts = [model.generate(requests([2]), indices=torch.tensor([2])),
+             model.generate(requests([3, 1]), indices=torch.tensor([3, 1]))]
+    torch.testing.assert_close(parts[0][0], everything[2], rtol=0, atol=1e-4)  # so FID samples do not depend on
+    torch.testing.assert_close(parts[1], everything[[3, 1]], rtol=0, atol=1e-4)  # the batching or the world size
     assert not torch.allclose(everything[2], everything[3], atol=1e-3)
 
 

@@ -1,6 +1,8 @@
-"""tools/make_shards.py: round trips from a folder and a table, skip reasons, shard limits, bad inputs."""
+"""tools/make_shards.py: round trips from a folder, a table, class folders and MNIST idx files (synthetic and,
+when ../shared/assets holds them, real), skip reasons, shard limits, bad inputs."""
 
 import csv
+import gzip
 import io
 import json
 import sys
@@ -11,6 +13,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+
+from ldm.data.stream import ShardStream
+from ldm.data.transforms import SampleTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_shards as ms  # noqa: E402
@@ -102,11 +107,9 @@ def test_shard_limits_whichever_comes_first(tmp_path):
     image = tmp_path / "same.png"
     image.write_bytes(_image_bytes(0, "PNG"))
     specs = [ms.SampleSpec(image, f"caption {i}") for i in range(7)]
-    one = ms.tar_bytes(ms.load_sample(specs[0]))
+    one = sum(map(len, ms.load_sample(specs[0]).values()))  # entry bytes: what ShardWriter's maxsize counts
     single = ms.make_shards(specs[:1], tmp_path / "single")
     with tarfile.open(single.shards[0]) as tar:
-        last = tar.getmembers()[-1]
-        assert one == last.offset_data + 512 * -(-last.size // 512)  # where the end-of-archive blocks start
         assert all(member.mtime == 0 for member in tar)
 
     def shard_sizes(**limits):
@@ -116,7 +119,7 @@ def test_shard_limits_whichever_comes_first(tmp_path):
 
     assert shard_sizes(max_samples_per_shard=3) == [3, 3, 1]
     assert shard_sizes(max_bytes_per_shard=2 * one) == [2, 2, 2, 1]
-    assert shard_sizes(max_bytes_per_shard=2 * one + one - 1) == [2, 2, 2, 1]  # a third would pass the limit
+    assert shard_sizes(max_bytes_per_shard=2 * one + 1) == [3, 3, 1]  # ShardWriter: the sample that passes it closes
     assert shard_sizes(max_samples_per_shard=4, max_bytes_per_shard=3 * one) == [3, 3, 1]
     assert shard_sizes(max_samples_per_shard=2, max_bytes_per_shard=3 * one) == [2, 2, 2, 1]
     assert shard_sizes(max_bytes_per_shard=1) == [1] * 7  # an oversized sample still gets its own shard
@@ -157,3 +160,139 @@ def test_cli_lists_skips_and_fails_when_nothing_is_usable(folder, tmp_path, caps
         ms.main([str(bad), "--out", str(tmp_path / "bad_out")])
     assert exit_info.value.code != 0
     assert "wrote 0 samples in 0 shards; skipped 1: missing caption: 1" in capsys.readouterr().out
+
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"  # ../shared/assets from the repo root
+
+
+def _stream(shards, resolution: int) -> list[dict]:
+    """Every sample of `shards` through the project's reader, one batch each."""
+    stream = ShardStream([str(p) for p in shards], SampleTransform(resolution), batch_size=1)
+    return list(stream.batches(0))
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = np.array([magic, *array.shape], ">u4").tobytes()
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _read_idx_gz(path: Path, header: int) -> np.ndarray:
+    return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=header)
+
+
+def _check_class_shards(out: Path, classes: list[str], expected: dict[str, tuple[int, str]]) -> dict[str, dict]:
+    """Check classes.json and each sample's cls/txt/json against `expected` (key -> label, caption); raw by key."""
+    assert json.loads((out / ms.CLASSES_NAME).read_text()) == {"classes": classes}
+    raw = {sample["__key__"]: sample for sample in _read(sorted(out.glob("*.tar")))}
+    assert sorted(raw) == sorted(expected)
+    for key, (label, caption) in expected.items():
+        assert int(raw[key]["cls"]) == label and raw[key]["txt"].decode() == caption
+        assert json.loads(raw[key]["json"]) == {"caption": caption, "label": label, "class": classes[label]}
+    read = {batch["key"][0]: batch for batch in _stream(sorted(out.glob("*.tar")), 8)}
+    assert {key: (int(b["label"]), b["caption"][0]) for key, b in read.items()} == expected
+    return raw
+
+
+def test_class_folders_label_by_sorted_folder_and_caption_from_template(tmp_path, capsys):
+    root = tmp_path / "train"
+    files = {}
+    for seed, name in enumerate(["sea_lion/x/deep.jpg", "dog/1.jpg", "cat/b.png", "cat/a.jpg", "dog/0.png"]):
+        files[name] = _image_bytes(seed, "PNG" if name.endswith("png") else "JPEG")
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(files[name])
+    (root / "stray.jpg").write_bytes(files["cat/a.jpg"])  # not in a class folder: ignored
+    ms.main([str(root), "--class-folders", "--out", str(tmp_path / "out")])
+    assert "3 classes listed in" in capsys.readouterr().out
+
+    order = ["cat/a.jpg", "cat/b.png", "dog/0.png", "dog/1.jpg", "sea_lion/x/deep.jpg"]  # class by class, sorted
+    captions = ["a photo of a cat", "a photo of a dog", "a photo of a sea lion"]
+    labels = [0, 0, 1, 1, 2]
+    expected = {f"{i:08d}": (label, captions[label]) for i, label in enumerate(labels)}
+    raw = _check_class_shards(tmp_path / "out", ["cat", "dog", "sea_lion"], expected)
+    for i, name in enumerate(order):
+        assert raw[f"{i:08d}"][name.rsplit(".")[-1]] == files[name]  # original bytes
+
+    specs, _ = ms.from_class_folders(root, "{class}, a pet")
+    assert [s.caption for s in specs][::2] == ["cat, a pet", "dog, a pet", "sea lion, a pet"]
+    with pytest.raises(ValueError, match="has no {class}"):
+        ms.from_class_folders(root, "a photo")
+    with pytest.raises(ValueError, match="no class folders"):
+        ms.from_class_folders(root / "cat")
+
+
+def test_mnist_idx_round_trip_with_pixel_equality(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 6, 5), dtype=np.uint8)  # 5 digits, 6 rows x 5 columns
+    digits = np.array([3, 0, 9, 3, 7])
+    _write_idx(tmp_path / "img-idx3-ubyte.gz", pixels, 2051)
+    _write_idx(tmp_path / "lab-idx1-ubyte.gz", digits, 2049)
+    ms.main([str(tmp_path / "img-idx3-ubyte.gz"), "--mnist-labels", str(tmp_path / "lab-idx1-ubyte.gz"),
+             "--out", str(tmp_path / "out"), "--max-samples-per-shard", "2"])
+
+    expected = {f"{i:08d}": (int(d), f"a handwritten digit {d}") for i, d in enumerate(digits)}
+    raw = _check_class_shards(tmp_path / "out", ms.DIGITS, expected)
+    for i in range(5):
+        image = Image.open(io.BytesIO(raw[f"{i:08d}"]["png"]))
+        assert image.mode == "L" and np.array_equal(np.asarray(image), pixels[i])
+    read = _stream(sorted((tmp_path / "out").glob("*.tar")), 5)  # short side 5: no resize, top rows kept
+    for i, batch in enumerate(read):
+        gray = pixels[i, :5].astype(np.float32) / 127.5 - 1
+        assert np.array_equal(batch["image"][0].numpy(), np.stack([gray] * 3))  # RGB from grayscale
+
+    (tmp_path / "raw-idx1-ubyte").write_bytes(gzip.decompress((tmp_path / "lab-idx1-ubyte.gz").read_bytes()))
+    assert ms.read_idx(tmp_path / "raw-idx1-ubyte", 1).tolist() == digits.tolist()  # not gzip'd
+
+
+def test_bad_mnist_files_are_clear_errors(tmp_path, capsys):
+    _write_idx(tmp_path / "images.gz", np.zeros((3, 4, 4)), 2051)
+    _write_idx(tmp_path / "labels.gz", np.zeros(2), 2049)
+    (tmp_path / "short.gz").write_bytes(gzip.compress(np.array([2049, 5], ">u4").tobytes() + bytes(3)))
+    with pytest.raises(ValueError, match="labels.gz: not an IDX file of 3-D unsigned bytes"):
+        ms.read_idx(tmp_path / "labels.gz", 3)
+    with pytest.raises(ValueError, match="short.gz: 3 data bytes, its header says 5"):
+        ms.read_idx(tmp_path / "short.gz", 1)
+    with pytest.raises(ValueError, match="images.gz holds 3 images but .*labels.gz holds 2 labels"):
+        ms.from_mnist(tmp_path / "images.gz", tmp_path / "labels.gz")
+    _write_idx(tmp_path / "labels.gz", np.array([1, 2, 10]), 2049)
+    with pytest.raises(ValueError, match="label 10 is not a digit"):
+        ms.from_mnist(tmp_path / "images.gz", tmp_path / "labels.gz")
+
+    for argv, message in [(["t10k-images-idx3-ubyte.gz"], "name its labels file with --mnist-labels"),
+                          ([str(tmp_path), "--caption-template", "{class}"], "--caption-template needs"),
+                          ([str(tmp_path / "images.gz"), "--mnist-labels", "nowhere.gz"], "nowhere.gz")]:
+        with pytest.raises(SystemExit):
+            ms.main([*argv, "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ASSETS / "mnist").is_dir(), reason=f"real MNIST files not found in {ASSETS / 'mnist'}")
+def test_real_mnist_first_hundred(tmp_path):
+    images, labels = ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz", ASSETS / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    ms.main([str(images), "--mnist-labels", str(labels), "--out", str(tmp_path), "--limit", "100"])
+    samples = _read(sorted(tmp_path.glob("*.tar")))
+    assert len(samples) == 100
+    assert [int(s["cls"]) for s in samples[:10]] == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the well-known t10k start
+    assert [int(s["cls"]) for s in samples] == _read_idx_gz(labels, 8)[:100].tolist()
+    pixels = _read_idx_gz(images, 16)[: 100 * 28 * 28].reshape(100, 28, 28)
+    for sample, digit in zip(samples, pixels):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), digit)
+    assert samples[0]["txt"] == b"a handwritten digit 7"
+
+
+CIFAR = ASSETS / "cifar10" / "cifar10-jpg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason=f"CIFAR-10 JPEG archive not found at {CIFAR}")
+def test_real_cifar10_jpegs_as_class_folders(tmp_path):
+    root, wanted = tmp_path / "train", ("airplane", "automobile", "bird")
+    with tarfile.open(CIFAR) as archive:  # the first two images of the first three classes
+        for member in archive:
+            parts = member.name.split("/")
+            if member.isfile() and parts[0] == "train" and parts[1] in wanted and parts[2] in ("0000.jpg", "0001.jpg"):
+                (root / parts[1]).mkdir(parents=True, exist_ok=True)
+                (root / parts[1] / parts[2]).write_bytes(archive.extractfile(member).read())
+                if parts[1:] == ["bird", "0001.jpg"]:
+                    break
+    ms.main([str(root), "--class-folders", "--out", str(tmp_path / "out")])
+    expected = {f"{i:08d}": (i // 2, f"a photo of a {wanted[i // 2]}") for i in range(6)}
+    raw = _check_class_shards(tmp_path / "out", list(wanted), expected)
+    assert raw["00000005"]["jpg"] == (root / "bird" / "0001.jpg").read_bytes()

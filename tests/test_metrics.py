@@ -3,10 +3,10 @@
 import json
 import logging
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -20,26 +20,25 @@ from torch_fidelity.metric_fid import (
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from ldm.metrics.clip_score import CLIPScorer, clip_score, try_build_clip_scorer
-from ldm.metrics.features import InceptionFeatures, load_cached_stats, reference_stats
-from ldm.metrics.fid import feature_stats, fid, kid
+from ldm.metrics.features import InceptionFeatures
+from ldm.metrics.fid import fid, kid
+from ldm.metrics.statistics import FeatureSet, ReferenceCache
+from ldm.interop.open_clip import OpenCLIP
+from tests.assets import asset
 from tests.shardutil import write_shards
+from tests.tiny_clip import register_tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as ev  # noqa: E402
 
-ASSET_INCEPTION = Path(__file__).resolve().parents[2] / "shared" / "assets" / "weights-inception-2015-12-05-6726825d.pth"
-TINY_CLIP = dict(random_init=True, width=32, layers=1, heads=2, image_size=32, patch_size=16)
+TINY_CLIP = dict(clip=OpenCLIP(random_init=True, text_cfg={"width": 32, "layers": 1, "heads": 2}, vision_cfg={"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}))
 
 
-def feature_sets(dim: int, kind: str, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two different float64 feature sets: non-negative Gaussian-ish, or rank 16 (singular covariances)."""
+def feature_sets(dim: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two different non-negative, Gaussian-ish float64 feature sets."""
     g = torch.Generator().manual_seed(dim)
-    if kind == "gaussian":
-        x = torch.randn(n, dim, generator=g, dtype=torch.float64).abs()
-        return x, (torch.randn(n, dim, generator=g, dtype=torch.float64) * 1.2 + 0.1).abs()
-    basis = torch.randn(16, dim, generator=g, dtype=torch.float64)
-    z1, z2 = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
-    return z1 @ basis, (z2 * 0.8 + 0.3) @ basis
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64).abs()
+    return x, (torch.randn(n, dim, generator=g, dtype=torch.float64) * 1.2 + 0.1).abs()
 
 
 def torch_fidelity_fid(x, y) -> float:
@@ -55,38 +54,54 @@ def exact_fid(x, y) -> float:
     return float(diff @ diff + a.square().sum() / (len(x) - 1) + b.square().sum() / (len(y) - 1) - 2 * tr_covmean)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "low_rank"])
-def test_fid_of_a_set_with_itself_is_zero(kind):
-    x, _ = feature_sets(256, kind)
+def test_fid_of_a_set_with_itself_is_zero():
+    x, _ = feature_sets(64)
     assert abs(fid(x, x)) < 1e-6 * float(torch.cov(x.T).trace())
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "low_rank"])
-def test_fid_matches_torch_fidelity_and_the_exact_value(kind):
-    x, y = feature_sets(256, kind)  # 300 samples: singular covariances (rank 255 or 16)
-    assert fid(x, y) == pytest.approx(torch_fidelity_fid(x, y), abs=1e-3)
+def test_fid_is_torch_fidelitys_and_the_exact_value_on_full_rank_features():
+    x, y = feature_sets(64)  # 300 samples in 64-d: full-rank covariances
+    assert fid(x, y) == pytest.approx(torch_fidelity_fid(x, y), rel=1e-12)
     assert fid(x.float(), y.float()) == pytest.approx(exact_fid(x, y), rel=1e-6)
 
 
-@pytest.mark.slow  # 2048-d eigendecompositions take seconds each on a CPU
-@pytest.mark.parametrize("kind", ["gaussian", "low_rank"])
-def test_fid_2048_matches_torch_fidelity_and_the_exact_value(kind):
-    x, y = feature_sets(2048, kind)  # rank 299 or 16 covariances in 2048-d
-    assert fid(x, y) == pytest.approx(exact_fid(x, y), rel=1e-9)
-    # torch-fidelity takes square roots of ~2000 round-off eigenvalues of S1 S2; on rank-16
-    # features their sum moves its value by ~0.02 (out of ~4700), so compare relatively there.
-    tolerance = {"abs": 1e-3} if kind == "gaussian" else {"rel": 1e-5}
-    assert fid(x, y) == pytest.approx(torch_fidelity_fid(x, y), **tolerance)
-
-
-def test_kid_matches_torch_fidelity_with_the_same_subsets():
-    x, y = feature_sets(64, "gaussian", n=80)[0], feature_sets(64, "gaussian", n=90)[1] * 1.1
+def test_kid_is_torch_fidelitys_with_the_same_subsets_and_clips_the_subset_size():
+    x, y = feature_sets(64, n=80)[0], feature_sets(64, n=90)[1] * 1.1
     ours = kid(x, y, subsets=5, subset_size=50, seed=3)
     theirs = kid_features_to_metric(x, y, kid_subsets=5, kid_subset_size=50, rng_seed=3, verbose=False)
     assert ours == pytest.approx((theirs["kernel_inception_distance_mean"], theirs["kernel_inception_distance_std"]), abs=1e-9)
     clipped = kid(x, y, subsets=2, seed=0)  # subset size 1000 clipped to the 80 samples of x
     theirs = kid_features_to_metric(x, y, kid_subsets=2, kid_subset_size=80, rng_seed=0, verbose=False)
     assert clipped[0] == pytest.approx(theirs["kernel_inception_distance_mean"], abs=1e-9)
+
+
+def _contributions(feature_set: FeatureSet) -> list[torch.Tensor]:
+    """What a rank hands to each collective of ``merged``, in call order (recorded as a world of one)."""
+    calls: list[torch.Tensor] = []
+    feature_set.merged(lambda t: calls.append(t) or t, lambda t: calls.append(t) or t[None])
+    return calls
+
+
+def test_feature_sets_merged_across_ranks_equal_the_whole_set():
+    x = torch.randn(11, 6, dtype=torch.float64)
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    ranks = [FeatureSet(keep=True), FeatureSet(keep=True)]
+    for rank, (start, stop) in zip(ranks, ((0, 4), (4, 11))):  # uneven counts, batch by batch
+        for i in range(start, stop, 3):
+            rank.add(x[i:min(i + 3, stop)], order[i:min(i + 3, stop)])
+    other = iter(_contributions(ranks[1]))  # rank 1's side of each all-reduce and all-gather
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # pads rank 1's tensor as the real all-gather's caller does
+        theirs = next(other)
+        return torch.stack([t, torch.cat([theirs, theirs.new_zeros(len(t) - len(theirs), *theirs.shape[1:])])
+                            if theirs.ndim else theirs])
+
+    whole = ranks[0].merged(lambda t: t + next(other), gather)
+    assert whole.count == 11
+    mu, sigma = whole.mu_sigma()
+    torch.testing.assert_close(mu, x.mean(0))
+    torch.testing.assert_close(sigma, torch.cov(x.T))
+    torch.testing.assert_close(whole.features, x[order.argsort()].float())  # sorted by the samples' order keys
 
 
 class TinyFeatures(nn.Module):
@@ -122,20 +137,16 @@ def as_tensor(paths: list[Path]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
 
 
-def test_reference_stats_are_cached_by_key(tmp_path):
-    images = [torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(3)]
-    extractor = TinyFeatures()
-    key = {"data": "set-a", "split": "val", "resolution": 16, "count": 12, "extractor": "tiny"}
-    mu, sigma, count = reference_stats(images, extractor, str(tmp_path), key)
-    assert extractor.calls == 3 and count == 12
-    expected = feature_stats(torch.cat([extractor.net(b) for b in images]).detach())
-    torch.testing.assert_close((mu, sigma), expected)
-    again = reference_stats(images, extractor, str(tmp_path), dict(reversed(key.items())))
-    assert extractor.calls == 3  # served from disk
-    torch.testing.assert_close(again, (mu, sigma, 12))
-    reference_stats(images[:1], extractor, str(tmp_path), {**key, "resolution": 32})
-    assert extractor.calls == 4 and len(list(tmp_path.glob("*.safetensors"))) == 2
-    assert load_cached_stats(str(tmp_path), {**key, "split": "test"}) is None
+def test_reference_cache_keys_by_content_and_keeps_features_only_when_asked(tmp_path):
+    cache, features = ReferenceCache(tmp_path), FeatureSet(keep=False)
+    features.add(torch.randn(5, 8))
+    key = {"data": [["/shards/a.tar", 100, 1]], "resolution": 16, "extractor": "sha"}
+    assert cache.load(key) is None
+    cache.save(key, features)
+    cached = cache.load(dict(reversed(key.items())))  # the same key in another order
+    torch.testing.assert_close(cached.mu_sigma(), features.mu_sigma())
+    assert cache.load({**key, "data": [["/shards/a.tar", 101, 1]]}) is None  # another size: another entry
+    assert cache.load(key, keep=True) is None  # KID needs the features, which this entry lacks
 
 
 @pytest.fixture
@@ -151,31 +162,52 @@ def random_inception(tmp_path) -> tuple[Path, nn.Module]:
     return path, net
 
 
-def test_inception_features_load_a_local_file_and_see_uint8_pixels(random_inception, offline):
+@pytest.mark.parametrize("where", ["path", "torch hub cache"])
+def test_inception_features_load_the_weights_and_see_uint8_pixels(random_inception, where, tmp_path, monkeypatch,
+                                                                   offline):
     path, net = random_inception
+    if where == "torch hub cache":  # where torch-fidelity downloads it: found with no path given
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(tf_inception.URL_INCEPTION_V3).name
+        cached.parent.mkdir(parents=True)
+        path = path.rename(cached)
     pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
-    ours = InceptionFeatures(str(path))(pixels.float() / 127.5 - 1)
+    ours = InceptionFeatures(str(path) if where == "path" else None)(pixels.float() / 127.5 - 1)
     assert ours.shape == (1, 2048)
     torch.testing.assert_close(ours, net(pixels)[0], rtol=0, atol=0)
 
 
-def test_inception_features_without_weights_name_the_cache(tmp_path, monkeypatch, offline):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth") as err:
-        InceptionFeatures()
-    assert str(tmp_path / "checkpoints") in str(err.value)
+def cifar_folder(folder: Path, members: list[str]) -> Path:
+    """Write CIFAR-10 test images of the shared archive (``test/<class>/NNNN.jpg``) as PNGs into ``folder``."""
+    archive = asset("cifar10/cifar10-jpg.tar.gz", "test_inception_features_load_the_weights_and_see_uint8_pixels")
+    folder.mkdir(parents=True)
+    wanted = set(members)
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.name in wanted:
+                Image.open(tar.extractfile(member)).convert("RGB").save(folder / f"{Path(member.name).stem}.png")
+                wanted.remove(member.name)
+            if not wanted:
+                return folder
+    raise FileNotFoundError(f"{archive} lacks {sorted(wanted)[:3]}")
 
 
-@pytest.mark.skipif(not ASSET_INCEPTION.is_file(), reason=f"no real FID Inception weights at {ASSET_INCEPTION} "
-                    "(shared assets absent); random weights load through InceptionFeatures and test_evaluate_* run "
-                    "the same evaluation path with an injected extractor")
 def test_fid_with_real_inception_matches_torch_fidelity(tmp_path):
-    write_images(tmp_path / "a", 0, 10, size=32)
-    write_images(tmp_path / "b", 1, 10, size=32)
-    ours = ev.evaluate(str(tmp_path / "a"), str(tmp_path / "b"), InceptionFeatures(str(ASSET_INCEPTION)), resolution=32)
-    theirs = calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), fid=True, cuda=False,
-                               samples_find_deep=True, feature_extractor_weights_path=str(ASSET_INCEPTION), verbose=False)
-    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5, abs=1e-3)
+    """Our FID (tools/evaluate.py's path) equals torch-fidelity's on real images: CIFAR-10 test cats vs trucks.
+
+    A few images keep it short: Inception costs ~0.1 s per image on a CPU, and each FID two 2048-d eigen-solves.
+    """
+    weights = str(asset("inception/weights-inception-2015-12-05-6726825d.pth",
+                        "test_inception_features_load_the_weights_and_see_uint8_pixels"))
+    n = 40
+    cats = cifar_folder(tmp_path / "cats", [f"test/cat/{i:04d}.jpg" for i in range(n)])
+    trucks = cifar_folder(tmp_path / "trucks", [f"test/truck/{i:04d}.jpg" for i in range(n)])
+    ours = ev.evaluate(str(cats), str(trucks), InceptionFeatures(weights), resolution=32, batch_size=n)
+    theirs = calculate_metrics(input1=str(cats), input2=str(trucks), fid=True, cuda=False, batch_size=n,
+                               save_cpu_ram=True, feature_extractor_weights_path=weights, verbose=False)
+    assert ours["generated_count"] == ours["reference_count"] == n
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
+    assert ours["fid"] > 100  # cats and trucks lie far apart: not a comparison of two near-zero values
 
 
 def test_clip_score_is_clamped_scaled_cosine():
@@ -192,15 +224,11 @@ def test_clip_scorer_random_init_end_to_end(offline):
 
 
 def test_clip_scorer_loads_a_local_weights_file(tmp_path, offline):
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                                           "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
-    trained = CLIPScorer("tiny-test-clip", random_init=True, seed=3)
+    register_tiny_clip(tmp_path)
+    trained = CLIPScorer(OpenCLIP("tiny-test-clip", random_init=True, seed=3))
     torch.save(trained.clip.state_dict(), tmp_path / "tiny.pt")
-    loaded = CLIPScorer("tiny-test-clip", pretrained=str(tmp_path / "tiny.pt"))
-    other = CLIPScorer("tiny-test-clip", random_init=True, seed=4)
+    loaded = CLIPScorer(OpenCLIP("tiny-test-clip", pretrained=str(tmp_path / "tiny.pt")))
+    other = CLIPScorer(OpenCLIP("tiny-test-clip", random_init=True, seed=4))
     images, captions = torch.rand(2, 3, 32, 32) * 2 - 1, ["a cat", "a dog"]
     torch.testing.assert_close(loaded(images, captions), trained(images, captions))
     assert not torch.allclose(other.clip.visual.conv1.weight, trained.clip.visual.conv1.weight)
@@ -212,7 +240,7 @@ def test_clip_scorer_without_weights_is_disabled_in_one_line(pretrained, caplog,
         assert try_build_clip_scorer("ViT-B-32", pretrained) is None
     lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.clip_score"]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert lines[0].startswith("CLIP score disabled: no weights for ViT-B-32") and "local weights path" in lines[0]
+    assert lines[0].startswith("CLIP score disabled: OpenCLIP ViT-B-32 weights") and "clip_pretrained" in lines[0]
 
 
 def test_evaluate_folders_with_an_injected_extractor(tmp_path, offline):
@@ -236,6 +264,10 @@ def test_evaluate_folders_with_an_injected_extractor(tmp_path, offline):
     cached = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16,
                          reference_cache=str(tmp_path / "c"))
     assert extractor.calls == calls + 1 and cached["fid"] == pytest.approx(report["fid"], rel=1e-6)  # generated only
+    write_images(tmp_path / "ref", 2, 1)  # the reference is edited: its cached features are stale
+    edited = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16,
+                         reference_cache=str(tmp_path / "c"))
+    assert extractor.calls > calls + 2 and edited["reference_count"] == 9 and edited["fid"] != cached["fid"]
     with pytest.raises(ValueError, match="fewer captions"):
         ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16, captions=["one"])
 
@@ -264,6 +296,15 @@ def test_cli_end_to_end(tmp_path, monkeypatch, caplog, offline):
     expected = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), TinyFeatures(), resolution=16, with_kid=True)
     assert report == pytest.approx(expected) and "clip_score" not in report
     assert any(r.getMessage().startswith("CLIP score disabled") for r in caplog.records)
+
+
+def test_cli_stops_naming_the_option_without_inception_weights(tmp_path, monkeypatch, capsys, offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--generated", str(tmp_path), "--reference", str(tmp_path), "--out", str(tmp_path / "report.json")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "FID Inception-v3 weights not found" in err and "--inception-weights" in err and "LDM_OFFLINE=1" in err
 
 
 def test_cli_help(capsys):

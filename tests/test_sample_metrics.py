@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
 from ldm.cli import LdmCLI, build_cli
 from ldm.data.synthetic import write_shapes
+from ldm.interop.open_clip import OpenCLIP
 from ldm.metrics.clip_score import CLIPScorer
-from ldm.metrics.fid import fid
+from ldm.metrics.fid import fid, kid
 from tests.processes import run_isolated
 from tests.tiny_modules import TinyFeatures
 
@@ -40,7 +42,7 @@ AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
 CLASS2IMG = ROOT / "experiments" / "shapes" / "class2img_unet.yaml"
 TINY_UNET = ROOT / "configs" / "backbone" / "unet-tiny.yaml"
 RESOLUTION, TEST_SAMPLES = 16, 5  # in batches of 2: 2 + 2 + 1 on one rank; 3 and 2 samples on two ranks
-TINY_CLIP = {"random_init": True, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "patch_size": 16}
+TINY_CLIP = {"clip": {"random_init": True, "text_cfg": {"width": 32, "layers": 1, "heads": 2}, "vision_cfg": {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}}}
 DDP_TIMEOUT_S = 240
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
@@ -79,6 +81,7 @@ def cli_args(experiment: Path, shards: Path, out: Path, callbacks: list[dict], m
         "--data.init_args.pin_memory", "false",
         "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--checkpoint.dirpath", str(out / "checkpoints"),
+        "--export.path", str(out / "export.safetensors"),
     ]
 
 
@@ -121,6 +124,13 @@ def test_autoencoder_test_run_logs_rfid_and_clip_score_caches_the_reference_and_
     assert sample_metrics(second).extractor.images_seen == TEST_SAMPLES  # the real images' statistics: from the cache
     assert report(tmp_path / "second")["metrics"]["test/fid"] == metrics["test/fid"]
 
+    shard = next((shards / "test").glob("shard-*.tar"))  # rewritten under the same name: the cache must not serve it
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    third = run("test", [*cli_args(AUTOENCODER, shards, tmp_path / "third", callbacks), "--ckpt_path", str(ckpt)])
+    assert sample_metrics(third).extractor.images_seen == 2 * TEST_SAMPLES
+    assert len(list((tmp_path / "cache").glob("refstats-*.safetensors"))) == 2
+
 
 @pytest.mark.parametrize("pretrained", ["laion2b_s34b_b79k", "/no/such/open_clip_model.safetensors"])
 def test_clip_score_without_weights_is_one_log_line_and_the_run_completes(pretrained: str, shards: Path, tmp_path: Path,
@@ -144,12 +154,13 @@ def tiny_autoencoder() -> AutoencoderKL:
 
 
 def test_fid_and_clip_score_equal_their_values_on_the_same_images(tmp_path: Path, offline: None) -> None:
-    model, extractor, scorer = tiny_autoencoder(), TinyFeatures(), CLIPScorer(**TINY_CLIP)
+    model, extractor, scorer = tiny_autoencoder(), TinyFeatures(), CLIPScorer(OpenCLIP(**TINY_CLIP["clip"]))
     g = torch.Generator().manual_seed(0)
     images = torch.rand(12, 3, 16, 16, generator=g) * 2 - 1
     captions = [f"shape number {i}" for i in range(12)]
     batches = [{"image": images[i : i + 4], "caption": captions[i : i + 4]} for i in range(0, 12, 4)]
-    callback = SampleMetrics(feature_extractor=extractor, clip_scorer=scorer, max_samples=6, cache_dir=str(tmp_path))
+    callback = SampleMetrics(feature_extractor=extractor, clip_scorer=scorer, max_samples=6, cache_dir=str(tmp_path),
+                             kid=True, kid_subsets=7, kid_subset_size=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     logged = trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)[0]
@@ -158,20 +169,22 @@ def test_fid_and_clip_score_equal_their_values_on_the_same_images(tmp_path: Path
     with torch.no_grad():
         fake = model.evaluation_images({"image": real})
         expected_fid = fid(extractor.net(fake), extractor.net(real))
+        expected_kid = kid(extractor.net(fake), extractor.net(real), subsets=7, subset_size=4)
         expected_clip = scorer(fake, captions[:6]).mean().item()
     assert logged["val/fid_samples"] == 6
     assert logged["val/fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert (logged["val/kid"], logged["val/kid_std"]) == pytest.approx(expected_kid, rel=1e-5)
     assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-5)
 
 
 # --- stage 2: per-sample seeds make FID independent of the number of ranks --------------------------
 def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_path: Path) -> None:
-    """The whole test split (5 samples, dealt 3 + 2 to two ranks) generated under 1 and 2 ranks gives one FID."""
+    """The whole test split (5 samples, dealt 3 + 2 to two ranks) generated under 1 and 2 ranks gives one FID and KID."""
     model = {"codec": {"init_args": {"weights": None}},
              "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}}}
 
     def args(out: Path) -> list[str]:
-        callbacks = [metrics_callback(tmp_path / f"cache-{out.name}")]  # a cache each: both compute their reference
+        callbacks = [metrics_callback(tmp_path / f"cache-{out.name}", kid=True, kid_subset_size=3)]  # a cache each: both compute their reference
         return [*cli_args(CLASS2IMG, shards, out, callbacks, model), "--model.init_args.backbone", str(TINY_UNET)]
 
     run("test", args(tmp_path / "one"))
@@ -187,6 +200,8 @@ def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_pat
                     "checkpoint": None, "model": "LatentDiffusion"}
         assert {k: result[k] for k in expected} == expected
     assert two["metrics"]["test/fid"] == pytest.approx(one["metrics"]["test/fid"], rel=1e-6)
+    # KID's subsets index the features, which are put in the samples' order whatever rank made them
+    assert two["metrics"]["test/kid"] == pytest.approx(one["metrics"]["test/kid"], rel=1e-6)
 
 
 # --- TrainingMonitor ---------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ import torch
 import yaml
 from diffusers import UNet2DConditionModel
 from jsonargparse import ArgumentParser
-from safetensors.torch import save_file
 
 from ldm.backbones.base import Backbone
 from ldm.backbones.unet import UNet
 from ldm.backbones.unet_blocks import ResBlock
-from ldm.interop.unet import load_unet_weights, unet_from_diffusers
+from ldm.interop.unet import unet_from_diffusers
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "backbone"
 TINY = yaml.safe_load((CONFIGS / "unet-tiny.yaml").read_text())["init_args"]
@@ -84,29 +83,6 @@ def test_sd15_config_has_the_sd15_architecture() -> None:
     expected = {k: v.shape for k, v in unet_from_diffusers(reference.state_dict()).items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == expected
     assert sum(p.numel() for p in ours.parameters()) == 859_520_964
-
-
-def test_load_unet_weights_reads_safetensors_and_torch_files(tmp_path: Path) -> None:
-    state = diffusers_twin(TINY, 32, None, False).state_dict()
-    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
-    torch.save(state, tmp_path / "unet.pt")
-    expected = unet_from_diffusers(state)
-    for name in ("diffusion_pytorch_model.safetensors", "unet.pt"):
-        unet = UNet(4, 4, 32, None, **TINY)
-        load_unet_weights(unet, tmp_path / name)
-        for key, value in unet.state_dict().items():
-            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
-
-
-def test_load_unet_weights_names_the_file_and_the_keys(tmp_path: Path) -> None:
-    state = dict(UNet(4, 4, 32, None, **TINY).state_dict())
-    del state["conv_in.bias"]
-    state["extra.weight"] = torch.zeros(1)
-    state["conv_out.weight"] = torch.zeros(3, 32, 3, 3)
-    save_file(state, tmp_path / "broken.safetensors")
-    with pytest.raises(ValueError, match=r"broken\.safetensors.*missing: conv_in\.bias.*unexpected: extra\.weight"
-                                          r".*conv_out\.weight \(3, 32, 3, 3\) vs \(4, 32, 3, 3\)"):
-        load_unet_weights(UNet(4, 4, 32, None, **TINY), tmp_path / "broken.safetensors")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ a Lightning Trainer (either stage; its own trainer options, not the experiment's
 `evaluation_images`: generation for LatentDiffusion, reconstruction for AutoencoderKL. Both report peak
 memory (CUDA max allocated, or the process's peak RSS on CPU), FLOPs per sample (the matmuls,
 convolutions and attention of one untimed call under FlopCounterMode: for `train` the whole step,
-forward and backward, frozen encoders included) and MFU against the GPU's dense bf16 peak where known.
+forward and backward, frozen encoders included) and MFU against the peak FLOP/s of the device and the
+run's compute dtype where Lightning's `get_available_flops` knows them (never on CPU).
 Each subcommand prints a table and a final JSON line.
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import LightningModule
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -44,6 +46,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ldm.callbacks.monitor import synchronize
 from ldm.cli import build_cli
+from ldm.data import batch as B
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
@@ -53,7 +56,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WARMUP_BATCHES = 3  # untimed: worker start-up and the first fill of the shuffle buffer
 DECODE_IMAGES = 500  # images decoded for the per-core rate
 SYNTHETIC_SAMPLES, SYNTHETIC_SIZE = 600, 256  # the temporary shapes dataset used without --shards
-BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU name; specific first
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # precision: autocast dtype
 
 
@@ -81,7 +83,7 @@ def benchmark_data(
             for _ in range(WARMUP_BATCHES):
                 next(stream)
             start = time.perf_counter()
-            images = sum(len(next(stream)["caption"]) for _ in range(batches))
+            images = sum(B.batch_size(next(stream)) for _ in range(batches))
             loader[count] = images / (time.perf_counter() - start)
             del stream  # shut its workers down before the next count starts its own
 
@@ -126,12 +128,12 @@ def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size:
     args += ["--data.init_args.batch_size", str(batch_size)] if batch_size else []
     cli = build_cli([*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options], run=False)
     cli.datamodule.setup("fit")
-    batch = cli.datamodule.on_before_batch_transfer(next(iter(cli.datamodule.train_dataloader())), 0)
+    batch = next(iter(cli.datamodule.train_dataloader()))
     return cli.model, batch
 
 
-def _measurements(model: LightningModule, batch: dict, device: torch.device, flops: int, seconds: float,
-                  calls: int) -> dict[str, Any]:
+def _measurements(model: LightningModule, batch: dict, device: torch.device, precision: str, flops: int,
+                  seconds: float, calls: int) -> dict[str, Any]:
     """What train and sample both report, from the FLOPs of one call and the time of `calls` timed calls."""
     size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
     if device.type == "cuda":
@@ -139,11 +141,11 @@ def _measurements(model: LightningModule, batch: dict, device: torch.device, flo
     else:
         memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak RSS"  # KiB on Linux
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((flops for part, flops in BF16_PEAK_FLOPS.items() if part in name), None)
+    peak = get_available_flops(device, AUTOCAST[precision] or torch.float32)  # None where Lightning has no figure
     return {
         "model": type(model).__name__,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "batch_size": size, "image_size": list(batch["image"].shape[-2:]) if "image" in batch else None,
+        "batch_size": size, "image_size": list(batch[B.IMAGE].shape[-2:]) if B.IMAGE in batch else None,
         "device": name, "samples_per_s": size * calls / seconds, "ms_per_call": 1000 * seconds / calls,
         "peak_memory_gib": memory / 2**30, "peak_memory_kind": memory_kind, "flops_per_sample": flops / size,
         "mfu": flops * calls / seconds / peak if peak else None,
@@ -195,7 +197,7 @@ def benchmark_train(
                         enable_model_summary=False, callbacks=[timer])
     fixed = move_data_to_device(batch, trainer.strategy.root_device)  # no host-to-device copy inside the timing
     trainer.fit(model, DataLoader([fixed] * (warmup + steps), batch_size=None))
-    result = _measurements(model, batch, model.device, timer.flops, timer.seconds, steps)
+    result = _measurements(model, batch, model.device, precision, timer.flops, timer.seconds, steps)
     return {"benchmark": "train", "configs": configs, "ldm_options": list(ldm_options), "precision": precision,
             "steps": steps, "warmup": warmup, **result}
 
@@ -227,7 +229,8 @@ def benchmark_sample(
         for _ in range(repeats):
             model.evaluation_images(fixed)
         synchronize(target)
-    result = _measurements(model, batch, target, counter.get_total_flops(), time.perf_counter() - start, repeats)
+    result = _measurements(model, batch, target, precision, counter.get_total_flops(), time.perf_counter() - start,
+                          repeats)
     return {"benchmark": "sample", "configs": configs, "ldm_options": list(ldm_options), "precision": precision,
             "sampler": getattr(getattr(model, "sampler", None), "kind", None),
             "sampler_steps": getattr(getattr(model, "sampler", None), "steps", None), "repeats": repeats, **result}
@@ -260,7 +263,7 @@ def _print_experiment(result: dict[str, Any], timed: str, unit: str) -> None:
     print(f"{result['benchmark']}: {result['model']} ({result['trainable_params'] / 1e6:.2f} M trainable parameters) "
           f"from {' + '.join(result['configs'])} {' '.join(result['ldm_options'])}".rstrip())
     print(f"batch {result['batch_size']} x {shape} px on {result['device']} ({result['precision']}), {timed}")
-    mfu = "unknown (no bf16 peak known)" if result["mfu"] is None else f"{100 * result['mfu']:.1f} % of dense bf16 peak"
+    mfu = "unknown (no peak FLOP/s known)" if result["mfu"] is None else f"{100 * result['mfu']:.1f} % of peak FLOP/s"
     rows = [("samples/s", f"{result['samples_per_s']:.2f}"), (f"ms/{unit}", f"{result['ms_per_call']:.1f}"),
             ("peak memory", f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})"),
             ("GFLOP/sample", f"{result['flops_per_sample'] / 1e9:.3f}"), ("MFU", mfu)]

@@ -7,8 +7,10 @@ resized on their shorter side and center-cropped to --resolution, as training da
     python tools/evaluate.py --generated samples/ --reference 'data/val-{0000..0004}.tar' \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --kid --out report.json
 
+Pretrained weights load as their libraries do: a local path if given, else the library's cache, else
+its download (none with LDM_OFFLINE=1). Without Inception weights the tool stops, naming the option.
 CLIP score needs captions for the generated images (sidecars, shard txt or --captions, one line
-per image in sorted file order) and OpenCLIP weights on disk; without them it is left out.
+per image in sorted file order) and OpenCLIP weights; without either it is left out.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm.data.shards import expand_shards, is_remote
+from ldm.data import batch as B
+from ldm.data.shards import expand_shards, identify
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleTransform, SkipSample
+from ldm.interop.io import WeightsUnavailable, state_sha256
 from ldm.metrics.clip_score import CLIPScorer, try_build_clip_scorer
-from ldm.metrics.features import InceptionFeatures, extract_features, reference_stats
-from ldm.metrics.fid import feature_stats, frechet_distance, kid
+from ldm.metrics.features import InceptionFeatures
+from ldm.metrics.fid import frechet_distance, kid
+from ldm.metrics.statistics import FeatureSet, ReferenceCache
 
 IMAGE_KEYS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}  # suffix -> SampleTransform key
 
@@ -37,7 +42,7 @@ def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tupl
     transform = SampleTransform(resolution=resolution, crop="center", require_caption=False)
     if not Path(source).is_dir():
         for batch in ShardStream(expand_shards(source), transform, batch_size).batches(worker=0):
-            yield batch["image"], list(batch["caption"])
+            yield batch[B.IMAGE], list(batch[B.CAPTION])
         return
     paths = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_KEYS)
     if not paths:
@@ -45,7 +50,7 @@ def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tupl
     rng = random.Random(0)  # a center crop without flips draws nothing from it
     for start in range(0, len(paths), batch_size):
         samples = [_load(path, transform, rng) for path in paths[start:start + batch_size]]
-        yield torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples]
+        yield torch.stack([s[B.IMAGE] for s in samples]), [s[B.CAPTION] for s in samples]
 
 
 def _load(path: Path, transform: SampleTransform, rng: random.Random) -> dict:
@@ -56,6 +61,13 @@ def _load(path: Path, transform: SampleTransform, rng: random.Random) -> dict:
         return transform(raw, rng)
     except SkipSample as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _sources(source: str) -> list[str]:
+    """The files a folder or shard pattern reads, in order."""
+    if Path(source).is_dir():
+        return [str(p) for p in sorted(Path(source).rglob("*")) if p.suffix.lower() in IMAGE_KEYS]
+    return expand_shards(source)
 
 
 def evaluate(
@@ -74,34 +86,34 @@ def evaluate(
     """FID (and KID, CLIP score) of the generated set against the reference set.
 
     ``extractor`` maps [-1, 1] images to (B, D) features (``InceptionFeatures`` for true FID).
-    ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps
-    the reference statistics on disk, keyed by path, resolution and extractor; KID needs the
-    reference features themselves and so bypasses it.
+    ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps the
+    reference's features on disk, keyed by its files (sizes and modification times), the resolution
+    and the extractor's weights, so an edited reference is never served from a stale entry.
     """
-    features, scores, lines = [], [], iter(captions) if captions is not None else None
+    device = next(extractor.parameters(), torch.empty(0)).device
+    fake, scores, lines = FeatureSet(with_kid), [], iter(captions) if captions is not None else None
     for images, own in iter_batches(generated, resolution, batch_size):
-        features.append(extract_features([images], extractor))  # (B, D)
+        fake.add(extractor(images.to(device)))
         texts = own if lines is None else [_next_caption(lines) for _ in own]
         keep = [i for i, text in enumerate(texts) if text]
         if clip_scorer is not None and keep:
             scores.append(clip_scorer(images[keep], [texts[i] for i in keep]).cpu())  # (K,)
     if lines is not None and next(lines, None) is not None:
-        raise ValueError(f"more captions than the {sum(map(len, features))} generated images")
-    gen_feats = torch.cat(features)  # (N, D)
-    ref_batches = (images for images, _ in iter_batches(reference, resolution, batch_size))
+        raise ValueError(f"more captions than the {fake.count} generated images")
+    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
+    key = {"data": identify(_sources(reference)), "resolution": resolution, "extractor": state_sha256(extractor)}
+    real = cache.load(key, keep=with_kid) if cache is not None else None
+    if real is None:
+        real = FeatureSet(with_kid)
+        for images, _ in iter_batches(reference, resolution, batch_size):
+            real.add(extractor(images.to(device)))
+        if cache is not None:
+            cache.save(key, real)
     report: dict[str, float | int | str] = {"generated": generated, "reference": reference, "resolution": resolution,
-                                            "generated_count": len(gen_feats)}
-    if reference_cache is not None and not with_kid:
-        key = {"reference": reference if is_remote(reference) else str(Path(reference).resolve()),
-               "resolution": resolution, "extractor": type(extractor).__name__}
-        ref_mu, ref_sigma, report["reference_count"] = reference_stats(ref_batches, extractor, reference_cache, key)
-    else:
-        ref_feats = extract_features(ref_batches, extractor)  # (M, D)
-        ref_mu, ref_sigma = feature_stats(ref_feats)
-        report["reference_count"] = len(ref_feats)
-    report["fid"] = frechet_distance(*feature_stats(gen_feats), ref_mu, ref_sigma)
+                                            "generated_count": fake.count, "reference_count": real.count}
+    report["fid"] = frechet_distance(*fake.mu_sigma(), *real.mu_sigma())
     if with_kid:
-        report["kid_mean"], report["kid_std"] = kid(gen_feats, ref_feats, kid_subsets, kid_subset_size)
+        report["kid_mean"], report["kid_std"] = kid(fake.features, real.features, kid_subsets, kid_subset_size)
     if scores:
         all_scores = torch.cat(scores)  # (K,)
         report["clip_score"], report["clip_score_count"] = float(all_scores.mean()), len(all_scores)
@@ -121,21 +133,24 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     parser.add_argument("--reference", required=True, help="folder of images or shard pattern")
     parser.add_argument("--captions", help="text file, one caption per generated image in sorted file order")
     parser.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
-                        "(default: torch-fidelity's download cache; nothing is downloaded)")
+                        "(default: torch-fidelity's file in torch hub's cache, else downloaded there)")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture")
     parser.add_argument("--clip-pretrained", default="laion2b_s34b_b79k",
-                        help="local weights file or an open_clip tag already in its cache")
+                        help="local weights file or an open_clip tag (from open_clip's cache, else downloaded)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--kid", action="store_true", help="also compute KID (mean and std over subsets)")
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--reference-cache", help="folder caching reference statistics (FID only)")
+    parser.add_argument("--reference-cache", help="folder caching the reference's features, keyed by its files' content")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args(argv)
 
-    extractor = InceptionFeatures(args.inception_weights).to(args.device)
+    try:
+        extractor = InceptionFeatures(args.inception_weights).to(args.device)
+    except WeightsUnavailable as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     scorer = try_build_clip_scorer(args.clip_model, args.clip_pretrained)
     captions = Path(args.captions).read_text().splitlines() if args.captions else None
     report = evaluate(

@@ -1,43 +1,72 @@
 """Pack captioned images into WebDataset tar shards, keeping each image's original encoded bytes.
 
-Input is either a folder of images with sidecar captions (`a.jpg` + `a.txt`, optional `a.cls`
-holding an integer label) or a CSV / JSONL table of `path,caption[,label]` (relative paths are
-relative to the table's folder). Every image is decoded once to validate it; unusable samples
-are skipped and counted by reason. A shard closes before the next sample would pass either limit.
+Inputs, one mode each:
+
+- a folder of images with sidecar captions (`a.jpg` + `a.txt`, optional `a.cls` holding an
+  integer label);
+- a CSV / JSONL table of `path,caption[,label]` (relative paths are relative to the table's folder);
+- `--class-folders`: an ImageFolder tree, `root/<class>/**/image` (CIFAR-10 as JPEGs:
+  `train/<class>/NNNN.jpg`). `cls` is the index of the class in the sorted folder names, as in
+  torchvision's ImageFolder; the caption is `--caption-template` with `{class}` replaced by the
+  folder name, underscores as spaces;
+- `--mnist-labels LABELS`: the input is an MNIST idx3 images file and LABELS its idx1 labels file
+  (each gzip'd or raw). Digits are written as grayscale PNGs (the data module reads them as RGB),
+  `cls` is the digit, classes are "0".."9".
+
+Files are decoded once to validate them; unusable samples are skipped and counted by reason.
+Shards are written by `webdataset.ShardWriter`: a shard closes once it holds
+`--max-samples-per-shard` samples or its entries reach `--max-bytes-per-shard` bytes (whichever
+comes first; the byte limit counts entry data, not tar headers, and is reached by the sample that
+passes it). Next to the shards go `shardindex.json` (sample counts) and, for the class modes,
+`classes.json`: `{"classes": [name, ...]}`, where a label is an index into that list; those
+samples also carry a `json` entry `{"caption", "label", "class"}`. Class folders come out
+class by class: pass `--shuffle` for training shards.
 
     python tools/make_shards.py images/ --out shards/ --max-samples-per-shard 1000
     python tools/make_shards.py captions.csv --out 'shards/part-%05d.tar' --shuffle --seed 0
+    python tools/make_shards.py cifar10/train --class-folders --out shards/cifar10 --shuffle
+    python tools/make_shards.py train-images-idx3-ubyte.gz --mnist-labels train-labels-idx1-ubyte.gz \
+        --out shards/mnist --shuffle --limit 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import json
 import random
-import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from ldm.data.shards import write_shard_index
+from ldm.data.transforms import SkipSample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> WebDataset entry name
+CLASSES_NAME = "classes.json"  # {"classes": [...]} next to the shards of a class-labelled dataset
+PHOTO_TEMPLATE = "a photo of a {class}"  # default caption of --class-folders
+DIGIT_TEMPLATE = "a handwritten digit {class}"  # default caption of MNIST
+DIGITS = [str(d) for d in range(10)]  # MNIST class names
 
 
 @dataclass(frozen=True)
 class SampleSpec:
     """A candidate sample: image file, caption (None when missing) and label text (None when absent)."""
 
-    path: Path
+    path: Path  # the image file; for in-memory `pixels`, the file and index they came from
     caption: str | None
     label: str | None = None  # as written in the sidecar or table; must parse as an int
+    class_name: str | None = None  # set by the class modes: the sample also gets a `json` entry
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) uint8, written as PNG
 
 
 @dataclass
@@ -54,23 +83,82 @@ class Report:
                 + (f": {reasons}" if reasons else ""))
 
 
-class SkipSample(Exception):
-    """A sample that cannot be used; the message is the reason reported."""
-
-
 def _sidecar(path: Path) -> str | None:
     return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else None
 
 
-def from_folder(path: str | Path) -> list[SampleSpec]:
-    """Images under `path` (recursively, sorted) with their `.txt` caption and optional `.cls` label."""
+def _folder(path: str | Path) -> Path:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return root
+
+
+def _images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, sorted."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _no_images(where: str) -> ValueError:
+    return ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) {where}")
+
+
+def from_folder(path: str | Path) -> list[SampleSpec]:
+    """Images under `path` (recursively, sorted) with their `.txt` caption and optional `.cls` label."""
+    root = _folder(path)
+    images = _images(root)
     if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        raise _no_images(f"under {root}")
     return [SampleSpec(p, _sidecar(p.with_suffix(".txt")), _sidecar(p.with_suffix(".cls"))) for p in images]
+
+
+def class_captions(template: str, classes: Sequence[str]) -> list[str]:
+    """The caption of each class: `template` with `{class}` replaced by its name, underscores as spaces."""
+    if "{class}" not in template:
+        raise ValueError(f"caption template {template!r} has no {{class}}")
+    return [template.replace("{class}", name.replace("_", " ")) for name in classes]
+
+
+def from_class_folders(path: str | Path, template: str = PHOTO_TEMPLATE) -> tuple[list[SampleSpec], list[str]]:
+    """ImageFolder layout `path/<class>/**/image` -> (samples class by class, sorted class names = labels)."""
+    root = _folder(path)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())  # torchvision's order, so labels agree
+    if not classes:
+        raise ValueError(f"no class folders under {root}")
+    captions = class_captions(template, classes)
+    specs = [SampleSpec(image, captions[label], str(label), name)
+             for label, name in enumerate(classes) for image in _images(root / name)]
+    if not specs:
+        raise _no_images(f"in the class folders under {root}")
+    return specs, classes
+
+
+def read_idx(path: str | Path, dims: int) -> np.ndarray:
+    """The uint8 array of an IDX file with `dims` dimensions (gzip'd if named `.gz`); ValueError naming the file."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    header = 4 * (1 + dims)  # big-endian uint32: magic, then the size of each dimension
+    magic = 0x800 + dims  # unsigned bytes: 2049 for labels, 2051 for images
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise ValueError(f"{path}: not an IDX file of {dims}-D unsigned bytes (magic {magic} expected)")
+    shape = [int(n) for n in np.frombuffer(data, ">u4", dims, offset=4)]
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: {len(data) - header} data bytes, its header says {' x '.join(map(str, shape))}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def from_mnist(images: str | Path, labels: str | Path,
+               template: str = DIGIT_TEMPLATE) -> tuple[list[SampleSpec], list[str]]:
+    """MNIST idx3 images and idx1 labels -> (samples in file order, classes "0".."9")."""
+    pixels, digits = read_idx(images, 3), read_idx(labels, 1)  # (N, H, W), (N,)
+    if len(pixels) != len(digits):
+        raise ValueError(f"{images} holds {len(pixels)} images but {labels} holds {len(digits)} labels")
+    if len(digits) and digits.max() >= len(DIGITS):
+        raise ValueError(f"{labels}: label {digits.max()} is not a digit")
+    captions = class_captions(template, DIGITS)
+    return [SampleSpec(Path(f"{images}#{i}"), captions[d], str(d), DIGITS[d], pixels[i])
+            for i, d in enumerate(digits.tolist())], DIGITS
 
 
 def _table_rows(table: Path) -> list[list]:
@@ -113,13 +201,8 @@ def from_table(path: str | Path) -> list[SampleSpec]:
     return specs
 
 
-def load_sample(spec: SampleSpec) -> dict[str, bytes]:
-    """The entries of one sample, original image bytes kept; raise SkipSample when it is unusable."""
-    if not spec.path.is_file():
-        raise SkipSample("missing file")
-    if not spec.caption:
-        raise SkipSample("missing caption")
-    data = spec.path.read_bytes()
+def _checked_image(data: bytes) -> tuple[str, bytes]:
+    """(entry name, data) of encoded image bytes that decode fully; raise SkipSample otherwise."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()  # structure and checksums
@@ -134,43 +217,45 @@ def load_sample(spec: SampleSpec) -> dict[str, bytes]:
         raise SkipSample("corrupt or truncated image") from None
     if key is None:
         raise SkipSample("unsupported image format")
+    return key, data
+
+
+def _png(pixels: np.ndarray) -> tuple[str, bytes]:
+    """(entry name, data) of an (H, W) uint8 array as a grayscale PNG: lossless, so pixels round-trip."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return "png", buffer.getvalue()
+
+
+def load_sample(spec: SampleSpec) -> dict[str, bytes]:
+    """The entries of one sample, original image bytes kept; raise SkipSample when it is unusable."""
+    if spec.pixels is None and not spec.path.is_file():
+        raise SkipSample("missing file")
+    if not spec.caption:
+        raise SkipSample("missing caption")
+    key, data = _png(spec.pixels) if spec.pixels is not None else _checked_image(spec.path.read_bytes())
     sample = {key: data, "txt": spec.caption.encode()}
     if spec.label is not None:
         try:
-            sample["cls"] = str(int(spec.label)).encode()
+            label = int(spec.label)
         except ValueError:
             raise SkipSample("invalid label") from None
+        sample["cls"] = str(label).encode()
+        if spec.class_name is not None:
+            sample["json"] = json.dumps({"caption": spec.caption, "label": label, "class": spec.class_name}).encode()
     return sample
 
 
-def tar_bytes(sample: dict[str, bytes]) -> int:
-    """Bytes the sample's members take in a tar: a 512-byte header each plus data padded to 512."""
-    return sum(tarfile.BLOCKSIZE * (1 + -(-len(data) // tarfile.BLOCKSIZE)) for data in sample.values())
-
-
-class _ShardSink:
-    """Writes samples to `pattern % n` shards, opening the next before either limit would be passed."""
-
-    def __init__(self, pattern: str, max_samples: int, max_bytes: int) -> None:
-        self.pattern, self.max_samples, self.max_bytes = pattern, max_samples, max_bytes
-        self.shards: list[Path] = []
-        self.writer: wds.TarWriter | None = None
-        self.count = self.size = 0
-
-    def write(self, key: str, sample: dict[str, bytes]) -> None:
-        size = tar_bytes(sample)
-        if self.writer is None or self.count >= self.max_samples or self.size + size > self.max_bytes:
-            self.close()
-            self.shards.append(Path(self.pattern % len(self.shards)))
-            self.writer = wds.TarWriter(str(self.shards[-1]), encoder=False, mtime=0)
-            self.count = self.size = 0
-        self.writer.write({"__key__": key, **sample})
-        self.count, self.size = self.count + 1, self.size + size
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+def _usable(specs: Iterable[SampleSpec], report: Report) -> Iterator[dict[str, bytes]]:
+    """The loaded samples, keyed `%08d` in order; each skip is recorded in `report`."""
+    for spec in specs:
+        try:
+            sample = load_sample(spec)
+        except SkipSample as reason:
+            report.skipped.append((spec.path, str(reason)))
+            continue
+        key, report.written = f"{report.written:08d}", report.written + 1
+        yield {"__key__": key, **sample}
 
 
 def shard_pattern(out: str | Path) -> str:
@@ -185,56 +270,77 @@ def make_shards(
     max_bytes_per_shard: int = 1_000_000_000,
     shuffle: bool = False,
     seed: int = 0,
+    classes: Sequence[str] | None = None,  # label -> class name: written to classes.json next to the shards
+    limit: int | None = None,  # write at most this many samples (the first, after shuffling)
 ) -> Report:
     """Validate `samples` and write the good ones, keyed `%08d` in written order, to shards at `out`."""
     specs = list(samples)
     if shuffle:
         random.Random(seed).shuffle(specs)
+    report = Report()
+    usable = islice(_usable(specs, report), limit)
+    first = next(usable, None)
+    if first is None:  # ShardWriter opens its first shard at once: make none for nothing
+        return report
     pattern = shard_pattern(out)
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
-    report = Report()
-    sink = _ShardSink(pattern, max_samples_per_shard, max_bytes_per_shard)
-    try:
-        for spec in specs:
-            try:
-                sample = load_sample(spec)
-            except SkipSample as reason:
-                report.skipped.append((spec.path, str(reason)))
-                continue
-            sink.write(f"{report.written:08d}", sample)
-            report.written += 1
-    finally:
-        sink.close()
-    report.shards = sink.shards
-    if report.shards:
-        write_shard_index([Path(p) for p in report.shards])  # sample counts for the readers' epoch plan
+    with wds.ShardWriter(pattern, maxcount=max_samples_per_shard, maxsize=max_bytes_per_shard, verbose=0,
+                         post=lambda name: report.shards.append(Path(name)), encoder=False, mtime=0) as sink:
+        for sample in chain([first], usable):  # original bytes, fixed mtime: same input, same shards
+            sink.write(sample)
+    write_shard_index(report.shards)  # sample counts for the readers' epoch plan
+    if classes is not None:
+        (report.shards[0].parent / CLASSES_NAME).write_text(json.dumps({"classes": list(classes)}, indent=1) + "\n")
     return report
+
+
+def _read_input(args: argparse.Namespace) -> tuple[list[SampleSpec], list[str] | None]:
+    """The samples of the input in the mode the options select, and its class names (None: no classes)."""
+    if args.mnist_labels is not None:
+        return from_mnist(args.input, args.mnist_labels, args.caption_template or DIGIT_TEMPLATE)
+    if args.class_folders:
+        return from_class_folders(args.input, args.caption_template or PHOTO_TEMPLATE)
+    if args.caption_template is not None:
+        raise ValueError("--caption-template needs --class-folders or --mnist-labels")
+    if "-idx3-ubyte" in args.input.name:
+        raise ValueError(f"{args.input} looks like MNIST images: name its labels file with --mnist-labels")
+    is_table = args.input.is_file() or args.input.suffix.lower() in (".csv", ".jsonl")
+    return (from_table(args.input) if is_table else from_folder(args.input)), None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", type=Path, help="image folder with .txt sidecars, or a .csv / .jsonl table")
+    parser.add_argument("input", type=Path, help="image folder (.txt sidecars, or class sub-folders with "
+                        "--class-folders), a .csv / .jsonl table, or MNIST idx3 images with --mnist-labels")
     parser.add_argument("--out", required=True, help="output folder, or a shard pattern such as dir/part-%%05d.tar")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--class-folders", action="store_true",
+                      help="input holds one sub-folder per class (ImageFolder layout); label = sorted folder index")
+    mode.add_argument("--mnist-labels", type=Path, metavar="LABELS",
+                      help="input is an MNIST idx3 images file, LABELS its idx1 labels file (.gz or raw)")
+    parser.add_argument("--caption-template", help="caption of each class, {class} replaced by its name "
+                        f"(default: {PHOTO_TEMPLATE!r}; MNIST: {DIGIT_TEMPLATE!r})")
     parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
     parser.add_argument("--max-bytes-per-shard", type=int, default=1_000_000_000)
     parser.add_argument("--shuffle", action="store_true", help="shuffle the samples before writing")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    parser.add_argument("--limit", type=int, help="write at most N samples (the first, after any shuffle)")
     parser.add_argument("--list-skipped", action="store_true", help="print each skipped path and its reason")
     args = parser.parse_args(argv)
     try:
-        is_table = args.input.is_file() or args.input.suffix.lower() in (".csv", ".jsonl")
-        specs = from_table(args.input) if is_table else from_folder(args.input)
-    except (FileNotFoundError, ValueError) as error:
+        specs, classes = _read_input(args)
+    except (OSError, ValueError) as error:  # missing files, bad gzip, malformed tables or idx files
         parser.error(str(error))
     report = make_shards(specs, args.out, args.max_samples_per_shard, args.max_bytes_per_shard,
-                         args.shuffle, args.seed)
+                         args.shuffle, args.seed, classes, args.limit)
     if args.list_skipped:
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}")
     print(report.summary())
     if report.written == 0:
         raise SystemExit(f"no usable samples in {args.input}")
-
+    if classes is not None:
+        print(f"{len(classes)} classes listed in {report.shards[0].parent / CLASSES_NAME}")
 
 if __name__ == "__main__":
     main()

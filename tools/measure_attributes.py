@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ldm.data import batch as B
 from ldm.data.synthetic import COLOURS, POSITIONS, SCALES, SHAPES, caption_for
 
 NONE = "none"  # measured when no single shape stands out from the background
@@ -100,7 +101,7 @@ def load_predictions(folder: str | Path) -> list[tuple[int, str, Path]]:
         for line in log.read_text().splitlines():
             if line.strip():
                 request = json.loads(line)
-                captions[int(request["index"])] = request.get("caption", "")
+                captions[int(request[B.INDEX])] = request.get(B.CAPTION, "")
     if not captions:
         raise FileNotFoundError(f"{root}: no prompts.rank*.jsonl lines (is this an `ldm predict` output folder?)")
     found = [(i, captions[i], root / f"{i:06d}.png") for i in sorted(captions)]

@@ -5,7 +5,7 @@
     python tools/quickstart.py --backbone dit  # the transformer instead of the UNet
     python tools/quickstart.py --resume        # skip the stages whose outputs already exist
 
-Stages: shapes shards -> autoencoder (`ldm fit`) -> latent statistics (tools/latent_stats.py) ->
+Stages: shapes shards -> autoencoder (`ldm fit`, which exports it with its latent statistics) ->
 text-to-image model (`ldm fit`) -> evaluation (`ldm test`: FID where Inception weights are on the
 machine, CLIP score where CLIP weights are) -> a sample grid (`ldm predict`).
 """
@@ -76,25 +76,20 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     overlay.write_text(json.dumps({"data": {"init_args": {s: str(data / s / "shard-*.tar") for s in ("train", "val", "test")}}}))
     data_options = ["--config", str(overlay)]
 
-    say(f"1/6 shapes shards in {data}")
+    say(f"1/5 shapes shards in {data}")
     if not (data / "meta.json").exists():
         sizes = BUDGET["data"][level]
         run("-m", "ldm.data.synthetic", "--out", str(data), "--size", "64",
             *[a for k, v in sizes.items() for a in (f"--{k}", str(v))])
 
-    say("2/6 autoencoder (stage 1)")
+    say("2/5 autoencoder (stage 1), exported with its latent statistics")
     ae_config = "experiments/shapes/autoencoder.yaml"
-    ae_ckpt = out / "autoencoder" / "version_0" / "checkpoints" / "last.ckpt"
-    if not (args.resume and ae_ckpt.exists()):
-        ldm("fit", ae_config, out, "autoencoder", *trainer_options(BUDGET["autoencoder"][level]), *data_options)
-
-    say("3/6 latent statistics")
     vae = out / "autoencoder.safetensors"
     if not (args.resume and vae.exists()):
-        run("tools/latent_stats.py", "--config", ae_config, *data_options, "--ckpt_path", str(ae_ckpt),
-            "--out", str(vae), "--batches", "4" if args.fast else "50")
+        ldm("fit", ae_config, out, "autoencoder", *trainer_options(BUDGET["autoencoder"][level]), *data_options,
+            "--export.path", str(vae))
 
-    say(f"4/6 text-to-image model, {args.backbone} backbone (stage 2)")
+    say(f"3/5 text-to-image model, {args.backbone} backbone (stage 2)")
     config = f"experiments/shapes/txt2img_{args.backbone}.yaml"
     stage2 = f"txt2img_{args.backbone}"
     model_options = ["--model.init_args.codec.init_args.weights", str(vae), *data_options]
@@ -104,11 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     if not (args.resume and ckpt.exists()):
         ldm("fit", config, out, stage2, *trainer_options(BUDGET["diffusion"][level]), *model_options)
 
-    say("5/6 evaluation (ldm test)")
+    say("4/5 evaluation (ldm test)")
     test_dir = ldm("test", config, out, f"{stage2}_test", "--ckpt_path", str(ckpt), *model_options)
     report = test_dir / "report.json"
 
-    say("6/6 samples")
+    say("5/5 samples")
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     predict_dir = ldm("predict", config, out, f"{stage2}_predict", "--ckpt_path", str(ckpt), *model_options,

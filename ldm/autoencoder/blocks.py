@@ -6,6 +6,8 @@ attentions, to_out.0, ...) so its state dicts load by name.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -76,36 +78,26 @@ def resnet_stack(in_channels: int, out_channels: int, num_layers: int, dropout: 
     return nn.ModuleList(ResnetBlock(c_in, out_channels, dropout, groups) for c_in in widths[:-1])
 
 
-class DownBlock(nn.Module):
-    """One encoder resolution level: ResnetBlocks, then an optional Downsample."""
+class Level(nn.Module):
+    """One resolution level of the encoder or decoder: ResnetBlocks, then an optional 2x resampler.
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, dropout: float, groups: int
-    ) -> None:
+    The resampler sits in a list named ``downsamplers`` or ``upsamplers``, as diffusers names it, so
+    weights load by name.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, resample: Literal["down", "up"] | None,
+                 dropout: float, groups: int) -> None:
         super().__init__()
         self.resnets = resnet_stack(in_channels, out_channels, num_layers, dropout, groups)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+        self.resample = resample
+        if resample is not None:
+            sampler = Downsample(out_channels) if resample == "down" else Upsample(out_channels)
+            self.add_module(f"{resample}samplers", nn.ModuleList([sampler]))
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in [*self.resnets, *self.downsamplers]:
-            x = layer(x)
-        return x
-
-
-class UpBlock(nn.Module):
-    """One decoder resolution level: ResnetBlocks, then an optional Upsample."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, upsample: bool, dropout: float, groups: int
-    ) -> None:
-        super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, num_layers, dropout, groups)
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in [*self.resnets, *self.upsamplers]:
-            x = layer(x)
-        return x
+        for block in self.resnets:
+            x = block(x)
+        return x if self.resample is None else self.get_submodule(f"{self.resample}samplers")[0](x)
 
 
 class MidBlock(nn.Module):

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm.autoencoder.vae import VAE
-from ldm.interop.autoencoder import load_vae_weights
+from ldm.interop.autoencoder import STATS_KEYS, load_vae_weights
+from ldm.interop.io import state_sha256
 
 
 class LatentCodec(nn.Module):
     """Images <-> normalised latents z' = (z - mean) / std, with a frozen VAE in fp32.
 
-    The mean/std come from the VAE's stored statistics (``tools/latent_stats.py``); weights without
-    them (Stable Diffusion, diffusers) need ``scale`` (e.g. 0.18215 for SD 1.x): z' = z * scale.
+    The mean/std come from the VAE's stored statistics (estimated at the end of its stage-1 fit by
+    the ``LatentStatistics`` callback and exported with its weights); weights without them (Stable
+    Diffusion, diffusers) need ``scale`` (e.g. 0.18215 for SD 1.x): z' = z * scale.
     """
 
     def __init__(
@@ -31,18 +34,31 @@ class LatentCodec(nn.Module):
             load_vae_weights(self.vae, weights)
         self.vae.requires_grad_(False).eval()
         self.sample_posterior = sample_posterior
+        self.weights = weights
+        self._weights_hash: str | None = None
         if scale is not None:
             mean, std = torch.zeros_like(vae.latent_mean), torch.full_like(vae.latent_std, 1 / scale)
         else:
             if not bool(vae.latent_stats_estimated):
                 warnings.warn(
                     f"LatentCodec: the autoencoder ({weights or 'random init'}) has no latent statistics: "
-                    "latents are used unnormalised; run tools/latent_stats.py or set scale",
+                    "latents are used unnormalised; export it from a stage-1 fit with the LatentStatistics callback, "
+                    "re-estimate them with tools/latent_stats.py, or set scale",
                     stacklevel=2,
                 )
             mean, std = vae.latent_mean.clone(), vae.latent_std.clone()
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The identity of this latent space: a hash of the VAE's weights and the normalisation applied.
+
+        Stage-2 checkpoints and latent caches record it; latents from another codec or other
+        statistics mean something else, so they are refused rather than silently decoded.
+        """
+        if self._weights_hash is None:  # the weights are frozen: hash them once
+            self._weights_hash = state_sha256(self.vae, exclude=STATS_KEYS)
+        return {"weights_sha256": self._weights_hash, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     @property
     def latent_channels(self) -> int:
@@ -69,3 +85,21 @@ class LatentCodec(nn.Module):
         """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) images in [-1, 1] (fp32)."""
         with torch.autocast(latents.device.type, enabled=False):
             return self.vae.decode(latents.float() * self.std + self.mean).clamp(-1, 1)
+
+
+def check_same_codec(recorded: dict[str, Any] | None, codec: LatentCodec, source: str) -> None:
+    """Refuse latents or a model made with another autoencoder or other latent statistics than ``codec``'s."""
+    where = f"the configured codec (weights: {codec.weights or 'random init'})"
+    if recorded is None:
+        raise ValueError(f"{source} records no codec fingerprint, so its latent space cannot be checked against {where}")
+    current = codec.fingerprint()
+    if recorded["weights_sha256"] != current["weights_sha256"]:
+        raise ValueError(
+            f"{source} was made with another autoencoder (weights sha256 {recorded['weights_sha256'][:16]}) than "
+            f"{where}, sha256 {current['weights_sha256'][:16]}: set the codec's weights to the autoencoder it was made with"
+        )
+    if recorded["mean"] != current["mean"] or recorded["std"] != current["std"]:
+        raise ValueError(
+            f"{source} was made with other latent statistics (mean {recorded['mean']}, std {recorded['std']}) than "
+            f"{where} (mean {current['mean']}, std {current['std']}): load the autoencoder export it was made with"
+        )

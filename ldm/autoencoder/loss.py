@@ -1,7 +1,7 @@
 """Stage-1 autoencoder loss: pixel + LPIPS reconstruction as a learned-variance NLL, KL and an adaptive PatchGAN term.
 
 Follows LDM's ``LPIPSWithDiscriminator`` (Rombach et al. 2022) and VQGAN's adaptive weight (Esser et al. 2021).
-The LightningModule owns the two optimizers: it steps the autoencoder on ``generator_loss`` and the
+The LightningModule owns the two optimizers: it steps the autoencoder on ``autoencoder_loss`` and the
 discriminator on ``discriminator_loss``, and may skip the latter while ``disc_factor_at(step)`` is 0.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.autoencoder.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
-from ldm.autoencoder.lpips import build_lpips
+from ldm.autoencoder.lpips import Net, build_lpips
 
 _D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
@@ -41,7 +41,9 @@ class AutoencoderLoss(nn.Module):
         logvar_init: float = 0.0,  # initial learned log-variance s of the NLL: rec / e^s + s
         kl_weight: float = 1e-6,  # weight of KL(q(z|x) || N(0, I))
         perceptual_weight: float = 1.0,  # LPIPS weight inside the NLL; 0 builds no LPIPS network
-        lpips_weights: str | None = None,  # local LPIPS or VGG16 state dict; None keeps a random trunk
+        lpips_net: Net = "vgg",  # LPIPS trunk: "vgg" (LDM's) or "alex"
+        lpips_weights: str | None = None,  # local trunk or LPIPS state dict; None: torch hub's cache, else download
+        lpips_random_init: bool = False,  # random trunk, uncalibrated distances: tests and CPU smoke runs only
         disc_start: int = 50001,  # first global step with the GAN terms
         disc_weight: float = 0.5,  # scales the adaptive GAN weight (Esser et al. 2021, Eq. 7)
         disc_factor: float = 1.0,  # GAN factor once started
@@ -59,14 +61,15 @@ class AutoencoderLoss(nn.Module):
         self.disc_factor = disc_factor
         self.disc_loss = disc_loss
         self.logvar = nn.Parameter(torch.tensor(logvar_init))
-        self.perceptual_loss = build_lpips(lpips_weights) if perceptual_weight > 0 else None
+        self.perceptual_loss = (build_lpips(lpips_net, lpips_weights, lpips_random_init)
+                                if perceptual_weight > 0 else None)
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_channels, disc_layers)
 
     def disc_factor_at(self, global_step: int) -> float:
         """GAN factor at a step: 0 before ``disc_start`` (the autoencoder first learns to reconstruct)."""
         return self.disc_factor if global_step >= self.disc_start else 0.0
 
-    def generator_loss(
+    def autoencoder_loss(
         self,
         inputs: Tensor,  # (B, C, H, W) images in [-1, 1]
         recon: Tensor,  # (B, C, H, W) their reconstructions

@@ -1,17 +1,26 @@
-"""LPIPS perceptual distance (Zhang et al. 2018) on the ``lpips`` package, built without any download."""
+"""LPIPS perceptual distance (Zhang et al. 2018) on the ``lpips`` package; its ImageNet trunk loads as torchvision's."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Literal
 
 import lpips
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
+from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+from ldm.interop.io import load_weights, read_state_dict
+from ldm.interop.pretrained import hub_weights
+
+Net = Literal["alex", "vgg"]
+TRUNKS = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}  # what lpips itself loads
+LPIPS_OPTION = "lpips_weights of AutoencoderLoss"
 
 
 class PerceptualDistance(lpips.LPIPS):
-    """Frozen LPIPS-VGG16, always in eval mode (its dropout stays off) and computed in fp32.
+    """Frozen LPIPS, always in eval mode (its dropout stays off) and computed in fp32.
 
     Parameter names are the ``lpips`` package's (as in LDM's ``perceptual_loss``), so either's weights load.
     """
@@ -26,46 +35,38 @@ class PerceptualDistance(lpips.LPIPS):
             return super().forward(x.float(), y.float()).flatten()  # (B,)
 
 
-def build_lpips(weights: str | None = None) -> PerceptualDistance:
-    """LPIPS-VGG16 whose VGG trunk comes from ``weights``, a local file (.pt, .pth or .safetensors).
+def build_lpips(net: Net = "vgg", weights: str | None = None, random_init: bool = False) -> PerceptualDistance:
+    """LPIPS on an AlexNet or VGG16 trunk; the calibrated linear layers ship inside the ``lpips`` package.
 
-    The file holds a full LPIPS state dict or a torchvision VGG16 one (the whole model, e.g.
-    ``vgg16-397923af.pth``, or its ``features``). The linear calibration layers ship inside the
-    ``lpips`` package. With ``weights=None`` the trunk stays random: fine for tests, meaningless numbers.
+    The trunk comes from ``weights``, a local file (.pth, .pt or .safetensors) holding a full LPIPS
+    state dict or a torchvision one (the whole model, e.g. ``vgg16-397923af.pth``, or its ``features``);
+    None takes torchvision's ImageNet file from torch hub's cache, else downloads it as torchvision
+    would, unless ``LDM_OFFLINE=1`` (then ``WeightsUnavailable`` names ``lpips_weights``).
+    ``random_init=True`` keeps a random trunk and ignores ``weights``: for tests and CPU smoke runs,
+    its distances are uncalibrated.
     """
-    state = None if weights is None else _read_state_dict(weights)
+    if net not in TRUNKS:
+        raise ValueError(f"LPIPS net {net!r}: expected one of {sorted(TRUNKS)}")
+    path = state = None
+    if not random_init:
+        path = hub_weights(weights, TRUNKS[net].url, what=f"LPIPS {net} trunk (torchvision's ImageNet weights)",
+                           option=LPIPS_OPTION, check_hash=True)
+        state = read_state_dict(path)  # before building: a bad file fails fast
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained` flag
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.")
-        model = PerceptualDistance(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if state is None:
-        warnings.warn("LPIPS has a random VGG16 trunk (no weights): perceptual distances are uncalibrated", stacklevel=2)
-    else:
-        _load_trunk(model, state, weights)
+        model = PerceptualDistance(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if state is not None:
+        _load_trunk(model, state, path)
     return model.requires_grad_(False)
 
 
-def _read_state_dict(path: str) -> dict[str, Tensor]:
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"LPIPS weights {path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
-def _load_trunk(model: PerceptualDistance, state: dict[str, Tensor], path: str) -> None:
-    """Load a full LPIPS or a torchvision VGG16 state dict, telling which by its keys."""
-    own = model.state_dict()
-    if not any(k.startswith("net.slice") for k in state):  # torchvision naming: [features.]<index>.<param>
-        vgg_to_lpips = {k.split(".", 2)[2]: k for k in own if k.startswith("net.")}  # "0.weight": "net.slice1.0.weight"
-        features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-        state = {vgg_to_lpips.get(k, k): v for k, v in features.items()}
-    missing = sorted(k for k in own if k.startswith("net.") and k not in state)
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"LPIPS weights {path} fit neither an LPIPS nor a torchvision VGG16 state dict: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong_shape[:3]}"
-        )
-    model.load_state_dict(state, strict=False)  # calibration layers may be absent: the package's stay
+def _load_trunk(model: PerceptualDistance, state: Mapping[str, Tensor], path: str) -> None:
+    """Load a full LPIPS state dict (``net.sliceN.*`` keys) or a torchvision trunk, telling which by its keys."""
+    if any(k.startswith("net.") for k in state):
+        load_weights(model, state, path, f"LPIPS-{model.pnet_type}")
+        return
+    # torchvision naming: [features.]<index>.<param>; lpips keeps the same modules as slice<N>.<index>.<param>
+    by_index = {k.split(".", 1)[1]: k for k in model.net.state_dict()}  # "3.weight": "slice2.3.weight"
+    trunk = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+    load_weights(model.net, {by_index.get(k, k): v for k, v in trunk.items()}, path,
+                 f"the torchvision {model.pnet_type} trunk of LPIPS")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -14,6 +13,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.vae import VAE
+from ldm.data import batch as B
 from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
 
 
@@ -33,7 +33,6 @@ class AutoencoderKL(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,  # stepped every batch, for both optimizers
         grad_clip: float | None = 1.0,  # max gradient norm for each optimizer (None: off)
         weights: str | None = None,  # initial VAE weights: ours, diffusers or an SD checkpoint
-        image_key: str = "image",
         num_logged_images: int = 8,  # images in the TensorBoard grids
     ) -> None:
         super().__init__()
@@ -43,7 +42,7 @@ class AutoencoderKL(L.LightningModule):
         if weights is not None:
             load_vae_weights(self.vae, weights)
         self.optimizer, self.disc_optimizer, self.lr_scheduler = optimizer, disc_optimizer, lr_scheduler
-        self.generator_steps = 0  # one per batch; the GAN schedule (disc_start) counts these
+        self.autoencoder_steps = 0  # one per batch; the GAN schedule (disc_start) counts these
         metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)})
         self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
 
@@ -55,11 +54,11 @@ class AutoencoderKL(L.LightningModule):
         return opts, [{"scheduler": self.lr_scheduler(o), "interval": "step"} for o in opts]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x = batch[self.hparams.image_key]  # (B, 3, H, W) in [-1, 1]
+        x = batch[B.IMAGE]  # (B, 3, H, W) in [-1, 1]
         opt_g, opt_d = self.optimizers()
         recon, posterior = self.vae(x)
-        step = self.generator_steps
-        loss, logs = self.loss.generator_loss(x, recon, posterior.kl(), self.vae.last_layer, step)
+        step = self.autoencoder_steps
+        loss, logs = self.loss.autoencoder_loss(x, recon, posterior.kl(), self.vae.last_layer, step)
         self._step(opt_g, loss)
         if self.loss.disc_factor_at(step) > 0:
             d_loss, d_logs = self.loss.discriminator_loss(x, recon, step)
@@ -67,7 +66,7 @@ class AutoencoderKL(L.LightningModule):
             logs |= d_logs
         for scheduler in self.lr_schedulers() or []:
             scheduler.step()
-        self.generator_steps += 1
+        self.autoencoder_steps += 1
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", logs["total"], prog_bar=True)
 
@@ -79,9 +78,9 @@ class AutoencoderKL(L.LightningModule):
         optimizer.step()
 
     def _evaluate(self, batch: dict[str, Any], split: str, metrics: MetricCollection) -> None:
-        x = batch[self.hparams.image_key]
+        x = batch[B.IMAGE]
         recon, posterior = self.vae(x, sample=False)
-        _, logs = self.loss.generator_loss(x, recon, posterior.kl(), self.vae.last_layer, self.generator_steps)
+        _, logs = self.loss.autoencoder_loss(x, recon, posterior.kl(), self.vae.last_layer, self.autoencoder_steps)
         metrics.update(_unit(recon), _unit(x))
         self.log_dict({f"{split}/{k}": logs[k] for k in ("rec", "nll", "kl", "perceptual")}, sync_dist=True)
         self.log(f"{split}/l1", (recon.float() - x.float()).abs().mean(), sync_dist=True)
@@ -96,32 +95,26 @@ class AutoencoderKL(L.LightningModule):
     @torch.no_grad()
     def evaluation_images(self, batch: dict[str, Any]) -> Tensor:
         """Reconstructions (posterior mean) of the batch's images, for rFID."""
-        return self.vae(batch[self.hparams.image_key], sample=False)[0].clamp(-1, 1)
+        return self.vae(batch[B.IMAGE], sample=False)[0].clamp(-1, 1)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Inputs, reconstructions and decoded prior samples, in [-1, 1], for image grids."""
-        x = batch[self.hparams.image_key][: self.hparams.num_logged_images]
+        x = batch[B.IMAGE][: self.hparams.num_logged_images]
         recon, posterior = self.vae(x, sample=False)
         generator = torch.Generator(x.device).manual_seed(0)
         z = torch.randn(posterior.mean.shape, generator=generator, device=x.device)  # N(0, I) prior
         return {"inputs": x, "reconstructions": recon, "prior_samples": self.vae.decode(z)}
-
-    @torch.no_grad()
-    def estimate_latent_stats(self, batches: Iterable[dict[str, Any]]) -> None:
-        """Store per-channel mean/std of posterior samples over all ``batches`` in the VAE's buffers."""
-        key = self.hparams.image_key
-        self.vae.estimate_latent_stats(self.vae.encode(b[key].to(self.device)).sample() for b in batches)
 
     def export(self, path: str) -> None:
         """Write the VAE weights and latent statistics as safetensors."""
         save_vae_safetensors(self.vae, path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["generator_steps"] = self.generator_steps
+        checkpoint["autoencoder_steps"] = self.autoencoder_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.generator_steps = checkpoint.get("generator_steps", 0)
+        self.autoencoder_steps = checkpoint.get("autoencoder_steps", 0)
 
 
 def _unit(x: Tensor) -> Tensor:

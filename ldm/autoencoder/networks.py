@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.autoencoder.blocks import DownBlock, MidBlock, UpBlock, group_norm
+from ldm.autoencoder.blocks import Level, MidBlock, group_norm
 
 
 class Encoder(nn.Module):
@@ -31,7 +31,7 @@ class Encoder(nn.Module):
         widths = [base_channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(c_in, c_out, num_res_blocks, i < len(widths) - 1, dropout, norm_groups)
+            Level(c_in, c_out, num_res_blocks, "down" if i < len(widths) - 1 else None, dropout, norm_groups)
             for i, (c_in, c_out) in enumerate(zip([widths[0], *widths[:-1]], widths))
         )
         self.mid_block = MidBlock(widths[-1], attn_bottleneck, dropout, norm_groups)
@@ -65,7 +65,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], attn_bottleneck, dropout, norm_groups)
         self.up_blocks = nn.ModuleList(
-            UpBlock(c_in, c_out, num_res_blocks + 1, i < len(widths) - 1, dropout, norm_groups)
+            Level(c_in, c_out, num_res_blocks + 1, "up" if i < len(widths) - 1 else None, dropout, norm_groups)
             for i, (c_in, c_out) in enumerate(zip([widths[0], *widths[:-1]], widths))
         )
         self.conv_norm_out = group_norm(widths[-1], norm_groups)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -11,22 +11,41 @@ from ldm.autoencoder.networks import Decoder, Encoder
 from ldm.autoencoder.posterior import DiagonalGaussian
 
 
-def latent_stats(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and (population) std of (B, C, ...) latents over all batches.
+def latent_moments(z: Tensor) -> Tensor:
+    """Per-channel (count, sum, sum of squares) of (B, C, ...) latents in float64, shaped (3, C).
 
-    Streams float64 sums of z and z^2 so any number of batches fits in memory.
+    Moments add across batches and ranks, so any number of batches fits in memory and an
+    all-reduce of the sums gives the statistics of every rank's latents together.
     """
-    count, total, total_sq = 0, None, None
-    for z in batches:
-        flat = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()  # (C, B * H * W)
-        total = flat.sum(1) if total is None else total + flat.sum(1)
-        total_sq = flat.square().sum(1) if total_sq is None else total_sq + flat.square().sum(1)
-        count += flat.shape[1]
-    if total is None:
-        raise ValueError("latent_stats needs at least one batch")
+    flat = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()  # (C, B * H * W)
+    return torch.stack([torch.full_like(flat[:, 0], flat.shape[1]), flat.sum(1), flat.square().sum(1)])
+
+
+def stats_from_moments(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) std (C,) from summed ``latent_moments``."""
+    count, total, total_sq = moments
+    if not count.min() > 0:
+        raise ValueError("latent statistics need at least one latent")
     mean = total / count  # (C,)
     var = (total_sq / count - mean.square()).clamp_min(0.0)  # (C,)
     return mean.float(), var.sqrt().float()
+
+
+@torch.no_grad()
+def estimate_latent_stats(
+    vae: VAE,
+    images: Iterable[Tensor],  # batches (B, 3, H, W) in [-1, 1], on the VAE's device
+    generator: torch.Generator,  # draws the posterior samples: the estimate repeats exactly
+    reduce: Callable[[Tensor], Tensor] = lambda t: t,  # sums across ranks (e.g. a strategy's reduce)
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of posterior samples of ``images``, the latents stage 2 normalises."""
+    moments = None
+    for x in images:
+        m = latent_moments(vae.encode(x).sample(generator))  # (3, C)
+        moments = m if moments is None else moments + m
+    if moments is None:
+        raise ValueError("latent statistics need at least one batch of images")
+    return stats_from_moments(reduce(moments))
 
 
 class VAE(nn.Module):
@@ -97,9 +116,8 @@ class VAE(nn.Module):
         return self.decode(z), posterior
 
     @torch.no_grad()
-    def estimate_latent_stats(self, latents: Iterable[Tensor]) -> None:
-        """Store the per-channel mean/std of ``latents`` (B, Z, h, w batches, e.g. posterior samples)."""
-        mean, std = latent_stats(latents)
+    def set_latent_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Store the per-channel mean/std (C,) of this autoencoder's latents (saved with its weights)."""
         self.latent_mean.copy_(mean)
         self.latent_std.copy_(std)
         self.latent_stats_estimated.fill_(True)

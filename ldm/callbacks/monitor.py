@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from ldm.data import batch as B
+
 
 class TrainingMonitor(L.Callback):
     """Logs `train/grad_norm` (per optimizer, before clipping), `train/samples_per_sec` (all ranks, from
@@ -33,7 +35,7 @@ class TrainingMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         synchronize(pl_module.device)
         seconds = time.perf_counter() - self._start
-        size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list))) if isinstance(batch, dict) else len(batch)
+        size = B.batch_size(batch) if isinstance(batch, dict) else len(batch)
         pl_module.log("train/samples_per_sec", size * trainer.world_size / max(seconds, 1e-9))
         if pl_module.device.type == "cuda":
             pl_module.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)

@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import save_image
 
+from ldm.data import batch as B
+
 
 class PredictionWriter(BasePredictionWriter):
     """Saves each predicted image as ``<output_dir>/<index>.png`` and appends its request to ``prompts.jsonl``."""
@@ -36,10 +38,10 @@ class PredictionWriter(BasePredictionWriter):
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
         folder = self.folder(trainer)
-        images = ((prediction["images"].float() + 1) / 2).clamp(0, 1).cpu()  # (B, 3, H, W)
+        images = ((prediction[B.GENERATED].float() + 1) / 2).clamp(0, 1).cpu()  # (B, 3, H, W)
         with open(self._log_path(folder, trainer), "a") as log:
             for i, image in enumerate(images):
-                index = int(prediction["index"][i])
+                index = int(prediction[B.INDEX][i])
                 save_image(image, os.path.join(folder, f"{index:06d}.png"))
-                request = {k: prediction[k][i] for k in ("caption", "label") if k in prediction}
-                log.write(json.dumps({"index": index, **{k: v if isinstance(v, str) else int(v) for k, v in request.items()}}) + "\n")
+                request = {k: prediction[k][i] for k in (B.CAPTION, B.LABEL) if k in prediction}
+                log.write(json.dumps({B.INDEX: index, **{k: v if isinstance(v, str) else int(v) for k, v in request.items()}}) + "\n")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning.embedder import Embedder
+from ldm.data import batch as B
 
 
 class ClassEmbedder(Embedder):
@@ -18,7 +19,7 @@ class ClassEmbedder(Embedder):
     classifier-free guidance drops to, so the unconditional model is learned alongside.
     """
 
-    def __init__(self, num_classes: int, dim: int, key: str = "label", drop_rate: float = 0.1) -> None:
+    def __init__(self, num_classes: int, dim: int, key: str = B.LABEL, drop_rate: float = 0.1) -> None:
         super().__init__((key,), "vector", dim, drop_rate)
         self.num_classes = num_classes
         self.embedding = nn.Embedding(num_classes + 1, dim)  # row num_classes: the null class

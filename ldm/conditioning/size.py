@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ldm.backbones.layers import timestep_embedding
 from ldm.conditioning.embedder import Embedder
+from ldm.data import batch as B
 
 
 class SizeEmbedder(Embedder):
@@ -25,7 +26,7 @@ class SizeEmbedder(Embedder):
 
     def __init__(
         self,
-        keys: tuple[str, ...] = ("original_size", "crop_coords", "target_size"),
+        keys: tuple[str, ...] = (B.ORIGINAL_SIZE, B.CROP_COORDS, B.TARGET_SIZE),
         features_per_value: int = 256,  # sinusoidal features per number
         image_size: int | None = None,  # target_size when the batch has none
         drop_rate: float = 0.0,
@@ -47,6 +48,6 @@ class SizeEmbedder(Embedder):
     def _pair(self, batch: Mapping[str, Any], key: str) -> Tensor:
         if key in batch:
             return torch.as_tensor(batch[key], dtype=torch.float32).reshape(-1, 2)  # (B, 2)
-        if key == "target_size" and self.default_target is not None:
+        if key == B.TARGET_SIZE and self.default_target is not None:
             return self.default_target  # (1, 2)
         raise KeyError(f"SizeEmbedder reads {key!r}, which the batch lacks (keys: {sorted(batch)})")

@@ -10,7 +10,10 @@ import torch
 from torch import Tensor
 
 from ldm.conditioning.embedder import Embedder
+from ldm.data import batch as B
+from ldm.interop.open_clip import OpenCLIP, model_config
 
+SD2_TEXT = OpenCLIP("ViT-H-14", "laion2b_s32b_b79k")
 # The image tower is deleted right after construction; a random-init build makes it this small first.
 _VISION_STUB = {"layers": 1, "width": 8, "head_width": 8, "patch_size": 1, "image_size": 1}
 
@@ -23,48 +26,30 @@ class OpenCLIPTextEmbedder(Embedder):
     embedding, the projected end-of-text token of the last layer, whatever ``layer`` says.
     The null value is the embedding of the empty caption "" (SD 1/2).
 
-    Weights come from ``pretrained``, an open_clip tag (downloaded once into open_clip's cache) or
-    a local weights file. ``random_init=True`` builds without weights from ``seed``; only then may
-    width / layers / heads / context_length override the architecture (tiny CPU encoders).
+    Weights come from ``clip.pretrained``, a local weights file or an open_clip tag (from open_clip's
+    cache, else its download unless ``LDM_OFFLINE=1``; ``WeightsUnavailable`` otherwise, see
+    ``ldm.interop.open_clip``). ``clip.random_init`` builds without weights from ``clip.seed``; only
+    then may ``clip.text_cfg`` override the text tower (width, layers, heads, context_length: tiny CPU
+    encoders).
     """
 
     def __init__(
         self,
-        model: str = "ViT-H-14",  # open_clip architecture name
-        pretrained: str | None = "laion2b_s32b_b79k",  # open_clip tag or local weights path
-        random_init: bool = False,  # build without weights (ignores pretrained)
-        seed: int = 0,  # seeds a random init, leaving the global RNG untouched
-        width: int | None = None,  # text transformer width (random init only)
-        layers: int | None = None,  # text transformer depth (random init only)
-        heads: int | None = None,  # attention heads (random init only)
-        context_length: int | None = None,  # tokens per caption (random init only)
+        clip: OpenCLIP = SD2_TEXT,  # the model; SD 2's ViT-H-14 by default
         layer: Literal["last", "penultimate"] = "penultimate",  # which layer's tokens
         output: Literal["tokens", "pooled"] = "tokens",
-        key: str = "caption",
+        key: str = B.CAPTION,
         drop_rate: float = 0.1,
     ) -> None:
-        cfg = open_clip.get_model_config(model)
-        if cfg is None or "width" not in cfg["text_cfg"]:
-            raise ValueError(f"{model!r} is not an open_clip model with its own text transformer")
-        overrides = {"width": width, "layers": layers, "heads": heads, "context_length": context_length}
-        overrides = {name: value for name, value in overrides.items() if value is not None}
-        if not random_init and pretrained is None:
-            raise ValueError("pretrained is None: give a tag or a weights path, or set random_init=True")
-        if not random_init and overrides:
-            raise ValueError(f"{sorted(overrides)} change the architecture that pretrained weights fix: "
-                             "set random_init=True for a custom-size encoder")
-        text_cfg = {**cfg["text_cfg"], **overrides}
+        cfg = model_config(clip.model)
+        if "width" not in cfg["text_cfg"]:
+            raise ValueError(f"{clip.model!r} is not an open_clip model with its own text transformer")
+        tower = {**cfg["text_cfg"], **(clip.text_cfg or {})}
         super().__init__((key,), "crossattn" if output == "tokens" else "vector",
-                         text_cfg["width"] if output == "tokens" else cfg["embed_dim"], drop_rate)
-        if random_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                clip = open_clip.create_model(model, text_cfg=text_cfg, vision_cfg=_VISION_STUB)
-        else:
-            clip = open_clip.create_model(model, pretrained=pretrained)
-        del clip.visual
-        self.clip = clip.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(model, context_length=text_cfg["context_length"])
+                         tower["width"] if output == "tokens" else cfg["embed_dim"], drop_rate)
+        self.clip = clip.build("clip.pretrained of OpenCLIPTextEmbedder", _VISION_STUB)
+        del self.clip.visual
+        self.tokenizer = open_clip.get_tokenizer(clip.model, context_length=tower["context_length"])
         self.layer_index = -1 if layer == "last" else -2
         self.output = output
 

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.prompts import PromptDataset
-from ldm.data.shards import expand_shards
-from ldm.data.stream import PADDED, SKIPPED, EpochLoader, ShardStream
+from ldm.data.shards import expand_shards, identify
+from ldm.data.stream import PADDED, EpochLoader, ShardStream
 from ldm.data.transforms import SampleTransform
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class WebDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.patterns = {"train": train, "val": val, "test": test}
         self._prompts: PromptDataset | None = None
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # reason -> samples, filled by the loaders
+        self._reported = 0  # skips already reported
         self._datasets: dict[str, ShardStream] = {}
 
     def setup(self, stage: str) -> None:
@@ -86,12 +87,25 @@ class WebDataModule(L.LightningDataModule):
                 epoch_length=hp.epoch_length if train else None,
             )
 
+    def describe(self, split: str) -> dict[str, Any]:
+        """What the split's evaluation images are made of, for caches keyed by content (FID reference
+        statistics): every shard file with its size and modification time, and the decoding settings.
+        How samples are dealt to ranks, workers and batches is included: it decides which come first."""
+        pattern = self.patterns.get(split)
+        if pattern is None:
+            raise ValueError(f"WebDataModule: no {split} shards configured (set data.init_args.{split})")
+        hp = self.hparams
+        world = self.trainer.world_size if self.trainer else 1
+        return {"files": identify(expand_shards(pattern)), "resolution": hp.resolution, "crop": "center", "require_caption": hp.require_caption,
+                "layout": [world, hp.num_workers, hp.eval_batch_size or hp.batch_size]}
+
     def _loader(self, split: str) -> EpochLoader:
         if split not in self._datasets:
             raise ValueError(f"WebDataModule: no {split} shards configured (set data.init_args.{split})")
         workers = self.hparams.num_workers
         return EpochLoader(
             self._datasets[split],
+            skipped=self.skipped,
             batch_size=None,  # batches are made in the workers, to give every rank the same count
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -112,11 +126,10 @@ class WebDataModule(L.LightningDataModule):
         return DataLoader(self._prompts, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the samples the workers skipped and report them (log scalar + warning)."""
-        skipped = batch.pop(SKIPPED, None) if isinstance(batch, dict) else None
-        if skipped:
-            self.skipped.update(skipped)
-            total = sum(n for reason, n in self.skipped.items() if reason != PADDED)
+        """Report the samples skipped so far (log scalar + warning) whenever the count grows."""
+        total = sum(n for reason, n in self.skipped.items() if reason != PADDED)
+        if sum(self.skipped.values()) > self._reported:
+            self._reported = sum(self.skipped.values())
             log.warning("data: %d samples skipped so far (%s)", total, dict(self.skipped))
             if self.trainer is not None and self.trainer.logger is not None:
                 self.trainer.logger.log_metrics({"data/skipped": total}, step=self.trainer.global_step)

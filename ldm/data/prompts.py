@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ldm.data import batch as B
+from ldm.data.transforms import Crop, map_tensor
 
 
 class PromptDataset(Dataset):
@@ -31,7 +33,7 @@ class PromptDataset(Dataset):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {err.doc!r} is not JSON") from None
         else:
-            self.requests = [{"caption": line.strip()} for line in lines]
+            self.requests = [{B.CAPTION: line.strip()} for line in lines]
         if not self.requests:
             raise ValueError(f"prompt file {path!r} has no prompts")
         self.folder, self.resolution = file.parent, resolution
@@ -40,7 +42,7 @@ class PromptDataset(Dataset):
         return len(self.requests)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": index, "target_size": torch.tensor([self.resolution] * 2)}
+        item: dict[str, Any] = {B.INDEX: index, B.TARGET_SIZE: torch.tensor([self.resolution] * 2)}
         for key, value in self.requests[index].items():
             if isinstance(value, str) and value.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
                 item[key] = self._map(value)
@@ -49,10 +51,6 @@ class PromptDataset(Dataset):
         return item
 
     def _map(self, value: str) -> torch.Tensor:
-        """A conditioning image, resized to the output size: class maps (L/P mode) stay integers."""
+        """A conditioning map, cropped and resized as evaluation data is (class maps stay integers)."""
         img = Image.open(os.path.join(self.folder, value))
-        size = (self.resolution, self.resolution)
-        if img.mode in ("L", "P"):
-            return torch.from_numpy(np.array(img.resize(size, Image.NEAREST))).long()[None]  # (1, R, R); a writable copy
-        array = np.asarray(img.convert("RGB").resize(size, Image.BICUBIC))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, R, R)
+        return map_tensor(img, Crop.center(img.size, self.resolution))

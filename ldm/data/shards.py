@@ -49,6 +49,13 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def identify(urls: list[str]) -> list[str | list]:
+    """Each local file as [absolute path, size, modification time in ns] (remote URLs as they are):
+    what caches keyed by content compare, so a rewritten file is never taken for the old one."""
+    return [url if is_remote(url) else [os.path.abspath(url), os.path.getsize(url), os.stat(url).st_mtime_ns]
+            for url in urls]
+
+
 def _count_tar_samples(path: str) -> int:
     """Number of samples (runs of members sharing a key) in a local tar, reading headers only."""
     count, last = 0, None

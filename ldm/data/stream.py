@@ -156,12 +156,20 @@ def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[An
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that hands its ShardStream a new epoch number each time iteration starts.
+    """A DataLoader over a ShardStream that starts a new epoch on each iteration and keeps the skip counts.
 
     Lightning's `set_epoch` reaches samplers only; workers receive a copy of the dataset when an
-    iteration starts, so bumping the number here reshuffles every epoch.
+    iteration starts, so bumping the number here reshuffles every epoch. The workers' skip counts
+    travel inside their batches; they are taken out here into `skipped`, so whoever iterates the
+    loader gets clean batches and the counts alike.
     """
 
-    def __iter__(self):
+    def __init__(self, dataset: ShardStream, skipped: Counter[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.skipped: Counter[str] = Counter() if skipped is None else skipped  # reason -> samples, all epochs
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.epoch += 1
-        return super().__iter__()
+        for batch in super().__iter__():
+            self.skipped.update(batch.pop(SKIPPED))
+            yield batch

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data import batch as B
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CLASS_MAP_MODES = ("1", "L", "P", "I", "I;16")  # single-channel integer maps: class ids, masks
 
 
 class SkipSample(Exception):
@@ -38,44 +41,64 @@ class SampleTransform:
         caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else meta.get("caption")
         if self.require_caption and not caption:
             raise SkipSample("no caption")
-        out: dict[str, Any] = {"key": raw.get("__key__", ""), "caption": caption or "", "original_size": torch.tensor(original)}
+        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), B.CAPTION: caption or "", B.ORIGINAL_SIZE: torch.tensor(original)}
         if "cls" in raw:
-            out["label"] = int(raw["cls"].decode().strip())
+            out[B.LABEL] = int(raw["cls"].decode().strip())
         elif "label" in meta:
-            out["label"] = int(meta["label"])
+            out[B.LABEL] = int(meta["label"])
 
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        top, left = self._crop_origin(size, rng)
-        flip = self.hflip and rng.random() < 0.5
-        out["crop_coords"] = torch.tensor([top, left])
-        out["image"] = self._apply(image, size, top, left, flip, Image.BICUBIC).float().div(127.5).sub(1.0)  # (3, R, R)
+        crop = self._crop(image.size, rng)
+        out[B.CROP_COORDS] = torch.tensor([crop.top, crop.left])
+        out[B.IMAGE] = crop.apply(image, Image.BICUBIC).float().div(127.5).sub(1.0)  # (3, R, R)
         for key in self.extra_keys:
             if key not in raw:
                 raise SkipSample(f"no {key!r} entry")
-            name = key.split(".")[0]
-            extra = _open(raw[key], key, None)[0]
-            if extra.mode in ("L", "P", "I", "I;16"):  # class / mask map: integers, nearest resize
-                out[name] = self._apply(extra, size, top, left, flip, Image.NEAREST).long()  # (1, R, R)
-            else:
-                extra = extra.convert("RGB")
-                out[name] = self._apply(extra, size, top, left, flip, Image.BICUBIC).float().div(127.5).sub(1.0)
+            out[B.map_key(key)] = map_tensor(_open(raw[key], key, None)[0], crop)
         return out
 
-    def _crop_origin(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
-        dx, dy = size[0] - self.resolution, size[1] - self.resolution
-        if self.crop == "center":
-            return dy // 2, dx // 2
-        return rng.randint(0, dy), rng.randint(0, dx)
+    def _crop(self, image_size: tuple[int, int], rng: random.Random) -> Crop:
+        """Resize the short side to the resolution, then a center or random square crop, maybe flipped."""
+        crop = Crop.center(image_size, self.resolution)
+        if self.crop == "random":
+            dx, dy = crop.size[0] - self.resolution, crop.size[1] - self.resolution
+            crop = replace(crop, top=rng.randint(0, dy), left=rng.randint(0, dx))
+        return replace(crop, flip=self.hflip and rng.random() < 0.5)
 
-    def _apply(self, img: Image.Image, size: tuple[int, int], top: int, left: int, flip: bool, resample: int) -> torch.Tensor:
-        img = img.resize(size, resample, reducing_gap=None if resample == Image.NEAREST else 3.0)
-        img = img.crop((left, top, left + self.resolution, top + self.resolution))
-        if flip:
+
+@dataclass(frozen=True)
+class Crop:
+    """The geometry shared by an image and its maps: resize to `size` (W, H), a `side` square at (top, left), flip."""
+
+    size: tuple[int, int]
+    top: int
+    left: int
+    side: int
+    flip: bool = False
+
+    @classmethod
+    def center(cls, image_size: tuple[int, int], side: int) -> Crop:
+        """Short side resized to `side`, the center square kept (evaluation and prediction inputs)."""
+        scale = side / min(image_size)
+        size = (max(side, round(image_size[0] * scale)), max(side, round(image_size[1] * scale)))
+        return cls(size, (size[1] - side) // 2, (size[0] - side) // 2, side)
+
+    def apply(self, img: Image.Image, resample: int) -> torch.Tensor:
+        """(C, side, side) tensor of the image's dtype (uint8, or int32/uint16 for integer maps)."""
+        img = img.resize(self.size, resample, reducing_gap=None if resample == Image.NEAREST else 3.0)
+        img = img.crop((self.left, self.top, self.left + self.side, self.top + self.side))
+        if self.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(img)
         array = array[:, :, None] if array.ndim == 2 else array
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, R, R) uint8
+        return torch.from_numpy(array.astype(np.int64) if array.dtype == np.uint16 else array.copy()).permute(2, 0, 1)
+
+
+def map_tensor(img: Image.Image, crop: Crop) -> torch.Tensor:
+    """An extra map under the image's crop: integer maps (class ids, masks; 8 or 16 bit) stay integers,
+    resized nearest so classes never blend -> (1, R, R) int64; anything else -> RGB (3, R, R) in [-1, 1]."""
+    if img.mode in CLASS_MAP_MODES:
+        return crop.apply(img, Image.NEAREST).long()
+    return crop.apply(img.convert("RGB"), Image.BICUBIC).float().div(127.5).sub(1.0)
 
 
 def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from typing import Any
-
+import json
 import zlib
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from safetensors.torch import save_file
 from torch import Tensor
 
-from ldm.autoencoder.codec import LatentCodec
+from ldm.autoencoder.codec import LatentCodec, check_same_codec
 from ldm.backbones.base import Backbone
 from ldm.conditioning.conditioner import Conditioner
+from ldm.data import batch as B
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.guidance import CFGDenoiser, predict
 from ldm.diffusion.objectives import DDPM, Objective
-from ldm.diffusion.samplers import Sampler
+from ldm.diffusion.samplers import Sampler, randn
+from ldm.interop.denoiser import load_denoiser_weights
 
+CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
 
 
@@ -46,8 +50,7 @@ class LatentDiffusion(L.LightningModule):
         grid_cfg_scales: tuple[float, ...] = (1.0, 4.0),  # guidance scales of the logged sample grids
         num_logged_samples: int = 8,  # samples per grid (the first of the first val batch)
         seed: int = 0,  # sample i of a generation uses noise seeded by seed + its index
-        image_key: str = "image",
-        latent_key: str = "latent",  # pre-computed latents in the batch are used instead of encoding
+        init_weights: str | None = None,  # start from: our export or checkpoint, a diffusers UNet or DiT file
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
@@ -59,6 +62,8 @@ class LatentDiffusion(L.LightningModule):
         self.backbone = backbone(
             channels + self.conditioner.concat_channels, channels, self.conditioner.context_dim, self.conditioner.vector_dim
         )
+        if init_weights is not None:  # before the EMA copies the backbone
+            load_denoiser_weights(self.backbone, self.conditioner, init_weights)
         self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._ema_stack = ExitStack()
@@ -73,9 +78,9 @@ class LatentDiffusion(L.LightningModule):
 
     def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Normalised latents: cached ones if present, else encoded images, the posterior drawn from generator."""
-        if self.hparams.latent_key in batch:
-            return batch[self.hparams.latent_key]
-        return self.codec.encode(batch[self.hparams.image_key], generator)
+        if B.LATENT in batch:
+            return batch[B.LATENT]
+        return self.codec.encode(batch[B.IMAGE], generator)
 
     def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Per-sample objective loss at random times; the conditioner drops conditions while training."""
@@ -126,9 +131,9 @@ class LatentDiffusion(L.LightningModule):
     def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
         """(h, w) of the latents to generate for a batch: from its images, or its `target_size`."""
         f = self.codec.downsample_factor
-        if self.hparams.image_key in batch:
-            return tuple(s // f for s in batch[self.hparams.image_key].shape[-2:])
-        h, w = batch["target_size"][0].tolist()
+        if B.IMAGE in batch:
+            return tuple(s // f for s in batch[B.IMAGE].shape[-2:])
+        h, w = batch[B.TARGET_SIZE][0].tolist()
         return h // f, w // f
 
     @torch.no_grad()
@@ -138,38 +143,36 @@ class LatentDiffusion(L.LightningModule):
         Uses self.backbone as it is: inside validation/test/predict that is the EMA (see ema_weights).
         """
         size = self.latent_size(batch)
-        n = len(next(iter(v for v in batch.values() if isinstance(v, (Tensor, list)))))
-        indices = torch.arange(n) if indices is None else indices
-        noise = torch.stack([
-            torch.randn(self.codec.latent_channels, *size, generator=torch.Generator().manual_seed(self.hparams.seed + int(i)))
-            for i in indices
-        ]).to(self.device)  # (B, C, h, w), independent of batch composition and world size
+        indices = torch.arange(B.batch_size(batch)) if indices is None else indices
+        # one CPU generator per sample for its initial noise and every later draw of a stochastic sampler:
+        # a sample is the same whatever batch, rank, world size or device draws it
+        generators = [torch.Generator().manual_seed(self.hparams.seed + int(i)) for i in indices]
+        noise = randn((len(generators), self.codec.latent_channels, *size), generators, self.device)  # (B, C, h, w)
         scale = self.hparams.cfg_scale if cfg_scale is None else cfg_scale
         cond = self.conditioner(batch, size, drop=False)
         uncond = self.conditioner.unconditional(batch, size) if scale != 1.0 else None
         denoise = CFGDenoiser(self.backbone, self.objective, cond, uncond, scale)
-        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + int(indices[0]))
-        latents = self.sampler(denoise, noise, self.objective, generator)
+        latents = self.sampler(denoise, noise, self.objective, generators)
         return self.codec.decode(latents)
 
     def log_images(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Samples for the batch's first conditions at each grid guidance scale, plus the real images."""
-        k = self.hparams.num_logged_samples
-        head = {key: v[:k] for key, v in batch.items() if isinstance(v, (Tensor, list))}
+        head = B.head(batch, self.hparams.num_logged_samples)
         out = {f"samples_cfg{s:g}": self.generate(head, s) for s in self.hparams.grid_cfg_scales}
-        if self.hparams.image_key in head:
-            out["real"] = head[self.hparams.image_key]
+        if B.IMAGE in head:
+            out["real"] = head[B.IMAGE]
         return out
 
     def evaluation_images(self, batch: Mapping[str, Any]) -> Tensor:
         """Generated images for a data batch at `cfg_scale`, seeded by each sample's key: the same
         sample gets the same noise whatever the batch, rank or world size."""
-        indices = torch.tensor([zlib.crc32(str(k).encode()) for k in batch["key"]]) if "key" in batch else None
+        indices = torch.tensor([zlib.crc32(str(k).encode()) for k in batch[B.KEY]]) if B.KEY in batch else None
         return self.generate(batch, indices=indices)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        images = self.generate(batch, indices=batch.get("index"))
-        return {"images": images, **{k: batch[k] for k in ("index", "caption", "label") if k in batch}}
+        """The batch's requests (index, caption, label) with their generated `images`."""
+        images = self.generate(batch, indices=batch.get(B.INDEX))
+        return {B.GENERATED: images, **{k: batch[k] for k in (B.INDEX, B.CAPTION, B.LABEL) if k in batch}}
 
     # --- checkpoints --------------------------------------------------------------------------
     def _frozen_keys(self) -> set[str]:
@@ -181,8 +184,21 @@ class LatentDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint[CODEC_KEY] = self.codec.fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained in another latent space, then restore the frozen parts from their files."""
+        check_same_codec(checkpoint.get(CODEC_KEY), self.codec, "this checkpoint")
         current = self.state_dict()
         checkpoint["state_dict"].update({k: current[k] for k in self._frozen_keys()})
 
+
+    def export(self, path: str) -> None:
+        """Write the weights that sample (the EMA backbone, the trained conditioning) as safetensors,
+        with the codec's fingerprint in the metadata; the frozen parts load from their own files."""
+        with self.ema_weights():
+            state = {f"backbone.{k}": v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+        frozen = self._frozen_keys()
+        state |= {f"conditioner.{k}": v.detach().cpu().contiguous() for k, v in self.conditioner.state_dict().items()
+                  if f"conditioner.{k}" not in frozen}
+        save_file(state, path, metadata={CODEC_KEY: json.dumps(self.codec.fingerprint())})

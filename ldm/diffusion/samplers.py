@@ -3,13 +3,15 @@
 Each takes a denoiser (x_t, t) -> (x0_hat, eps_hat), the start x at times[0], the times from the
 noise end to the clean end, and the objective's ``alpha_sigma``; the last time must have sigma = 0.
 The denoiser is never called there. Step coefficients are Python floats, and endpoints with
-alpha = 0 or sigma = 0 are handled without NaN. Any noise they draw comes from ``generator``.
+alpha = 0 or sigma = 0 are handled without NaN. Any noise they draw comes from ``generator``: one
+generator for the batch, or one per sample, so that a sample's trajectory is its own whatever batch
+it is drawn in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -19,6 +21,19 @@ from ldm.diffusion.objectives import Objective
 
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, t (B,)) -> (x0_hat, eps_hat)
 AlphaSigma = Callable[[Tensor], tuple[Tensor, Tensor]]  # times -> (alpha, sigma)
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
+
+
+def randn(shape: torch.Size | tuple[int, ...], generator: Generators, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> Tensor:
+    """N(0, I) noise of ``shape`` (B, ...): from one generator, or sample i's from ``generator[i]`` (drawn on
+    that generator's device, then moved), so each sample's noise does not depend on the others."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        draws = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(draws).to(device)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def _steps(times: Tensor, alpha_sigma: AlphaSigma) -> list[tuple[Tensor, Tensor, float, float, float, float]]:
@@ -36,15 +51,15 @@ def _posterior_std(a_t: float, s_t: float, a_n: float, s_n: float) -> float:
     return s_n / s_t * math.sqrt(max(s_t**2 - (a_t / a_n * s_n) ** 2, 0.0))
 
 
-def _add_noise(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+def _add_noise(x: Tensor, std: float, generator: Generators) -> Tensor:
     if std == 0:
         return x
-    return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + std * randn(x.shape, generator, x.device, x.dtype)
 
 
 def sample_ddpm(
     denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-    generator: torch.Generator | None = None, eta: float = 0.0,
+    generator: Generators = None, eta: float = 0.0,
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_n | x_t, x0_hat) (Ho et al. 2020, Eq. 7, on any (alpha, sigma)).
 
@@ -61,7 +76,7 @@ def sample_ddpm(
 
 def sample_ddim(
     denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-    generator: torch.Generator | None = None, eta: float = 0.0,
+    generator: Generators = None, eta: float = 0.0,
 ) -> Tensor:
     """DDIM: eta = 0 is deterministic, eta = 1 equals ancestral DDPM (Song et al. 2021, Eq. 12 and 16)."""
     for t, _, a_t, s_t, a_n, s_n in _steps(times, alpha_sigma):
@@ -74,7 +89,7 @@ def sample_ddim(
 
 def sample_dpmpp_2m(
     denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-    generator: torch.Generator | None = None, eta: float = 0.0,
+    generator: Generators = None, eta: float = 0.0,
 ) -> Tensor:
     """DPM-Solver++(2M): multistep on the data prediction in lambda = log(alpha / sigma) (Lu et al. 2022, Alg. 2).
 
@@ -99,7 +114,7 @@ def _flow_coords(a: float, s: float) -> tuple[float, float]:
 
 def sample_euler(
     denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-    generator: torch.Generator | None = None, eta: float = 0.0,
+    generator: Generators = None, eta: float = 0.0,
 ) -> Tensor:
     """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1) in the variables of ``sample_heun``.
 
@@ -114,7 +129,7 @@ def sample_euler(
 
 def sample_heun(
     denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-    generator: torch.Generator | None = None, eta: float = 0.0,
+    generator: Generators = None, eta: float = 0.0,
 ) -> Tensor:
     """Heun on the probability-flow ODE (Karras et al. 2022, Alg. 2), with an Euler step onto sigma = 0.
 
@@ -162,7 +177,7 @@ class Sampler:
         self.eta = eta
 
     def __call__(
-        self, denoise: Denoiser, noise: Tensor, objective: Objective, generator: torch.Generator | None = None
+        self, denoise: Denoiser, noise: Tensor, objective: Objective, generator: Generators = None
     ) -> Tensor:
         times = objective.sampling_times(self.steps).to(noise.device)  # (steps+1,)
         return SAMPLERS[self.kind](denoise, noise, times, objective.alpha_sigma, generator, eta=self.eta)

@@ -12,12 +12,11 @@ import re
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors.torch import save_file
 
 from ldm.autoencoder.vae import VAE
+from ldm.interop.io import StateDict, WeightsError, load_weights, read_state_dict
 
-StateDict = dict[str, Tensor]
 Layout = Literal["auto", "ldm", "diffusers", "sd"]
 
 SD_PREFIX = "first_stage_model."
@@ -131,15 +130,6 @@ def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
     return out
 
 
-def _read_state_dict(path: str) -> StateDict:
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        return obj.get("state_dict", obj)
-    raise ValueError(f"{path}: unknown weights format, expected .safetensors, .ckpt, .pt, .pth or .bin")
-
-
 def _detect_layout(state_dict: StateDict, path: str) -> Literal["ldm", "diffusers", "sd"]:
     if "latent_mean" in state_dict:
         return "ldm"
@@ -147,12 +137,7 @@ def _detect_layout(state_dict: StateDict, path: str) -> Literal["ldm", "diffuser
         return "sd"
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state_dict):
         return "diffusers"
-    raise ValueError(f"{path}: no autoencoder weights found (first keys: {sorted(state_dict)[:5]})")
-
-
-def _listing(keys: list[str], limit: int = 10) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{keys[:limit]}{more}"
+    raise WeightsError(f"{path}: no autoencoder weights found (first keys: {sorted(state_dict)[:5]})")
 
 
 def load_vae_weights(vae: VAE, path: str | os.PathLike[str], layout: Layout = "auto") -> None:
@@ -161,7 +146,7 @@ def load_vae_weights(vae: VAE, path: str | os.PathLike[str], layout: Layout = "a
     Foreign layouts carry no latent statistics; they are reset to mean 0, std 1, not estimated.
     """
     path = os.fspath(path)
-    state_dict = _read_state_dict(path)
+    state_dict = read_state_dict(path)
     if "vae.latent_mean" in state_dict:  # an AutoencoderKL Lightning checkpoint: keep its VAE
         state_dict = {k.removeprefix("vae."): v for k, v in state_dict.items() if k.startswith("vae.")}
     if layout == "auto":
@@ -170,21 +155,8 @@ def load_vae_weights(vae: VAE, path: str | os.PathLike[str], layout: Layout = "a
     try:
         state_dict = converters[layout](state_dict)
     except KeyError as err:
-        raise ValueError(f"{path}: not a {layout!r} autoencoder checkpoint, it lacks {err}") from err
-    expected = vae.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = [
-        f"{k}: {tuple(state_dict[k].shape)} in file, {tuple(v.shape)} in model"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} ({layout} layout) does not fit this VAE: missing keys {_listing(missing)}, "
-            f"unexpected keys {_listing(unexpected)}, shape mismatches {_listing(mismatched)}"
-        )
-    vae.load_state_dict(state_dict)
+        raise WeightsError(f"{path}: not a {layout!r} autoencoder checkpoint, it lacks {err}") from err
+    load_weights(vae, state_dict, path, f"this VAE ({layout} layout)")
 
 
 def save_vae_safetensors(vae: VAE, path: str | os.PathLike[str]) -> None:

@@ -1,4 +1,4 @@
-"""Read diffusers' class-conditional DiT weights into our DiT, and load DiT weight files.
+"""Convert diffusers' class-conditional DiT weights into our DiT's (``ldm.interop.denoiser`` loads the files).
 
 diffusers' ``DiTTransformer2DModel`` keeps a timestep + class embedder inside every block's
 adaLN-Zero norm (``transformer_blocks.N.norm1.emb``) and its final layer reads block 0's. The
@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
-
-from ldm.backbones.dit import DiT
 
 _SHARED_EMBED = re.compile(r"transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
 _TOP_LEVEL = {  # diffusers prefix -> ours
@@ -90,26 +86,3 @@ def dit_from_diffusers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tens
     converted["vector_embed.weight"] = torch.eye(width, dtype=table.dtype)
     converted["vector_embed.bias"] = torch.zeros(width, dtype=table.dtype)
     return converted, table
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file or of a torch-saved state dict (loaded with weights_only)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # re-raised with the file's name
-        raise RuntimeError(f"cannot read weights from {path}: {error}") from error
-    if not isinstance(state_dict, dict):
-        raise RuntimeError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    return state_dict
-
-
-def load_dit_weights(dit: DiT, path: str | Path) -> None:
-    """Load a file of our DiT's weights (e.g. written after ``dit_from_diffusers``) into ``dit``."""
-    state_dict = read_state_dict(path)
-    try:
-        dit.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise RuntimeError(f"{path} does not fit this DiT: {error}") from error

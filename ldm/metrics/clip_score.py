@@ -1,25 +1,26 @@
 """CLIP score: how well images match their captions under an OpenCLIP model.
 
-Weights are only ever read from disk (a local file, or a tag already in open_clip's caches), so
-building a scorer never waits on the network; ``try_build_clip_scorer`` turns missing weights
+Weights follow the pretrained policy (``ldm.interop.open_clip``): a local file, else the tag from
+open_clip's cache, else open_clip's download; ``try_build_clip_scorer`` turns unavailable weights
 into one log line and None, so evaluation goes on without the metric.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from huggingface_hub import try_to_load_from_cache
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from ldm.interop.io import WeightsUnavailable
+from ldm.interop.open_clip import OpenCLIP
+
 log = logging.getLogger(__name__)
+CLIP_OPTION = "clip.pretrained of CLIPScorer (clip_pretrained of SampleMetrics, --clip-pretrained of tools/evaluate.py)"
+SCORER_CLIP = OpenCLIP("ViT-B-32", "laion2b_s34b_b79k")
 
 
 def clip_score(image_feats: Tensor, text_feats: Tensor) -> Tensor:
@@ -31,61 +32,19 @@ def clip_score(image_feats: Tensor, text_feats: Tensor) -> Tensor:
     return (100 * F.cosine_similarity(image_feats.float(), text_feats.float(), dim=-1)).clamp(min=0)  # (B,)
 
 
-def _cached_tag_file(model: str, tag: str) -> tuple[str | None, dict]:
-    """The cached weights file of an open_clip pretrained tag (None if not downloaded) and its config."""
-    cfg = open_clip.get_pretrained_cfg(model, tag)
-    if cfg.get("hf_hub"):
-        repo, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or HF_WEIGHTS_NAME
-        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else Path(filename).with_suffix(".safetensors").name
-        for name in (safe, filename):  # open_clip prefers the safetensors copy
-            found = try_to_load_from_cache(repo, name)
-            if isinstance(found, str):
-                return found, cfg
-    if cfg.get("url"):
-        found = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
-        if found.is_file():
-            return str(found), cfg
-    return None, cfg
-
-
 class CLIPScorer(nn.Module):
     """A frozen OpenCLIP model scoring (image, caption) pairs with ``clip_score``.
 
-    ``pretrained`` is an open_clip tag, used only if already in open_clip's caches, or a local
-    weights file (for OpenAI weights name the ``-quickgelu`` architecture). ``random_init=True``
-    builds without weights from ``seed``; only then may width / layers / heads (both towers),
-    image_size and patch_size shrink the architecture (tiny CPU tests).
+    ``clip.pretrained`` is an open_clip tag or a local weights file (for OpenAI weights in a file, name
+    the ``-quickgelu`` architecture). ``clip.random_init`` builds without weights from ``clip.seed``;
+    only then may ``clip.text_cfg`` / ``clip.vision_cfg`` override the towers (tiny CPU tests).
     """
 
-    def __init__(
-        self,
-        model: str = "ViT-B-32",  # open_clip architecture name
-        pretrained: str | None = "laion2b_s34b_b79k",  # open_clip tag or local weights path
-        random_init: bool = False,  # build without weights (ignores pretrained)
-        seed: int = 0,  # seeds a random init, leaving the global RNG untouched
-        width: int | None = None,  # tower widths (random init only)
-        layers: int | None = None,  # tower depths (random init only)
-        heads: int | None = None,  # attention heads per tower (random init only)
-        image_size: int | None = None,  # vision input side (random init only)
-        patch_size: int | None = None,  # vision patch side (random init only)
-    ) -> None:
+    def __init__(self, clip: OpenCLIP = SCORER_CLIP) -> None:
         super().__init__()
-        cfg = open_clip.get_model_config(model)
-        if cfg is None:
-            raise ValueError(f"{model!r} is not an open_clip architecture")
-        if not random_init and any(v is not None for v in (width, layers, heads, image_size, patch_size)):
-            raise ValueError("width / layers / heads / image_size / patch_size change the architecture that "
-                             "pretrained weights fix: set random_init=True for a custom-size model")
-        if random_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                clip = open_clip.create_model(model, **_tiny_towers(cfg, width, layers, heads, image_size, patch_size))
-        else:
-            clip = open_clip.create_model(model, **_weights_kwargs(model, pretrained))
-        self.clip = clip.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(model)
-        pre = open_clip.get_model_preprocess_cfg(clip)
+        self.clip = clip.build(CLIP_OPTION)
+        self.tokenizer = open_clip.get_tokenizer(clip.model)
+        pre = open_clip.get_model_preprocess_cfg(self.clip)
         self.image_size = pre["size"] if isinstance(pre["size"], int) else tuple(pre["size"])
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre["std"]).view(1, 3, 1, 1), persistent=False)
@@ -113,37 +72,10 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else size
 
 
-def _tiny_towers(cfg: dict, width: int | None, layers: int | None, heads: int | None,
-                 image_size: int | None, patch_size: int | None) -> dict:
-    """create_model overrides shrinking both towers of architecture config ``cfg``."""
-    text = {"width": width, "layers": layers, "heads": heads}
-    text_cfg = {**cfg["text_cfg"], **{k: v for k, v in text.items() if v is not None}}
-    vision = {"width": width, "layers": layers, "image_size": image_size, "patch_size": patch_size}
-    vision_cfg = {**cfg["vision_cfg"], **{k: v for k, v in vision.items() if v is not None}}
-    if heads is not None:
-        vision_cfg["head_width"] = vision_cfg["width"] // heads
-    return {"text_cfg": text_cfg, "vision_cfg": vision_cfg}
-
-
-def _weights_kwargs(model: str, pretrained: str | None) -> dict:
-    """create_model arguments loading ``pretrained`` from a local file; FileNotFoundError if none."""
-    if pretrained is not None and Path(pretrained).is_file():
-        return {"pretrained": pretrained}
-    cached, cfg = _cached_tag_file(model, pretrained) if pretrained else (None, {})
-    if cached is None:
-        known = "a tag not yet downloaded" if cfg else "neither a file nor a known tag"
-        raise FileNotFoundError(
-            f"no weights for {model} (pretrained={pretrained!r}, {known}): pass a local weights path, "
-            f"e.g. --clip-pretrained /path/to/open_clip_model.safetensors"
-        )
-    # A file path loses what the tag implies, so pass its activation and preprocessing explicitly.
-    return {"pretrained": cached, "force_quick_gelu": cfg.get("quick_gelu", False), "force_preprocess_cfg": cfg}
-
-
 def try_build_clip_scorer(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k") -> CLIPScorer | None:
-    """A CLIPScorer, or None and one log line when its weights are not on this machine."""
+    """A CLIPScorer, or None and one log line when its weights cannot be had (``WeightsUnavailable``)."""
     try:
-        return CLIPScorer(model, pretrained)
-    except FileNotFoundError as err:
+        return CLIPScorer(OpenCLIP(model, pretrained))
+    except WeightsUnavailable as err:
         log.warning("CLIP score disabled: %s", err)
         return None

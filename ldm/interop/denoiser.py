@@ -1,0 +1,91 @@
+"""Initialise a stage-2 model's trainable parts, its backbone and conditioner, from one weights file.
+
+The layout is told by the backbone's type and the file's keys:
+
+- ours: a LatentDiffusion state dict or Lightning checkpoint (``backbone.*``, ``ema.module.*``, optionally
+  ``conditioner.*``; ``codec.*`` and the rest are ignored), or a bare backbone state dict;
+- diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x) into a ``UNet``;
+- diffusers' class-conditional ``DiTTransformer2DModel`` into a ``DiT``, its class table into the
+  conditioner's one ``ClassEmbedder``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from ldm.backbones.dit import DiT
+from ldm.backbones.unet import UNet
+from ldm.conditioning.label import ClassEmbedder
+from ldm.interop.dit import dit_from_diffusers
+from ldm.interop.io import StateDict, WeightsError, check_keys, read_state_dict
+from ldm.interop.unet import unet_from_diffusers
+
+Part = tuple[nn.Module, StateDict, str]  # (module, the weights it receives, its name in messages)
+
+
+def load_denoiser_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load ``path`` into ``backbone`` (and ``conditioner`` where the file has its part), strictly.
+
+    From our own layout the backbone takes the EMA weights (``ema.module.*``) when the file has them,
+    since those are the ones the model samples with, else the trained ``backbone.*`` ones. Every part
+    is checked before any is loaded; a mismatch raises a ``WeightsError`` naming the file.
+    """
+    path = os.fspath(path)
+    state = read_state_dict(path)
+    if any(k.startswith(("backbone.", "ema.module.")) for k in state):
+        parts = _ours(backbone, conditioner, state)
+    elif isinstance(backbone, DiT) and any(k.startswith("transformer_blocks.") for k in state):
+        parts = _diffusers_dit(backbone, conditioner, state, path)
+    elif isinstance(backbone, UNet):
+        parts = [(backbone, unet_from_diffusers(state), "this UNet")]  # our own names pass unchanged
+    else:
+        parts = [(backbone, state, f"this {type(backbone).__name__}")]
+    for module, weights, what in parts:
+        check_keys(weights, module.state_dict(), path, what)
+    for module, weights, _ in parts:
+        module.load_state_dict(weights)
+
+
+def _under(state: Mapping[str, Tensor], prefix: str) -> StateDict:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _ours(backbone: nn.Module, conditioner: nn.Module, state: Mapping[str, Tensor]) -> list[Part]:
+    """Backbone from the EMA (else the trained weights); conditioner from its keys, frozen parts kept."""
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "backbone."
+    parts = [(backbone, _under(state, prefix), f"this {type(backbone).__name__} (the file's {prefix}* keys)")]
+    trained = _under(state, "conditioner.")
+    if trained:  # a checkpoint leaves frozen parameters out (they load from their own files): keep ours
+        current = conditioner.state_dict()
+        frozen = {name: current[name] for name, p in conditioner.named_parameters() if not p.requires_grad}
+        parts.append((conditioner, {**frozen, **trained}, "this conditioner"))
+    return parts
+
+
+def _diffusers_dit(backbone: DiT, conditioner: nn.Module, state: Mapping[str, Tensor], path: str) -> list[Part]:
+    """Our DiT's weights and the class table for the conditioner's single ClassEmbedder."""
+    try:
+        weights, table = dit_from_diffusers(state)
+    except (KeyError, ValueError) as error:
+        raise WeightsError(f"{path}: {error.args[0]}") from error
+    embedders = [m for m in conditioner.modules() if isinstance(m, ClassEmbedder)]
+    if len(embedders) != 1:
+        raise WeightsError(f"{path} holds a DiT class table ({table.shape[0] - 1} classes + null) for one "
+                           f"ClassEmbedder, but the conditioner has {len(embedders)}")
+    return [(backbone, _eps_rows(weights, backbone), "this DiT"),
+            (embedders[0], {"embedding.weight": table}, "the conditioner's ClassEmbedder")]
+
+
+def _eps_rows(weights: StateDict, backbone: DiT) -> StateDict:
+    """Drop a learned variance: diffusers' DiT predicts 2C channels (eps first) where ours may predict C."""
+    linear = weights["final.linear.weight"]  # (p*p*C_out, D), rows ordered (p, q, c)
+    ours = backbone.final.linear.out_features
+    if linear.shape[0] != 2 * ours:
+        return weights
+    patches = backbone.patch_size**2
+    keep = {k: weights[k].unflatten(0, (patches, -1))[:, : ours // patches].flatten(0, 1)
+            for k in ("final.linear.weight", "final.linear.bias")}  # the first C of each patch position's 2C
+    return {**weights, **keep}
