@@ -11,32 +11,85 @@ from typing import Any
 # intra-op threads starve the workers (a CPU run here went 1.6x slower). Set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
-from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 from jsonargparse import lazy_instance  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
+from ldm.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
+
+CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
 
 
 class LdmCLI(LightningCLI):
     """Any LightningModule / LightningDataModule is chosen by `class_path`; runs log to `runs/`.
 
-    Every fit checkpoints (`--checkpoint.*`, `last.ckpt` always) and ends by exporting the model's
+    Every fit writes `last.ckpt` every 500 optimizer steps and at its end (`--checkpoint.*`), each file
+    written whole or not at all, with every random state and the data stream's position, so
+    `--ckpt_path <run>/checkpoints/last.ckpt` resumes exactly; and it ends by exporting the model's
     weights as safetensors (`--export.path`, default `<log dir>/export.safetensors`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(ExportWeights, "export")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,  # last.ckpt alone; with a monitor, set save_top_k to keep the best too
+                "checkpoint.every_n_train_steps": CHECKPOINT_EVERY,
                 "trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="ldm"),
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._check_checkpoint_module()
+
+    def _check_checkpoint_module(self) -> None:
+        """Refuse a --ckpt_path written by another LightningModule than the one the config builds (naming both)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        written_by, builds = saved.get("_class_path"), config.model.class_path
+        if written_by is not None and written_by != builds:
+            self._parser(subcommand).error(
+                f"--ckpt_path {ckpt_path} was written by {written_by}, but this config builds {builds}: "
+                "pass a checkpoint of this experiment, or the experiment that wrote it"
+            )
+
+    def _check_resolution(self) -> None:
+        """Refuse data whose side the model cannot take (autoencoder downsampling x backbone multiple) before training."""
+        multiple = getattr(self.model, "size_multiple", None)
+        resolution = (getattr(self.datamodule, "hparams", None) or {}).get("resolution")
+        if multiple and resolution and resolution % multiple:
+            below = resolution // multiple * multiple
+            raise ValueError(
+                f"data.init_args.resolution {resolution} is not a multiple of {multiple}, the side this "
+                f"{type(self.model).__name__} needs (its autoencoder's downsampling times its backbone's multiple): "
+                f"use {below or multiple} or {below + multiple}"
+            )
+
+    before_fit = before_validate = before_test = before_predict = _check_resolution
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with every rank's random states in its checkpoints and checkpoint files written
+        atomically (unless the config names a CheckpointIO plugin of its own)."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer.callbacks.append(RandomStates())
+        return trainer
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:

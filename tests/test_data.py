@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,7 @@ from tests.shardutil import jpeg_bytes, write_shards
 def test_batches_have_keys_shapes_and_values(tmp_path: Path) -> None:
     write_shards(tmp_path, [6, 5])
     dm = WebDataModule(train=str(tmp_path / "shard-{0000..0001}.tar"), batch_size=4, num_workers=0,
-                       resolution=16, crop="center", extra_keys=("seg.png",), shuffle_buffer=0)
+                       resolution=16, crop="center", extra_keys={"seg.png": "class"}, shuffle_buffer=0)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert [len(b["caption"]) for b in batches] == [4, 4, 3]
@@ -57,7 +58,7 @@ def test_random_crop_and_flip_keep_maps_aligned(tmp_path: Path) -> None:
     with wds.TarWriter(str(folder / "a.tar")) as sink:
         for k in range(8):
             sink.write({"__key__": f"{k}", "png": buf.getvalue(), "txt": "x", "seg.png": sbuf.getvalue()})
-    stream = ShardStream([str(folder / "a.tar")], SampleTransform(16, "random", True, ("seg.png",)), batch_size=8)
+    stream = ShardStream([str(folder / "a.tar")], SampleTransform(16, "random", True, {"seg.png": "class"}), batch_size=8)
     batch = next(stream.batches(0))
     white = batch["image"][:, 0] > 0
     assert torch.equal(white, batch["seg"][:, 0] == 1)
@@ -88,6 +89,41 @@ def test_every_sample_once_and_equal_batches_per_rank(tmp_path: Path, counts, wo
 def test_plan_rejects_too_little_data_for_the_world() -> None:
     with pytest.raises(ValueError, match="too few samples"):
         plan_epoch(["a.tar"], [3], world_size=4, workers=1, batch_size=2)
+
+
+def _check_plan(counts: list[int], world: int, workers: int, batch: int, shuffle: str | None = None) -> None:
+    plans = plan_epoch([f"s{i}" for i in range(len(counts))], counts, world, workers, batch, shuffle)
+    read = Counter((part.url, i) for rank in plans for plan in rank for part in plan.parts for i in range(part.start, part.stop))
+    assert read == Counter((f"s{s}", i) for s, n in enumerate(counts) for i in range(n))  # every sample exactly once
+    steps = [[size for plan in rank for size in plan.sizes] for rank in plans]
+    assert len({len(rank) for rank in steps}) == 1  # every rank yields the same number of batches
+    for plan in (plan for rank in plans for plan in rank):
+        assert plan.samples == sum(part.stop - part.start for part in plan.parts)
+    sizes = [size for rank in steps for size in rank]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1  # so at every step ranks differ by at most one sample
+    totals = [sum(rank) for rank in steps]
+    assert max(totals) - min(totals) <= 1
+    # batches never exceed batch_size, but for batch 1 when the ranks do not divide the samples (one batch of 2)
+    assert max(sizes) <= batch or (batch == 1 and sum(counts) % world and max(sizes) == 2)
+
+
+@pytest.mark.parametrize("counts,world,workers,batch", [
+    ([20, 2, 9, 14, 5], 2, 2, 4),  # about as many shards as slots: rank 0 used to take the big shards (34 vs 16)
+    ([30, 1, 1, 1], 2, 2, 4),  # used to refuse to start
+    ([5], 2, 1, 1),  # batch 1, an odd count
+])
+def test_plan_balances_the_ranks_whatever_the_shard_sizes(counts, world, workers, batch) -> None:
+    _check_plan(counts, world, workers, batch)
+
+
+def test_plan_property_over_random_layouts() -> None:
+    rng = random.Random(0)
+    for trial in range(300):
+        counts = [rng.choice([0, 1, 2, 3, 7, 16, 50]) for _ in range(rng.randint(1, 8))]
+        world = rng.randint(1, 4)
+        if sum(counts) < world:
+            continue
+        _check_plan(counts, world, rng.randint(0, 3), rng.randint(1, 8), shuffle=f"{trial}" if trial % 2 else None)
 
 
 def test_resampled_mode_yields_epoch_length_per_rank(tmp_path: Path) -> None:

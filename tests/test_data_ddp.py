@@ -39,6 +39,6 @@ def test_ddp_fit_reads_every_sample_once_per_epoch_with_ranks_in_step(tmp_path: 
             assert len(batches[0]) == len(batches[1]) == ranks[0][limit] == ranks[1][limit]
             assert all(0 < len(b) <= 2 for rank in batches for b in rank)
             assert Counter(c for rank in batches for b in rank for c in b) == expected[split]
-    for rank in ranks:  # same share of the data each epoch, in a new order
+    for rank in ranks:  # each epoch deals the shards anew: another share, or the same in a new order
         orders = [[c for b in rank["train"][epoch] for c in b] for epoch in ("0", "1")]
-        assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+        assert orders[0] != orders[1]

@@ -1,9 +1,16 @@
-"""Tiny stand-ins for pretrained evaluation networks, nameable by class_path from YAML in CLI tests."""
+"""Tiny stand-ins for pretrained evaluation networks, and crash makers, nameable by class_path from YAML in CLI tests."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor, nn
+
+from ldm.resume import AtomicCheckpointIO
 
 
 class TinyFeatures(nn.Module):
@@ -19,3 +26,32 @@ class TinyFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         self.images_seen += len(images)
         return self.net(images)  # (B, 8)
+
+
+class KillAt(Callback):
+    """SIGKILLs the run (its whole process group: every rank and loader worker) when a training step ends."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class KilledDuringSave(AtomicCheckpointIO):
+    """Atomic checkpoint writing that SIGKILLs the run in the middle of the save at ``step``: the new file is
+    half written to its temporary name and never renamed, as when a crash hits a save."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if checkpoint["global_step"] == self.step:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        super().save_checkpoint(checkpoint, path, storage_options)

@@ -39,7 +39,7 @@ IMAGE_KEYS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}  #
 
 def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tuple[Tensor, list[str]]]:
     """(images (B, 3, R, R) in [-1, 1], captions, "" where none) from a folder or a shard pattern."""
-    transform = SampleTransform(resolution=resolution, crop="center", require_caption=False)
+    transform = SampleTransform(resolution=resolution, crop="center", require=())
     if not Path(source).is_dir():
         for batch in ShardStream(expand_shards(source), transform, batch_size).batches(worker=0):
             yield batch[B.IMAGE], list(batch[B.CAPTION])

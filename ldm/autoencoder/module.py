@@ -15,6 +15,7 @@ from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.vae import VAE
 from ldm.data import batch as B
 from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
+from ldm.nonfinite import NonFiniteGuard, assert_finite_state
 
 
 class AutoencoderKL(L.LightningModule):
@@ -34,6 +35,7 @@ class AutoencoderKL(L.LightningModule):
         grad_clip: float | None = 1.0,  # max gradient norm for each optimizer (None: off)
         weights: str | None = None,  # initial VAE weights: ours, diffusers or an SD checkpoint
         num_logged_images: int = 8,  # images in the TensorBoard grids
+        max_nonfinite_steps: int = 10,  # consecutive NaN/inf optimizer steps (each skipped) before the run stops
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vae", "loss"])
@@ -43,8 +45,14 @@ class AutoencoderKL(L.LightningModule):
             load_vae_weights(self.vae, weights)
         self.optimizer, self.disc_optimizer, self.lr_scheduler = optimizer, disc_optimizer, lr_scheduler
         self.autoencoder_steps = 0  # one per batch; the GAN schedule (disc_start) counts these
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
         metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)})
         self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
+
+    @property
+    def size_multiple(self) -> int:
+        """What image sides must be multiples of: the autoencoder's downsampling factor."""
+        return self.vae.downsample_factor
 
     def configure_optimizers(self) -> Any:
         gen = [p for n, p in self.named_parameters() if not n.startswith("loss.discriminator") and p.requires_grad]
@@ -69,10 +77,15 @@ class AutoencoderKL(L.LightningModule):
         self.autoencoder_steps += 1
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", logs["total"], prog_bar=True)
+        self.log("train/nonfinite_steps", float(self.guard.skipped))
 
     def _step(self, optimizer: Any, loss: Tensor) -> None:
+        """Backward and step, unless the loss or a gradient is NaN/inf: then the step is skipped and counted."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self.guard.step_is_finite(self.global_step, loss, params):
+            return
         if self.hparams.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -108,9 +121,11 @@ class AutoencoderKL(L.LightningModule):
 
     def export(self, path: str) -> None:
         """Write the VAE weights and latent statistics as safetensors."""
+        assert_finite_state(self.vae.state_dict(), path)
         save_vae_safetensors(self.vae, path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert_finite_state(checkpoint["state_dict"], "a checkpoint")
         checkpoint["autoencoder_steps"] = self.autoencoder_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

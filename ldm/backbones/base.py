@@ -10,8 +10,11 @@ class Backbone(nn.Module):
 
     Subclasses take ``in_channels, out_channels, context_dim, vector_dim`` as their first four
     constructor arguments, in that order: LatentDiffusion fills them (it alone knows the latent,
-    concat, token and vector sizes), and a backbone YAML holds only the remaining knobs.
+    concat, token and vector sizes), and a backbone YAML holds only the remaining knobs. They set
+    ``size_multiple``, the number the latent's sides must be multiples of.
     """
+
+    size_multiple: int = 1
 
     def forward(
         self,

@@ -103,7 +103,7 @@ class DiT(Backbone):
         super().__init__()
         if width % num_heads or width % 4:
             raise ValueError(f"DiT width {width} must be divisible by num_heads ({num_heads}) and by 4")
-        self.patch_size = patch_size
+        self.patch_size = self.size_multiple = patch_size
         self.out_channels = out_channels
         self.width = width
         self.pos_embed_base_size = pos_embed_base_size

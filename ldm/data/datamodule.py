@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data import batch as B
 from ldm.data.prompts import PromptDataset
-from ldm.data.shards import expand_shards, identify
+from ldm.data.shards import expand_shards, identify, unreadable_shards
+from ldm.data.collate import DROPPED
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
-from ldm.data.transforms import SampleTransform
+from ldm.data.transforms import ANNOTATIONS, MapKind, SampleTransform
 
 log = logging.getLogger(__name__)
+# the least value each numeric option takes (None, where allowed, means its default)
+LOWEST = {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "resolution": 1, "shuffle_buffer": 0, "epoch_length": 1}
 
 
 class WebDataModule(L.LightningDataModule):
     """Streams batches {key, image, caption, label?, original_size, crop_coords, extra maps} from shards.
 
     Shard patterns take brace ranges (`shards-{0000..0099}.tar`), globs, and any URL webdataset
-    opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt or
-    caption-less samples are skipped and counted (`data/skipped` in the logger).
+    opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt samples,
+    samples lacking a required annotation and shards that do not open are skipped and counted
+    (`data/skipped` in the logger). Settings that cannot work are refused here, before any training.
     """
 
     def __init__(
@@ -38,8 +44,8 @@ class WebDataModule(L.LightningDataModule):
         resolution: int = 256,  # square output side
         crop: Literal["center", "random"] = "random",  # training crop; val/test always center
         hflip: bool = False,  # random horizontal flips in training
-        extra_keys: tuple[str, ...] = (),  # extra image entries, e.g. ("seg.png",), batch key "seg"
-        require_caption: bool = True,  # skip samples without txt / json caption
+        extra_keys: dict[str, MapKind] | None = None,  # maps every sample carries, by kind: {seg.png: class} -> key "seg"
+        require: tuple[str, ...] = (B.CAPTION,),  # annotations every sample must carry (caption, label); others optional
         shuffle_buffer: int = 1000,  # training samples held for shuffling (0: off)
         resampled: bool = False,  # training: draw shards with replacement forever
         epoch_length: int | None = None,  # batches per rank and epoch when resampled
@@ -48,6 +54,7 @@ class WebDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_options(self.hparams)
         self.patterns = {"train": train, "val": val, "test": test}
         self._prompts: PromptDataset | None = None
         self.skipped: Counter[str] = Counter()  # reason -> samples, filled by the loaders
@@ -71,11 +78,11 @@ class WebDataModule(L.LightningDataModule):
                 resolution=hp.resolution,
                 crop=hp.crop if train else "center",
                 hflip=hp.hflip and train,
-                extra_keys=tuple(hp.extra_keys),
-                require_caption=hp.require_caption,
+                extra_keys=dict(hp.extra_keys or {}),
+                require=tuple(hp.require),
             )
             self._datasets[split] = ShardStream(
-                expand_shards(self.patterns[split]),
+                self._readable_shards(split),
                 transform,
                 batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
                 rank=rank,
@@ -87,6 +94,18 @@ class WebDataModule(L.LightningDataModule):
                 epoch_length=hp.epoch_length if train else None,
             )
 
+    def _readable_shards(self, split: str) -> list[str]:
+        """The split's shards less those that do not open: each left out with one warning and counted as skipped."""
+        urls = expand_shards(self.patterns[split])
+        bad = unreadable_shards(urls)
+        if len(bad) == len(urls):
+            raise ValueError(f"data.init_args.{split}: no shard of {self.patterns[split]!r} is readable, "
+                             f"e.g. {next(iter(bad.values()))}")
+        for reason in bad.values():
+            log.warning("left out of the epoch: %s", reason)
+            self.skipped[reason] += 1
+        return [url for url in urls if url not in bad]
+
     def describe(self, split: str) -> dict[str, Any]:
         """What the split's evaluation images are made of, for caches keyed by content (FID reference
         statistics): every shard file with its size and modification time, and the decoding settings.
@@ -96,16 +115,18 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError(f"WebDataModule: no {split} shards configured (set data.init_args.{split})")
         hp = self.hparams
         world = self.trainer.world_size if self.trainer else 1
-        return {"files": identify(expand_shards(pattern)), "resolution": hp.resolution, "crop": "center", "require_caption": hp.require_caption,
+        return {"files": identify(expand_shards(pattern)), "resolution": hp.resolution, "crop": "center", "require": sorted(hp.require),
                 "layout": [world, hp.num_workers, hp.eval_batch_size or hp.batch_size]}
 
     def _loader(self, split: str) -> EpochLoader:
         if split not in self._datasets:
             raise ValueError(f"WebDataModule: no {split} shards configured (set data.init_args.{split})")
         workers = self.hparams.num_workers
+        trainer = self.trainer
         return EpochLoader(
             self._datasets[split],
             skipped=self.skipped,
+            epoch=(lambda: trainer.current_epoch) if trainer is not None else None,  # shuffles follow the trainer's epoch
             batch_size=None,  # batches are made in the workers, to give every rank the same count
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -127,10 +148,27 @@ class WebDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Report the samples skipped so far (log scalar + warning) whenever the count grows."""
-        total = sum(n for reason, n in self.skipped.items() if reason != PADDED)
+        total = sum(n for reason, n in self.skipped.items() if reason != PADDED and not reason.endswith(DROPPED))
         if sum(self.skipped.values()) > self._reported:
             self._reported = sum(self.skipped.values())
             log.warning("data: %d samples skipped so far (%s)", total, dict(self.skipped))
             if self.trainer is not None and self.trainer.logger is not None:
                 self.trainer.logger.log_metrics({"data/skipped": total}, step=self.trainer.global_step)
         return batch
+
+
+def _check_options(hp: Mapping[str, Any]) -> None:
+    """Refuse settings that cannot work, naming each as its config key."""
+    for name, lowest in LOWEST.items():
+        if hp[name] is not None and hp[name] < lowest:
+            raise ValueError(f"data.init_args.{name} must be at least {lowest}, got {hp[name]}")
+    if hp["resampled"] and hp["epoch_length"] is None:
+        raise ValueError("data.init_args.resampled: true needs data.init_args.epoch_length (batches per rank and epoch)")
+    unknown = [key for key in hp["require"] if key not in ANNOTATIONS]
+    if unknown:
+        raise ValueError(f"data.init_args.require: {unknown} not among the annotations {list(ANNOTATIONS)}")
+    kinds = get_args(MapKind)
+    extra = hp["extra_keys"] or {}
+    if not isinstance(extra, Mapping) or any(kind not in kinds for kind in extra.values()):
+        raise ValueError(f"data.init_args.extra_keys maps each entry to its kind ({' or '.join(kinds)}), "
+                         f"e.g. {{seg.png: class}}; got {extra!r}")

@@ -11,9 +11,9 @@ every sample is read exactly once.
 from __future__ import annotations
 
 import glob
-import heapq
 import json
 import os
+import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +56,39 @@ def identify(urls: list[str]) -> list[str | list]:
             for url in urls]
 
 
+class UnreadableShard(ValueError):
+    """A local shard that does not open as a tar archive; the message names the file."""
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+    """Open a local tar (plain or gz/bz2/xz) for reading; failure raises UnreadableShard naming it."""
+    try:
+        return tarfile.open(path, "r:*")
+    except tarfile.ReadError:  # no compression tried makes a tar of it
+        detail = "empty file" if os.path.getsize(path) == 0 else "not a tar archive"
+    except (tarfile.TarError, OSError) as err:
+        detail = f"{type(err).__name__}: {err}"
+    raise UnreadableShard(f"unreadable shard {path}: {detail}")
+
+
+def unreadable_shards(urls: list[str]) -> dict[str, str]:
+    """{url: reason naming it} for the local shards that do not open as tar archives (zero-byte files,
+    other formats). Only the first header is read: a truncated tail is the reader's to skip and count."""
+    bad: dict[str, str] = {}
+    for url in urls:
+        if is_remote(url):
+            continue
+        try:
+            _open_tar(url).close()
+        except UnreadableShard as err:
+            bad[url] = str(err)
+    return bad
+
+
 def _count_tar_samples(path: str) -> int:
     """Number of samples (runs of members sharing a key) in a local tar, reading headers only."""
     count, last = 0, None
-    with tarfile.open(path, "r:*") as tar:
+    with _open_tar(path) as tar:
         try:
             for member in tar:
                 if not member.isfile():
@@ -107,52 +136,73 @@ def write_shard_index(paths: list[Path]) -> Path:
 
 @dataclass(frozen=True)
 class Part:
-    """Every `of`-th sample of a shard, starting at sample `index`."""
+    """Samples ``start`` to ``stop`` (exclusive, in shard order) of one shard."""
 
     url: str
-    index: int
-    of: int
-    samples: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one (rank, worker) slot reads in an epoch and how many batches it must yield."""
+    """What one (rank, worker) slot reads in an epoch and the sizes of the batches it yields.
+
+    The slot's batches are the rank's batches ``worker``, ``worker + workers``, ... of the epoch.
+    """
 
     parts: tuple[Part, ...]
-    samples: int
-    batches: int
+    sizes: tuple[int, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.sizes)
 
 
-def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int, batch_size: int) -> list[list[WorkerPlan]]:
-    """Balance shard parts over ``world_size x workers`` slots; plans[rank][worker]."""
-    slots = world_size * workers
-    cuts = -(-slots // len(urls)) if len(urls) < slots else 1  # cut shards when fewer than readers
-    parts = [Part(u, j, cuts, (n - j + cuts - 1) // cuts) for u, n in zip(urls, counts) for j in range(cuts)]
-    heap = [(0, s) for s in range(slots)]  # (samples so far, slot): largest part to the lightest slot
-    assigned: list[list[Part]] = [[] for _ in range(slots)]
-    for part in sorted(parts, key=lambda p: (-p.samples, p.url, p.index)):
-        load, slot = heapq.heappop(heap)
-        assigned[slot].append(part)
-        heapq.heappush(heap, (load + part.samples, slot))
-    samples = [sum(p.samples for p in a) for a in assigned]
-    per_rank = [samples[r * workers:(r + 1) * workers] for r in range(world_size)]
-    need = [sum(-(-m // batch_size) for m in ms) for ms in per_rank]
-    quota = max(need)
+def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int, batch_size: int,
+               shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
+    """Deal every sample once over ``world_size`` ranks x ``workers`` slots; plans[rank][worker].
+
+    Ranks get N // R or N // R + 1 samples and the same number of batches Q (the largest rank's
+    ceil(n / batch_size)); every batch of every rank holds m or m + 1 samples, so ranks stay in step
+    and weigh their gradients alike. The one exception: with batch_size 1 and N not divisible by R,
+    Q is the smaller rank's count and one batch of the larger ranks holds 2. Batch i of a rank comes
+    from slot i % workers, the order a DataLoader interleaves its workers in. Slots read consecutive
+    runs of the shards, concatenated in order, or in an order shuffled by ``shuffle_seed`` (a new one
+    each epoch), so a rank reads few shards and reads each at most once.
+    """
+    total, workers = sum(counts), max(workers, 1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if total < world_size:
+        raise ValueError(f"{total} samples cannot give each of {world_size} ranks one: too few samples "
+                         f"for {world_size} ranks x {workers} workers x batch {batch_size}")
+    per_rank = [total // world_size + (r < total % world_size) for r in range(world_size)]
+    quota = min(-(-per_rank[0] // batch_size), per_rank[-1])  # batches per rank
+    order = list(range(len(urls)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    runs = _Runs([urls[i] for i in order], [counts[i] for i in order])
     plans = []
-    for rank, ms in enumerate(per_rank):
-        if sum(ms) < quota:
-            raise ValueError(
-                f"rank {rank} has {sum(ms)} samples but every rank must yield {quota} batches: "
-                f"too few samples for {world_size} ranks x {workers} workers x batch {batch_size}"
-            )
-        batches = [-(-m // batch_size) for m in ms]
-        extra = quota - sum(batches)
-        for w, m in enumerate(ms):  # spread the missing batches over workers that have spare samples
-            give = min(extra, m - batches[w])
-            batches[w] += give
-            extra -= give
-        plans.append([
-            WorkerPlan(tuple(assigned[rank * workers + w]), m, batches[w]) for w, m in enumerate(ms)
-        ])
+    for n in per_rank:
+        sizes = [n // quota + (i < n % quota) for i in range(quota)]  # larger batches first
+        slots = [tuple(sizes[w::workers]) for w in range(workers)]
+        plans.append([WorkerPlan(runs.take(sum(slot)), slot) for slot in slots])
     return plans
+
+
+class _Runs:
+    """Consecutive runs of samples cut from shards laid end to end."""
+
+    def __init__(self, urls: list[str], counts: list[int]) -> None:
+        self.shards = [(u, n) for u, n in zip(urls, counts) if n > 0]
+        self.shard, self.offset = 0, 0
+
+    def take(self, samples: int) -> tuple[Part, ...]:
+        parts = []
+        while samples:
+            url, count = self.shards[self.shard]
+            stop = min(count, self.offset + samples)
+            parts.append(Part(url, self.offset, stop))
+            samples -= stop - self.offset
+            self.shard, self.offset = (self.shard + 1, 0) if stop == count else (self.shard, stop)
+        return tuple(parts)

@@ -1,22 +1,25 @@
-"""An IterableDataset of ready batches streamed from WebDataset shards."""
+"""An IterableDataset of ready batches streamed from WebDataset shards, and the loader that resumes it exactly."""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from ldm.data.shards import Part, WorkerPlan, count_samples, plan_epoch
+from ldm.data.collate import collate
+from ldm.data.shards import Part, count_samples, plan_epoch
 from ldm.data.transforms import SampleTransform, SkipSample
 
 log = logging.getLogger(__name__)
 SKIPPED = "_skipped"  # batch entry: {reason: count} since this worker's previous batch
+WORKER = "_worker"  # batch entry: the (logical) worker that made the batch
 PADDED = "repeated to keep ranks in step"  # a reason that is not a skip: see ShardStream.batches
 MAX_SKIP_WARNINGS = 10  # per worker and epoch; the counts keep going
 
@@ -24,8 +27,10 @@ MAX_SKIP_WARNINGS = 10  # per worker and epoch; the counts keep going
 class ShardStream(IterableDataset):
     """Batches from shards, each rank yielding the same number per epoch.
 
-    Finite mode reads every sample once per epoch following `plan_epoch`; resampled mode draws
-    shards with replacement forever and cuts epochs of `epoch_length` batches per rank.
+    Finite mode reads every sample once per epoch following `plan_epoch` (the shard order reshuffled
+    each epoch when training shuffles); resampled mode draws shards with replacement forever and cuts
+    epochs of `epoch_length` batches per rank. What a worker yields depends only on the seed, the
+    epoch, the rank and the worker, so a resumed epoch replays it exactly (see EpochLoader).
     """
 
     def __init__(
@@ -46,28 +51,35 @@ class ShardStream(IterableDataset):
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.rank, self.world_size, self.workers, self.shuffle_buffer, self.seed = rank, world_size, max(workers, 1), shuffle_buffer, seed
         self.resampled, self.epoch_length = resampled, epoch_length
-        self.plans = None if resampled else plan_epoch(urls, count_samples(urls), world_size, self.workers, batch_size)[rank]
+        self.counts = None if resampled else count_samples(urls)
         self.epoch = 0
+        self.done = [0] * self.workers  # batches per worker already consumed this epoch: replayed, not yielded
+        self.rotation = 0  # DataLoader worker p plays worker (p + rotation) % workers
+
+    def plan(self, worker: int) -> tuple[list[Part] | None, list[int]]:
+        """The parts (None in resampled mode) and batch sizes of worker ``worker`` in this epoch."""
+        if self.counts is None:
+            return None, [self.batch_size] * (self.epoch_length // self.workers + (worker < self.epoch_length % self.workers))
+        shuffle = f"{self.seed}/{self.epoch}" if self.shuffle_buffer else None
+        plan = plan_epoch(self.urls, self.counts, self.world_size, self.workers, self.batch_size, shuffle)[self.rank][worker]
+        return list(plan.parts), list(plan.sizes)
 
     def __len__(self) -> int:
-        return self.epoch_length if self.plans is None else sum(p.batches for p in self.plans)
+        return sum(len(self.plan(w)[1]) for w in range(self.workers))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        return self.batches(info.id if info is not None else 0)
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        return self.batches(worker)
 
     def batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        """The batches DataLoader worker `worker` of this rank yields this epoch."""
+        """The batches worker ``worker`` of this rank yields this epoch, after replaying its first ``done[worker]``."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         skipped: Counter[str] = Counter()
-        if self.plans is None:
-            batches = self.epoch_length // self.workers + (worker < self.epoch_length % self.workers)
-            sizes = [self.batch_size] * batches
+        parts, sizes = self.plan(worker)
+        if parts is None:
             raw = self._read_forever(rng, skipped)
         else:
-            plan: WorkerPlan = self.plans[worker]
-            sizes = _batch_sizes(plan.samples, plan.batches, self.batch_size)
-            parts = list(plan.parts)
             if self.shuffle_buffer:
                 rng.shuffle(parts)
             raw = self._read_parts(parts, skipped)
@@ -75,7 +87,7 @@ class ShardStream(IterableDataset):
             raw = _shuffle(raw, self.shuffle_buffer, rng)
         samples = self._decode(raw, rng, skipped)
         last: list[dict[str, Any]] = []
-        for size in sizes:
+        for index, size in enumerate(sizes):
             batch = list(islice(samples, size))
             if not batch:  # skips left this worker short
                 if self.world_size == 1:
@@ -85,26 +97,26 @@ class ShardStream(IterableDataset):
                 batch = last[-1:]  # DDP needs every rank to step: repeat a sample, as DistributedSampler pads
                 skipped[PADDED] += 1
             if last:  # one batch of lookahead, so the skips behind the final batch are reported with it
-                yield self._collate(last, skipped)
+                yield from self._emit(last, index - 1, worker, skipped)
             last = batch
-        if self.plans is not None:  # finite: read to the end, trailing bad samples get counted too
+        if parts is not None:  # finite: read to the end, trailing bad samples get counted too
             for _ in samples:
                 skipped["beyond the planned count"] += 1
         if last:
-            yield self._collate(last, skipped)
+            yield from self._emit(last, len(sizes) - 1, worker, skipped)
 
-    @staticmethod
-    def _collate(batch: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
-        out = default_collate(batch)
-        out[SKIPPED] = dict(skipped)
+    def _emit(self, batch: list[dict[str, Any]], index: int, worker: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """The collated batch with its worker and skip counts; nothing for a batch consumed before a resume."""
+        counts = skipped.copy()
         skipped.clear()
-        return out
+        if index >= self.done[worker]:
+            collated, dropped = collate(batch)  # an optional key some samples lack leaves the batch, counted
+            yield {**collated, SKIPPED: dict(counts + dropped), WORKER: worker}
 
     def _read_parts(self, parts: list[Part], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         for part in parts:
-            for i, sample in enumerate(tarfile_samples([{"url": part.url}], handler=_tar_handler(skipped, part.url))):
-                if i % part.of == part.index:
-                    yield sample
+            samples = tarfile_samples([{"url": part.url}], handler=_tar_handler(skipped, part.url))
+            yield from islice(samples, part.start, part.stop)
 
     def _read_forever(self, rng: random.Random, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         while True:
@@ -121,21 +133,19 @@ class ShardStream(IterableDataset):
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
 
 
-def _batch_sizes(samples: int, batches: int, batch_size: int) -> list[int]:
-    """`batches` sizes of at most `batch_size` summing to `samples`, full batches first."""
-    sizes, left = [], samples
-    for j in range(batches):
-        sizes.append(max(1, min(batch_size, left - (batches - j - 1))))
-        left -= sizes[-1]
-    return sizes
-
-
 def _tar_handler(skipped: Counter[str], url: str):
-    """Count an unreadable tar (or its truncated tail) and go on with the next shard."""
+    """Count an unreadable tar (or its truncated tail) once and go on with the next shard.
+
+    webdataset reports a truncated tail twice (the member's data, then the next header): one count.
+    """
+    reported = False
 
     def handle(err: Exception) -> bool:
-        skipped[f"unreadable tar data: {type(err).__name__}"] += 1
-        log.warning("unreadable data in %s: %s", url, err)
+        nonlocal reported
+        if not reported:
+            skipped[f"unreadable tar data: {type(err).__name__}"] += 1
+            log.warning("unreadable data in %s: %s", url, err)
+            reported = True
         return True
 
     return handle
@@ -156,20 +166,47 @@ def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[An
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader over a ShardStream that starts a new epoch on each iteration and keeps the skip counts.
+    """A DataLoader over a ShardStream whose position is saved in checkpoints and restored exactly.
 
-    Lightning's `set_epoch` reaches samplers only; workers receive a copy of the dataset when an
-    iteration starts, so bumping the number here reshuffles every epoch. The workers' skip counts
-    travel inside their batches; they are taken out here into `skipped`, so whoever iterates the
-    loader gets clean batches and the counts alike.
+    Each iteration is one epoch, numbered by ``epoch`` (the trainer's epoch; without one, the loader
+    counts its own iterations). The workers' skip counts
+    travel inside their batches and are taken out here into ``skipped``. ``state_dict`` records the
+    epoch, how many batches each worker has delivered and which worker delivers next; after
+    ``load_state_dict``, the epoch's iteration replays (decodes and drops) what was delivered and
+    rotates the workers so the next batch comes from the worker that was next: the remaining batches
+    arrive in the same order as without the interruption. Lightning saves and restores this state
+    with the checkpoint (a loader with ``state_dict``/``load_state_dict`` is resumable to it).
     """
 
-    def __init__(self, dataset: ShardStream, skipped: Counter[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
+    def __init__(self, dataset: ShardStream, skipped: Counter[str] | None = None,
+                 epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        # its own generator: creating an iterator draws the workers' base seed from it, not from the global RNG
+        super().__init__(dataset, generator=torch.Generator().manual_seed(0), **kwargs)
         self.skipped: Counter[str] = Counter() if skipped is None else skipped  # reason -> samples, all epochs
+        self.iterations = 0
+        self.epoch = epoch or (lambda: self.iterations)
+        workers = dataset.workers
+        self._position = {"epoch": 0, "done": [0] * workers, "next": 0}
+        self._restored: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.epoch += 1
+        epoch, restored, self._restored = self.epoch(), self._restored, None
+        self.iterations += 1
+        workers = self.dataset.workers
+        position = restored if restored is not None and restored["epoch"] == epoch else {"epoch": epoch, "done": [0] * workers, "next": 0}
+        self._position = position = {"epoch": epoch, "done": list(position["done"]), "next": position["next"]}
+        self.dataset.epoch, self.dataset.done, self.dataset.rotation = epoch, list(position["done"]), position["next"]
         for batch in super().__iter__():
+            worker = batch.pop(WORKER)
             self.skipped.update(batch.pop(SKIPPED))
+            position["done"][worker] += 1
+            position["next"] = (worker + 1) % workers
             yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._position, "done": list(self._position["done"]), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state
+        self.skipped.clear()
+        self.skipped.update(state["skipped"])

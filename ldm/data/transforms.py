@@ -1,11 +1,17 @@
-"""Decode one raw WebDataset sample into tensors: resize, crop and flip image and maps alike."""
+"""Decode one raw WebDataset sample into tensors: resize, crop and flip image and maps alike.
+
+Anything a sample cannot be used for raises `SkipSample` with the reason that gets counted: an image
+that does not decode, a caption that is not UTF-8 text, a label that is not a class index, a json that
+is not an object, a required annotation missing, an extra map of another size or kind than its image's.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -16,6 +22,9 @@ from ldm.data import batch as B
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASS_MAP_MODES = ("1", "L", "P", "I", "I;16")  # single-channel integer maps: class ids, masks
+WIDE_MODES = ("I", "F")  # prefixes of the modes with more than 8 bits a value: never a picture
+ANNOTATIONS = (B.CAPTION, B.LABEL)  # batch keys a sample may lack; `require` names those it must carry
+MapKind = Literal["class", "image"]  # an extra map: integer class ids (resized nearest), or a picture made RGB
 
 
 class SkipSample(Exception):
@@ -29,31 +38,24 @@ class SampleTransform:
     resolution: int = 256  # output side (square crop)
     crop: Literal["center", "random"] = "center"
     hflip: bool = False  # random horizontal flip, p = 0.5
-    extra_keys: tuple[str, ...] = ()  # other image entries, e.g. "seg.png": same resize/crop/flip
-    require_caption: bool = True
+    extra_keys: Mapping[str, MapKind] = field(default_factory=dict)  # maps every sample carries, e.g. {"seg.png": "class"}
+    require: tuple[str, ...] = (B.CAPTION,)  # ANNOTATIONS a sample must carry (a caption: a non-empty one)
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
             raise SkipSample("no image entry")
+        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), **_annotations(raw)}
+        for key in self.require:
+            if out.get(key) in (None, ""):
+                raise SkipSample(f"no {key}")
         image, original = _open(raw[image_key], image_key, "RGB", self.resolution)
-        meta = _json(raw)
-        caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else meta.get("caption")
-        if self.require_caption and not caption:
-            raise SkipSample("no caption")
-        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), B.CAPTION: caption or "", B.ORIGINAL_SIZE: torch.tensor(original)}
-        if "cls" in raw:
-            out[B.LABEL] = int(raw["cls"].decode().strip())
-        elif "label" in meta:
-            out[B.LABEL] = int(meta["label"])
-
+        out[B.ORIGINAL_SIZE] = torch.tensor(original)
         crop = self._crop(image.size, rng)
         out[B.CROP_COORDS] = torch.tensor([crop.top, crop.left])
         out[B.IMAGE] = crop.apply(image, Image.BICUBIC).float().div(127.5).sub(1.0)  # (3, R, R)
-        for key in self.extra_keys:
-            if key not in raw:
-                raise SkipSample(f"no {key!r} entry")
-            out[B.map_key(key)] = map_tensor(_open(raw[key], key, None)[0], crop)
+        for key, kind in self.extra_keys.items():
+            out[B.map_key(key)] = map_tensor(_open_map(raw, key, kind, original), crop, kind)
         return out
 
     def _crop(self, image_size: tuple[int, int], rng: random.Random) -> Crop:
@@ -93,12 +95,29 @@ class Crop:
         return torch.from_numpy(array.astype(np.int64) if array.dtype == np.uint16 else array.copy()).permute(2, 0, 1)
 
 
-def map_tensor(img: Image.Image, crop: Crop) -> torch.Tensor:
-    """An extra map under the image's crop: integer maps (class ids, masks; 8 or 16 bit) stay integers,
-    resized nearest so classes never blend -> (1, R, R) int64; anything else -> RGB (3, R, R) in [-1, 1]."""
-    if img.mode in CLASS_MAP_MODES:
+def map_tensor(img: Image.Image, crop: Crop, kind: MapKind | None = None) -> torch.Tensor:
+    """An extra map under the image's crop: a class map (class ids, masks; 8 or 16 bit) stays integer,
+    resized nearest so classes never blend -> (1, R, R) int64; an image map -> RGB (3, R, R) in [-1, 1].
+    Without a `kind` (prediction requests declare none), the map's mode decides."""
+    if kind is None:
+        kind = "class" if img.mode in CLASS_MAP_MODES else "image"
+    if kind == "class":
         return crop.apply(img, Image.NEAREST).long()
     return crop.apply(img.convert("RGB"), Image.BICUBIC).float().div(127.5).sub(1.0)
+
+
+def _open_map(raw: dict[str, Any], key: str, kind: MapKind, image_size: tuple[int, int]) -> Image.Image:
+    """Decode extra map `key`, which must match its image's (H, W) and be of its declared kind."""
+    if key not in raw:
+        raise SkipSample(f"no {key!r} entry")
+    img, size = _open(raw[key], key, None)
+    if size != image_size:
+        raise SkipSample(f"{key} {size[1]}x{size[0]}, image {image_size[1]}x{image_size[0]}")
+    if kind == "class" and img.mode not in CLASS_MAP_MODES:
+        raise SkipSample(f"{key} is {img.mode}, expected a class map")
+    if kind == "image" and img.mode.startswith(WIDE_MODES):
+        raise SkipSample(f"{key} is {img.mode}, expected an image")
+    return img
 
 
 def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
@@ -119,10 +138,42 @@ def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) 
         raise SkipSample(f"undecodable {key}: {type(err).__name__}") from None
 
 
+def _annotations(raw: dict[str, Any]) -> dict[str, Any]:
+    """Caption ("" where none) and label (where there is one), from `txt` / `cls` or else the json's fields."""
+    meta = _json(raw)
+    if "txt" in raw:
+        try:
+            caption = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise SkipSample("caption not UTF-8") from None
+    else:
+        caption = "" if meta.get("caption") is None else meta["caption"]  # null: none
+        if not isinstance(caption, str):
+            raise SkipSample(f"json caption is a {type(caption).__name__}, not a string")
+    out: dict[str, Any] = {B.CAPTION: caption.strip()}
+    if "cls" in raw:
+        out[B.LABEL] = _class_index(raw["cls"], "cls")
+    elif meta.get("label") is not None:  # null: none
+        out[B.LABEL] = _class_index(meta["label"], "json label")
+    return out
+
+
+def _class_index(value: Any, source: str) -> int:
+    """A label as a class index (an integer >= 0; `cls` bytes: its decimal digits); anything else skips."""
+    if isinstance(value, bytes):
+        value = int(value) if value.strip().isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SkipSample(f"{source} not a class index")
+    return value
+
+
 def _json(raw: dict[str, Any]) -> dict[str, Any]:
     if "json" not in raw:
         return {}
     try:
-        return json.loads(raw["json"])
-    except ValueError:
+        meta = json.loads(raw["json"])
+    except ValueError:  # UnicodeDecodeError included
         raise SkipSample("invalid json") from None
+    if not isinstance(meta, dict):
+        raise SkipSample(f"json is a {type(meta).__name__}, not an object")
+    return meta

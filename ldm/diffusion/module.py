@@ -23,6 +23,7 @@ from ldm.diffusion.guidance import CFGDenoiser, predict
 from ldm.diffusion.objectives import DDPM, Objective
 from ldm.diffusion.samplers import Sampler, randn
 from ldm.interop.denoiser import load_denoiser_weights
+from ldm.nonfinite import NonFiniteGuard, assert_finite_state
 
 CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
@@ -51,6 +52,7 @@ class LatentDiffusion(L.LightningModule):
         num_logged_samples: int = 8,  # samples per grid (the first of the first val batch)
         seed: int = 0,  # sample i of a generation uses noise seeded by seed + its index
         init_weights: str | None = None,  # start from: our export or checkpoint, a diffusers UNet or DiT file
+        max_nonfinite_steps: int = 10,  # consecutive NaN/inf steps (each skipped) before the run stops
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
@@ -66,7 +68,10 @@ class LatentDiffusion(L.LightningModule):
             load_denoiser_weights(self.backbone, self.conditioner, init_weights)
         self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._ema_stack = ExitStack()
+        self._loss: Tensor | None = None  # the last training loss, which the guard checks
+        self._step_finite = True
 
     # --- training -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -92,14 +97,21 @@ class LatentDiffusion(L.LightningModule):
         return self.objective.loss(pred.float(), z, noise, t)  # (B,)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(batch).mean()
+        self._loss = loss = self.diffusion_loss(batch).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A NaN/inf loss or gradient drops the gradients: the optimizer step that follows changes nothing."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._step_finite = self.guard.step_is_finite(self.global_step, self._loss, params)
+        self.log("train/nonfinite_steps", float(self.guard.skipped))
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then update the EMA: once per optimizer step, however many batches a step accumulates."""
+        """Step, then update the EMA: once per optimizer step, however many batches a step accumulates,
+        and not after a skipped (non-finite) step."""
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and self._step_finite:
             self.ema.update(self.backbone)
 
     def _eval_loss(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
@@ -127,6 +139,11 @@ class LatentDiffusion(L.LightningModule):
 
     on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
     on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
+
+    @property
+    def size_multiple(self) -> int:
+        """What image sides must be multiples of: the autoencoder's downsampling times the backbone's multiple."""
+        return self.codec.downsample_factor * self.backbone.size_multiple
 
     def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
         """(h, w) of the latents to generate for a batch: from its images, or its `target_size`."""
@@ -184,6 +201,7 @@ class LatentDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        assert_finite_state(checkpoint["state_dict"], "a checkpoint")
         checkpoint[CODEC_KEY] = self.codec.fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -201,4 +219,5 @@ class LatentDiffusion(L.LightningModule):
         frozen = self._frozen_keys()
         state |= {f"conditioner.{k}": v.detach().cpu().contiguous() for k, v in self.conditioner.state_dict().items()
                   if f"conditioner.{k}" not in frozen}
+        assert_finite_state(state, path)
         save_file(state, path, metadata={CODEC_KEY: json.dumps(self.codec.fingerprint())})

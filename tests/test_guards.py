@@ -1,0 +1,136 @@
+"""Runs that meet NaN/inf, and configurations that cannot work: skipped, stopped or refused with a message
+naming the step, the option or the file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.autoencoder.loss import AutoencoderLoss
+from ldm.autoencoder.module import AutoencoderKL
+from ldm.autoencoder.vae import VAE
+from ldm.cli import build_cli
+from ldm.nonfinite import NonFiniteTraining
+from tests.stage2 import ROOT, cli_args, write_stage2_shards
+from tests.test_latent_diffusion import assert_same_state, state, tiny_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
+
+
+def _trainer(tmp_path: Path, steps: int) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=tmp_path,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def _batches(n: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for i in range(n):
+        image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        if i == nan_at:
+            image[0, 0, 0, 0] = float("nan")  # one bad pixel: a NaN latent, loss and gradient
+        batches.append({"image": image, "label": torch.tensor([i % 6, (i + 1) % 6])})
+    return batches
+
+
+class _Snapshot(L.Callback):
+    """Weights, EMA and optimizer state just before and just after training batch ``index``."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.taken = index, {}
+
+    def _take(self, trainer: L.Trainer, model: L.LightningModule) -> dict:
+        adam = trainer.optimizers[0].state_dict()["state"]
+        return {"weights": state(model.backbone), "ema": state(model.ema),
+                "adam": {f"{i}.{k}": v.clone() for i, s in adam.items() for k, v in s.items()}}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.index:
+            self.taken["before"] = self._take(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.index:
+            self.taken["after"] = self._take(trainer, pl_module)
+
+
+def test_a_nan_batch_skips_its_step_and_leaves_weights_optimizer_and_ema_untouched(tmp_path: Path) -> None:
+    model, snapshot = tiny_model().train(), _Snapshot(1)
+    trainer = _trainer(tmp_path, 3)
+    trainer.callbacks.append(snapshot)
+    trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))  # batch 1 has a NaN pixel
+    before, after = snapshot.taken["before"], snapshot.taken["after"]
+    assert_same_state(before["weights"], after["weights"])
+    assert_same_state(before["ema"], after["ema"])
+    assert before["adam"].keys() == after["adam"].keys() and all(torch.equal(before["adam"][k], after["adam"][k]) for k in before["adam"])
+    assert model.guard.skipped == 1 and trainer.callback_metrics["train/nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.global_step == 3 and int(model.ema.num_updates) == 2  # the other two steps trained
+
+
+def test_a_run_of_nan_steps_stops_naming_the_step_and_the_last_finite_loss(tmp_path: Path) -> None:
+    model = tiny_model().train()
+    model.guard.max_consecutive = 3
+    trainer = _trainer(tmp_path, 20)
+    with pytest.raises(NonFiniteTraining, match=r"3 optimizer steps in a row, up to step \d+, had a non-finite loss or "
+                                                r"gradient .* the last finite loss was [\d.e+-]+ at step 1\. Likely causes"):
+        trainer.fit(model, DataLoader(_batches(2) + [_batches(1, nan_at=0)[0]] * 5, batch_size=None))
+    assert model.guard.skipped == 3
+    assert all(torch.isfinite(p).all() for p in [*model.backbone.parameters(), *model.ema.parameters()])
+
+
+def test_a_checkpoint_or_export_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        for weights in (model.backbone, model.ema.module):  # the trained and the EMA weights (which export)
+            next(weights.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteTraining, match="refusing to write a checkpoint: non-finite values in .*backbone"):
+        model.on_save_checkpoint({"state_dict": model.state_dict()})
+    with pytest.raises(NonFiniteTraining, match="refusing to write .*export.safetensors"):
+        model.export(str(tmp_path / "export.safetensors"))
+    assert not (tmp_path / "export.safetensors").exists()
+
+
+def test_the_autoencoder_skips_a_nan_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
+    model = AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8))
+    trainer = _trainer(tmp_path, 6)
+    trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))
+    assert model.guard.skipped == 2  # the autoencoder's and the discriminator's step of the NaN batch
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- configurations refused before training ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_stage2_shards(tmp_path_factory.mktemp("shapes"))
+
+
+def test_a_resolution_the_model_cannot_take_is_refused_naming_the_option(shards: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["ldm"])
+    args = [*cli_args(ROOT / "experiments/shapes/txt2img_unet.yaml", shards, tmp_path), "--data.init_args.resolution", "36"]
+    with pytest.raises(ValueError, match=r"data.init_args.resolution 36 is not a multiple of 8.*use 32 or 40"):
+        build_cli(["fit", *args])  # f=4 autoencoder x a UNet of 2 levels
+
+
+def test_a_checkpoint_of_another_module_is_refused_naming_both(shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["ldm"])
+    autoencoder = ["--config", str(ROOT / "experiments/shapes/autoencoder.yaml"), "--trainer.max_steps", "1",
+                   "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path),
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ae"), "--export.path",
+                   str(tmp_path / "ae.safetensors"), "--data.init_args.num_workers", "0", "--data.init_args.resolution", "32",
+                   *(a for split in ("train", "val") for a in (f"--data.init_args.{split}", str(shards / split / "shard-*.tar")))]
+    build_cli(["fit", *autoencoder])
+    args = cli_args(ROOT / "experiments/shapes/txt2img_unet.yaml", shards, tmp_path / "stage2")
+    with pytest.raises(SystemExit):
+        build_cli(["fit", *args, "--ckpt_path", str(tmp_path / "ae" / "last.ckpt")])
+    err = capsys.readouterr().err
+    assert "was written by ldm.autoencoder.module.AutoencoderKL, but this config builds " \
+           "ldm.diffusion.module.LatentDiffusion" in err

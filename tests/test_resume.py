@@ -1,0 +1,139 @@
+"""Exact resume: a run SIGKILLed mid-epoch (or in the middle of a checkpoint save) and resumed from
+last.ckpt logs the same per-step losses, bit for bit on the CPU, as the run that was never interrupted,
+and ends with the same weights; the same under 2-process DDP.
+
+Each run is a real `ldm fit` subprocess of the txt2img experiment on tiny shards: a loader worker, a
+shuffle buffer, 4 batches per epoch and 10 steps, so the kill lands mid-epoch and the run crosses
+epochs after the resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ldm.data.datamodule import WebDataModule
+from ldm.data.stream import EpochLoader
+from ldm.data.synthetic import write_shapes
+from tests.processes import run_isolated
+from tests.stage2 import ROOT, cli_args
+
+TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
+STEPS, CHECKPOINT_EVERY = 10, 3
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, train=16, val=2, test=0, size=32, samples_per_shard=5)  # 4 shards of 5, 5, 5, 1
+    return root
+
+
+def fit(shards: Path, out: Path, *options: str, ddp: bool = False, expect_kill: bool = False) -> None:
+    """`ldm fit` of the tiny txt2img run into ``out`` (logs, checkpoints, export), in a process group of its own."""
+    args = [*cli_args(TXT2IMG, shards, out), "--model.init_args.backbone", str(ROOT / "configs/backbone/unet-tiny.yaml"),
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1", "--data.init_args.shuffle_buffer", "4",
+            "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY), *options]
+    if ddp:
+        args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run_isolated([sys.executable, "-m", "ldm.cli", "fit", *args], ROOT, TIMEOUT_S, {"OMP_NUM_THREADS": "1"},
+                 killed=expect_kill)
+
+
+def crash_options(out: Path, kind: str, step: int) -> list[str]:
+    """Options making the run SIGKILL itself: at the end of ``step`` or in the middle of its checkpoint save."""
+    maker = {"class_path": f"tests.tiny_modules.{kind}", "init_args": {"step": step}}
+    if kind == "KillAt":  # added to the experiment's own callbacks
+        callbacks = yaml.safe_load((ROOT / "configs" / "callbacks" / "stage2.yaml").read_text())
+        trainer = {"callbacks": [*callbacks, maker]}
+    else:
+        trainer = {"plugins": [maker]}
+    path = out.parent / f"{out.name}-crash.yaml"
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
+    return ["--config", str(path)]
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> train/loss over every run (version) logged under ``out``."""
+    found: dict[int, float] = {}
+    for folder in sorted((out / "runs" / "test").glob("version_*")):
+        events = EventAccumulator(str(folder)).Reload()
+        found.update({e.step: e.value for e in events.Scalars("train/loss")})
+    return found
+
+
+def assert_resumed_exactly(reference: Path, resumed: Path, from_step: int) -> None:
+    expected, got = losses(reference), losses(resumed)
+    assert sorted(expected) == list(range(STEPS))
+    after = [s for s in range(from_step, STEPS)]
+    assert [got[s] for s in after] == [expected[s] for s in after]  # bit for bit
+    ours, theirs = load_file(resumed / "export.safetensors"), load_file(reference / "export.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    fit(shards, out)
+    return out
+
+
+@pytest.mark.parametrize("crash", ["mid-epoch", "during a checkpoint save"])
+def test_a_run_killed_and_resumed_continues_exactly(crash: str, shards: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    if crash == "mid-epoch":  # step 7 of 10, the 3rd batch of epoch 1; last.ckpt holds step 6
+        fit(shards, out, *crash_options(out, "KillAt", 7), expect_kill=True)
+    else:  # killed half-way through writing step 9's checkpoint: last.ckpt must still be step 6's
+        fit(shards, out, *crash_options(out, "KilledDuringSave", 9), expect_kill=True)
+        assert (out / "checkpoints" / "last.ckpt.tmp").is_file()
+    saved = 6
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == saved
+    assert not (out / "export.safetensors").exists()
+    fit(shards, out, "--ckpt_path", str(last))
+    assert_resumed_exactly(uninterrupted, out, saved)
+
+
+def test_a_ddp_run_killed_and_resumed_continues_exactly(shards: Path, tmp_path: Path) -> None:
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    fit(shards, reference, ddp=True)
+    fit(shards, out, *crash_options(out, "KillAt", 5), ddp=True, expect_kill=True)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    fit(shards, out, "--ckpt_path", str(last), ddp=True)
+    assert_resumed_exactly(reference, out, 3)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_state_resumes_the_stream_where_it_stopped(shards: Path, resampled: bool, workers: int) -> None:
+    """Without a trainer: n batches, the state saved, a new loader restored from it yields the rest of the epoch
+    and the next epoch exactly as the uninterrupted loader (finite and resampled streams, 0 or 2 workers)."""
+    def loader() -> EpochLoader:
+        data = WebDataModule(train=str(shards / "train" / "shard-*.tar"), batch_size=3, num_workers=workers,
+                             resolution=16, shuffle_buffer=4, resampled=resampled, epoch_length=5 if resampled else None,
+                             pin_memory=False)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    def keys(batches) -> list[list[str]]:
+        return [list(batch["key"]) for batch in batches]
+
+    reference = loader()
+    expected = keys(reference) + keys(reference)  # epochs 0 and 1
+    for stop in (1, 2, 4):
+        interrupted = loader()
+        seen = keys(itertools.islice(iter(interrupted), stop))
+        state = interrupted.state_dict()
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert seen + keys(resumed) + keys(resumed) == expected, stop
