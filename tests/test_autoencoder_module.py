@@ -127,6 +127,7 @@ def overlay(tmp_path_factory) -> str:
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(root / "runs")}},
         },
         "export": {"path": str(root / "autoencoder.safetensors")},
+        "model": {"init_args": {"loss": {"init_args": {"lpips_random_init": True}}}},  # tests never download
         "data": {"init_args": {**patterns, "resolution": 32, "batch_size": BATCH, "eval_batch_size": BATCH, "num_workers": 0, "shuffle_buffer": 0, "pin_memory": False}},
     }
     path = root / "overlay.yaml"

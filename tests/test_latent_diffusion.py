@@ -34,7 +34,8 @@ from tests.processes import run_isolated
 from tests.stage2 import RESOLUTION, cli_args, write_stage2_shards
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = sorted(p for p in (ROOT / "experiments" / "shapes").glob("*.yaml") if p.name != "autoencoder.yaml")
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                     if compose(["--config", str(p)])["model"]["class_path"] == "ldm.diffusion.module.LatentDiffusion")
 TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
 PROMPTS = ["a large red circle in the center", "a small blue star on the left", "a large green square at the top"]
 DDP_TIMEOUT_S = 240

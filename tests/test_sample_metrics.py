@@ -36,6 +36,7 @@ from ldm.metrics.clip_score import CLIPScorer
 from ldm.metrics.fid import fid, kid
 from tests.processes import run_isolated
 from tests.tiny_modules import TinyFeatures
+from tools import sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
@@ -175,6 +176,36 @@ def test_fid_and_clip_score_equal_their_values_on_the_same_images(tmp_path: Path
     assert logged["val/fid"] == pytest.approx(expected_fid, rel=1e-6)
     assert (logged["val/kid"], logged["val/kid_std"]) == pytest.approx(expected_kid, rel=1e-5)
     assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-5)
+
+
+def test_full_reference_scores_a_capped_sample_against_the_whole_split(shards: Path, tmp_path: Path) -> None:
+    """FID-2 (then 3) of reconstructions against all 5 test images, whose features are cached once for both caps."""
+    first = run("test", cli_args(AUTOENCODER, shards, tmp_path / "a", [metrics_callback(tmp_path / "cache", max_samples=2,
+                                                                                        full_reference=True)]))
+    assert sample_metrics(first).extractor.images_seen == 2 + TEST_SAMPLES
+    assert report(tmp_path / "a")["metrics"]["test/fid_samples"] == 2
+    second = run("test", cli_args(AUTOENCODER, shards, tmp_path / "b", [metrics_callback(tmp_path / "cache", max_samples=3,
+                                                                                         full_reference=True)]))
+    assert sample_metrics(second).extractor.images_seen == 3  # the whole split's features: from the cache
+
+
+def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_path: Path) -> None:
+    model = {"codec": {"init_args": {"weights": None}}}
+    args = [*cli_args(CLASS2IMG, shards, tmp_path / "fit", [], model), "--model.init_args.backbone", str(TINY_UNET)]
+    run("fit", [*args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    evaluation = cli_args(CLASS2IMG, shards, tmp_path / "table", [metrics_callback(tmp_path / "cache")], model)
+    configs = [evaluation[i + 1] for i, a in enumerate(evaluation) if a == "--config"]
+    options = [a for i, a in enumerate(evaluation) if a != "--config" and (i == 0 or evaluation[i - 1] != "--config")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["sampler_table"])
+        rows = sampler_table.main([*(a for c in configs for a in ("--config", c)), "--ckpt_path",
+                                   str(tmp_path / "fit" / "checkpoints" / "last.ckpt"), "--samplers", "ddim:2", "heun:2",
+                                   "--out", str(tmp_path / "rows.json"), *options,
+                                   "--model.init_args.backbone", str(TINY_UNET)])
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("heun", 2, 3)]
+    assert all(math.isfinite(r["fid"]) and r["fid_samples"] == TEST_SAMPLES for r in rows)
+    assert rows[0]["fid"] != rows[1]["fid"]  # the sampler changed, and with it the samples
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
 # --- stage 2: per-sample seeds make FID independent of the number of ranks --------------------------

@@ -95,7 +95,9 @@ class AutoencoderKL(L.LightningModule):
         recon, posterior = self.vae(x, sample=False)
         _, logs = self.loss.autoencoder_loss(x, recon, posterior.kl(), self.vae.last_layer, self.autoencoder_steps)
         metrics.update(_unit(recon), _unit(x))
-        self.log_dict({f"{split}/{k}": logs[k] for k in ("rec", "nll", "kl", "perceptual")}, sync_dist=True)
+        self.log_dict({f"{split}/{k}": logs[k] for k in ("rec", "nll", "kl")}, sync_dist=True)
+        if self.loss.perceptual_loss is not None:  # the LPIPS distance of the reconstructions
+            self.log(f"{split}/lpips", logs["perceptual"], sync_dist=True)
         self.log(f"{split}/l1", (recon.float() - x.float()).abs().mean(), sync_dist=True)
         self.log_dict(metrics, prog_bar=split == "val")
 

@@ -27,6 +27,11 @@ class DescribedData(Protocol):
     def describe(self, split: str) -> dict[str, Any]: ...
 
 
+def _order(batch: dict[str, Any], n: int) -> torch.Tensor | None:
+    """Order keys of the first ``n`` samples (from their data keys), so kept features sort alike on any ranks."""
+    return torch.tensor([zlib.crc32(str(k).encode()) for k in batch[B.KEY][:n]]) if B.KEY in batch else None
+
+
 class SampleMetrics(L.Callback):
     """Generates one image per evaluation sample with ``pl_module.evaluation_images(batch)`` (samples for
     LatentDiffusion, reconstructions for AutoencoderKL: rFID) and logs ``<split>/fid`` (and with ``kid``
@@ -34,7 +39,9 @@ class SampleMetrics(L.Callback):
     against the captions.
 
     Each generated sample is seeded by its data key, so with the whole split (``max_samples: null``)
-    the figures are the same for any number of ranks. The real images' features are computed once and
+    the figures are the same for any number of ranks. ``max_samples`` caps the generated samples; the
+    reference is the same samples' real images, or with ``full_reference`` the whole split's (a paper's
+    "FID-5k against the 10k test set"). The real images' features are computed once and
     cached in ``cache_dir`` under the data module's description of the split (every shard file with its
     size and modification time, resolution, ...), the sample cap and the extractor's weights, so edited
     shards never reuse stale statistics. Without Inception (or CLIP) weights on the machine and no way
@@ -52,7 +59,8 @@ class SampleMetrics(L.Callback):
         clip_model: str | None = None,  # open_clip architecture for CLIP score; None: off
         clip_pretrained: str | None = None,  # its tag (cache, else download) or a local weights path
         clip_scorer: CLIPScorer | None = None,  # a ready scorer instead of clip_model/clip_pretrained
-        max_samples: int | None = None,  # per split and evaluation (split over ranks); None: all
+        max_samples: int | None = None,  # generated per split and evaluation (split over ranks); None: all
+        full_reference: bool = False,  # the whole split is the reference, whatever max_samples (FID-5k vs 10k)
         every_n_validations: int = 1,  # 0: only at test
         cache_dir: str = "~/.cache/ldm/fid_stats",
     ) -> None:
@@ -60,7 +68,7 @@ class SampleMetrics(L.Callback):
         self.fid, self.inception_weights, self.extractor = fid, inception_weights, feature_extractor
         self.kid, self.kid_subsets, self.kid_subset_size = kid, kid_subsets, kid_subset_size
         self.clip_model, self.clip_pretrained, self.scorer = clip_model, clip_pretrained, clip_scorer
-        self.max_samples, self.every_n_validations = max_samples, every_n_validations
+        self.max_samples, self.full_reference, self.every_n_validations = max_samples, full_reference, every_n_validations
         self.cache = ReferenceCache(cache_dir)
         self._validations = 0
         self._active = False
@@ -108,18 +116,21 @@ class SampleMetrics(L.Callback):
             self._start(trainer, pl_module, "test")
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
-        cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
-        if not self._active or (cap is not None and self._seen >= cap):
+        if not self._active:
             return
+        cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
         size = B.batch_size(batch)
-        batch = B.head(batch, size if cap is None else min(size, cap - self._seen))
+        take = size if cap is None else max(0, min(size, cap - self._seen))  # samples to generate from this batch
+        real = size if self.full_reference else take  # real images the reference takes from it
+        if self.fid and self._reference is None and real:
+            self._real.add(self.extractor(batch[B.IMAGE][:real]), _order(batch, real))
+        if not take:
+            return
+        batch = B.head(batch, take)
         images = pl_module.evaluation_images(batch)  # (B, 3, H, W) in [-1, 1]
-        self._seen += len(images)
+        self._seen += take
         if self.fid:
-            order = torch.tensor([zlib.crc32(str(k).encode()) for k in batch[B.KEY]]) if B.KEY in batch else None
-            self._fake.add(self.extractor(images), order)
-            if self._reference is None:
-                self._real.add(self.extractor(batch[B.IMAGE]), order)
+            self._fake.add(self.extractor(images), _order(batch, take))
         if self.scorer is not None and B.CAPTION in batch:
             scores = self.scorer(images, batch[B.CAPTION]).double().cpu()  # (B,)
             self._clip += torch.stack([scores.sum(), torch.tensor(float(len(scores)))]).double()
@@ -168,6 +179,8 @@ class SampleMetrics(L.Callback):
         if not self.fid or not isinstance(data, DescribedData):
             return None
         description = data.describe(split)
-        if self.max_samples is None:  # the whole split: how it is dealt to ranks and batches does not matter
+        whole = self.max_samples is None or self.full_reference
+        if whole:  # the whole split: how it is dealt to ranks and batches does not matter
             description.pop("layout", None)
-        return {"data": description, "split": split, "max_samples": self.max_samples, "extractor": self._extractor_id}
+        return {"data": description, "split": split, "max_samples": None if whole else self.max_samples,
+                "extractor": self._extractor_id}
