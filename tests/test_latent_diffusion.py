@@ -299,6 +299,14 @@ def test_sample_depends_only_on_seed_and_index_for_every_sampler(kind: str, eta:
     assert not torch.allclose(everything[2], everything[3], atol=1e-3)
 
 
+def test_evaluation_draws_are_new_samples_of_the_same_condition() -> None:
+    model = tiny_model()
+    batch = {**requests([1, 2]), "key": ["a", "b"]}
+    first, again, second = model.evaluation_images(batch), model.evaluation_images(batch, 0), model.evaluation_images(batch, 1)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert (first - second).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
 def test_class_label_changes_the_sample_from_the_same_noise() -> None:
     model = tiny_model()
     images = model.generate(requests([0, 1, 0]), indices=torch.tensor([7, 7, 7]))  # one noise for all three

@@ -187,6 +187,9 @@ def test_full_reference_scores_a_capped_sample_against_the_whole_split(shards: P
     second = run("test", cli_args(AUTOENCODER, shards, tmp_path / "b", [metrics_callback(tmp_path / "cache", max_samples=3,
                                                                                          full_reference=True)]))
     assert sample_metrics(second).extractor.images_seen == 3  # the whole split's features: from the cache
+    third = run("test", cli_args(AUTOENCODER, shards, tmp_path / "c", [metrics_callback(tmp_path / "cache", max_samples=2,
+                                                                                        draws=3, full_reference=True)]))
+    assert sample_metrics(third).extractor.images_seen == 6 and report(tmp_path / "c")["metrics"]["test/fid_samples"] == 6
 
 
 def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_path: Path) -> None:

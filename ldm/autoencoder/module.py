@@ -108,8 +108,8 @@ class AutoencoderKL(L.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     @torch.no_grad()
-    def evaluation_images(self, batch: dict[str, Any]) -> Tensor:
-        """Reconstructions (posterior mean) of the batch's images, for rFID."""
+    def evaluation_images(self, batch: dict[str, Any], draw: int = 0) -> Tensor:
+        """Reconstructions (posterior mean) of the batch's images, for rFID; every draw is the same."""
         return self.vae(batch[B.IMAGE], sample=False)[0].clamp(-1, 1)
 
     @torch.no_grad()

@@ -39,9 +39,9 @@ class SampleMetrics(L.Callback):
     against the captions.
 
     Each generated sample is seeded by its data key, so with the whole split (``max_samples: null``)
-    the figures are the same for any number of ranks. ``max_samples`` caps the generated samples; the
-    reference is the same samples' real images, or with ``full_reference`` the whole split's (a paper's
-    "FID-5k against the 10k test set"). The real images' features are computed once and
+    the figures are the same for any number of ranks. ``max_samples`` caps the split samples generated
+    from, ``draws`` samples each; the reference is the same samples' real images, or with
+    ``full_reference`` the whole split's (a paper's "FID-5k against the 10k test set"; 50k with draws 5). The real images' features are computed once and
     cached in ``cache_dir`` under the data module's description of the split (every shard file with its
     size and modification time, resolution, ...), the sample cap and the extractor's weights, so edited
     shards never reuse stale statistics. Without Inception (or CLIP) weights on the machine and no way
@@ -59,7 +59,8 @@ class SampleMetrics(L.Callback):
         clip_model: str | None = None,  # open_clip architecture for CLIP score; None: off
         clip_pretrained: str | None = None,  # its tag (cache, else download) or a local weights path
         clip_scorer: CLIPScorer | None = None,  # a ready scorer instead of clip_model/clip_pretrained
-        max_samples: int | None = None,  # generated per split and evaluation (split over ranks); None: all
+        max_samples: int | None = None,  # split samples generated from per evaluation (split over ranks); None: all
+        draws: int = 1,  # samples generated per split sample, each from its own noise (FID-50k from a 10k split)
         full_reference: bool = False,  # the whole split is the reference, whatever max_samples (FID-5k vs 10k)
         every_n_validations: int = 1,  # 0: only at test
         cache_dir: str = "~/.cache/ldm/fid_stats",
@@ -68,7 +69,8 @@ class SampleMetrics(L.Callback):
         self.fid, self.inception_weights, self.extractor = fid, inception_weights, feature_extractor
         self.kid, self.kid_subsets, self.kid_subset_size = kid, kid_subsets, kid_subset_size
         self.clip_model, self.clip_pretrained, self.scorer = clip_model, clip_pretrained, clip_scorer
-        self.max_samples, self.full_reference, self.every_n_validations = max_samples, full_reference, every_n_validations
+        self.max_samples, self.draws, self.full_reference = max_samples, draws, full_reference
+        self.every_n_validations = every_n_validations
         self.cache = ReferenceCache(cache_dir)
         self._validations = 0
         self._active = False
@@ -120,20 +122,22 @@ class SampleMetrics(L.Callback):
             return
         cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
         size = B.batch_size(batch)
-        take = size if cap is None else max(0, min(size, cap - self._seen))  # samples to generate from this batch
+        take = size if cap is None else max(0, min(size, cap - self._seen))  # the batch's samples to generate from
         real = size if self.full_reference else take  # real images the reference takes from it
         if self.fid and self._reference is None and real:
             self._real.add(self.extractor(batch[B.IMAGE][:real]), _order(batch, real))
         if not take:
             return
         batch = B.head(batch, take)
-        images = pl_module.evaluation_images(batch)  # (B, 3, H, W) in [-1, 1]
+        for draw in range(self.draws):
+            images = pl_module.evaluation_images(batch, draw)  # (B, 3, H, W) in [-1, 1]
+            if self.fid:
+                order = _order(batch, take)
+                self._fake.add(self.extractor(images), None if order is None else order + (draw << 32))
+            if self.scorer is not None and B.CAPTION in batch:
+                scores = self.scorer(images, batch[B.CAPTION]).double().cpu()  # (B,)
+                self._clip += torch.stack([scores.sum(), torch.tensor(float(len(scores)))]).double()
         self._seen += take
-        if self.fid:
-            self._fake.add(self.extractor(images), _order(batch, take))
-        if self.scorer is not None and B.CAPTION in batch:
-            scores = self.scorer(images, batch[B.CAPTION]).double().cpu()  # (B,)
-            self._clip += torch.stack([scores.sum(), torch.tensor(float(len(scores)))]).double()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._batch(trainer, pl_module, batch)

@@ -180,10 +180,12 @@ class LatentDiffusion(L.LightningModule):
             out["real"] = head[B.IMAGE]
         return out
 
-    def evaluation_images(self, batch: Mapping[str, Any]) -> Tensor:
-        """Generated images for a data batch at `cfg_scale`, seeded by each sample's key: the same
-        sample gets the same noise whatever the batch, rank or world size."""
-        indices = torch.tensor([zlib.crc32(str(k).encode()) for k in batch[B.KEY]]) if B.KEY in batch else None
+    def evaluation_images(self, batch: Mapping[str, Any], draw: int = 0) -> Tensor:
+        """Generated images for a data batch at `cfg_scale`, the ``draw``-th for each sample, seeded by the
+        sample's key: the same sample gets the same noise whatever the batch, rank or world size."""
+        keys = batch[B.KEY] if B.KEY in batch else range(B.batch_size(batch))
+        # torch seeds its CPU generator with 32 bits: draws hash into them rather than add above them
+        indices = torch.tensor([zlib.crc32((str(k) if draw == 0 else f"{k}#{draw}").encode()) for k in keys])
         return self.generate(batch, indices=indices)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
