@@ -1,63 +1,92 @@
 """A guard against non-finite losses and gradients, shared by both LightningModules.
 
-A NaN or inf loss or gradient skips that optimizer step: the gradients are dropped (set to None),
-so the optimizer leaves every parameter and its moments as they were, and the module skips its EMA
-update. Skipped steps are counted (``train/nonfinite_steps``); after ``max_consecutive`` in a row
-the run stops with a message naming the step, the last finite loss and the likely causes.
+A NaN or inf loss or gradient skips that optimizer step: the optimizer leaves every parameter and
+its moments as they were, and the module skips its EMA update. Skipped steps are counted
+(``train/nonfinite_steps``); after ``max_consecutive`` in a row the run stops with a message naming
+the step, the last finite loss and the likely causes.
+
+With a fused Adam/AdamW (the default optimizer parts) the decision stays on the device: the guard
+hands the optimizer ``found_inf``, the flag its fused kernel already honours (as it does for AMP's
+gradient scaler), so no step waits for the host; the run of skipped steps is read on the host only
+every ``max_consecutive`` steps. Any other optimizer gets its gradients dropped (set to None) after a
+host-side check, one sync per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class NonFiniteTraining(RuntimeError):
     """Training produced nothing but non-finite losses or gradients for too long."""
 
 
+def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
 class NonFiniteGuard:
-    """Decides, once per optimizer step, whether its loss and gradients are finite."""
+    """Decides, once per optimizer step, whether its loss and gradients are finite, and makes the step a no-op if not."""
 
     def __init__(self, max_consecutive: int = 10) -> None:
         if max_consecutive < 1:
             raise ValueError(f"max_nonfinite_steps must be at least 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
-        self.skipped = 0  # steps skipped in this run
-        self.consecutive = 0
-        self.last_finite: tuple[int, float] | None = None  # (step, loss)
+        self.skipped: Tensor | int = 0  # steps skipped in this run (a device tensor once a step was checked)
+        self._consecutive: Tensor | int = 0
+        self._last_loss = torch.tensor(float("nan"))  # the last finite loss (on the device once one was seen)
 
     @torch.no_grad()
-    def step_is_finite(self, step: int, loss: Tensor | None, parameters: Iterable[nn.Parameter]) -> bool:
-        """True if ``loss`` and every gradient are finite; otherwise drop the gradients (the step then
-        changes nothing), count it, and raise NonFiniteTraining after ``max_consecutive`` in a row."""
-        params = [p for p in parameters if p.grad is not None]
-        grads = [p.grad for p in params]
-        checks = [torch.stack(torch._foreach_norm(grads)).isfinite().all()] if grads else []
+    def check(self, step: int, loss: Tensor | None, optimizer: torch.optim.Optimizer, scaled: bool = False) -> Tensor:
+        """A device bool: are ``loss`` and every gradient of ``optimizer`` finite? If not, the coming
+        ``optimizer.step()`` changes nothing. ``scaled``: an AMP gradient scaler already skips inf steps
+        (and owns ``found_inf``), so only the gradients are dropped. Raises NonFiniteTraining after a run
+        of ``max_consecutive`` skipped steps."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch._foreach_norm([p.grad for p in params]) if params else []
+        checks = [torch.stack(norms).isfinite().all()] if params else []
         if loss is not None:
             checks.append(loss.detach().isfinite().all())
-        finite = bool(torch.stack(checks).all()) if checks else True  # one host sync per step
-        if finite:
-            self.consecutive = 0
-            if loss is not None:
-                self.last_finite = (step, float(loss.detach().float().mean()))
-            return True
-        for p in params:
-            p.grad = None
-        self.skipped += 1
-        self.consecutive += 1
-        if self.consecutive >= self.max_consecutive:
-            last = "no finite loss yet" if self.last_finite is None else \
-                f"the last finite loss was {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
-            raise NonFiniteTraining(
-                f"{self.consecutive} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
-                f"(each was skipped); {last}. Likely causes: a learning rate too high for this model and batch size, "
-                "fp16 overflow (use bf16-mixed), or input data with NaN/inf values. Raise max_nonfinite_steps to "
-                "tolerate more."
-            )
-        return False
+        device = loss.device if loss is not None else params[0].device if params else torch.device("cpu")
+        finite = torch.stack(checks).all() if checks else torch.tensor(True, device=device)
+        if scaled:
+            pass  # the gradient scaler skips an inf step itself
+        elif _takes_found_inf(optimizer):
+            optimizer.found_inf = (~finite).float()  # the fused kernel skips the update on the device
+        elif not finite:  # a host sync: drop the gradients, the optimizer then skips every parameter
+            for p in params:
+                p.grad = None
+        self._count(step, loss, finite)
+        return finite
+
+    def _count(self, step: int, loss: Tensor | None, finite: Tensor) -> None:
+        """Device-side counters; the host reads them every ``max_consecutive`` steps."""
+        bad = (~finite).long()
+        self.skipped = self.skipped + bad
+        self._consecutive = (self._consecutive + 1) * bad
+        if loss is not None:
+            self._last_loss = torch.where(finite, loss.detach().float().mean(), self._last_loss.to(finite.device))
+        if (step + 1) % self.max_consecutive == 0:
+            self.raise_if_stuck(step)
+
+    def raise_if_stuck(self, step: int) -> None:
+        """Raise NonFiniteTraining when the last ``max_consecutive`` steps were all skipped (reads the host)."""
+        consecutive = int(self._consecutive)
+        if consecutive < self.max_consecutive:
+            return
+        last_loss = float(self._last_loss)
+        last = "no finite loss yet" if last_loss != last_loss else \
+            f"the last finite loss was {last_loss:.6g} at step {step - consecutive}"
+        raise NonFiniteTraining(
+            f"{consecutive} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
+            f"(each was skipped); {last}. Likely causes: a learning rate too high for this model and batch size, "
+            "fp16 overflow (use bf16-mixed), or input data with NaN/inf values. Raise max_nonfinite_steps to "
+            "tolerate more."
+        )
 
 
 def assert_finite_state(state: Mapping[str, Tensor], what: str) -> None:

@@ -4,6 +4,7 @@ naming the step, the option or the file."""
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -57,8 +58,10 @@ class _Snapshot(L.Callback):
             self.taken["after"] = self._take(trainer, pl_module)
 
 
-def test_a_nan_batch_skips_its_step_and_leaves_weights_optimizer_and_ema_untouched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused AdamW, on the device"])
+def test_a_nan_batch_skips_its_step_and_leaves_weights_optimizer_and_ema_untouched(fused: bool, tmp_path: Path) -> None:
     model, snapshot = tiny_model().train(), _Snapshot(1)
+    model.optimizer = partial(torch.optim.AdamW, fused=fused)
     trainer = _trainer(tmp_path, 3)
     trainer.callbacks.append(snapshot)
     trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))  # batch 1 has a NaN pixel
@@ -75,10 +78,11 @@ def test_a_run_of_nan_steps_stops_naming_the_step_and_the_last_finite_loss(tmp_p
     model = tiny_model().train()
     model.guard.max_consecutive = 3
     trainer = _trainer(tmp_path, 20)
-    with pytest.raises(NonFiniteTraining, match=r"3 optimizer steps in a row, up to step \d+, had a non-finite loss or "
+    # steps 2.. are NaN; the host reads the run every 3 steps (no sync in between), so it stops at step 5
+    with pytest.raises(NonFiniteTraining, match=r"4 optimizer steps in a row, up to step 5, had a non-finite loss or "
                                                 r"gradient .* the last finite loss was [\d.e+-]+ at step 1\. Likely causes"):
         trainer.fit(model, DataLoader(_batches(2) + [_batches(1, nan_at=0)[0]] * 5, batch_size=None))
-    assert model.guard.skipped == 3
+    assert model.guard.skipped == 4
     assert all(torch.isfinite(p).all() for p in [*model.backbone.parameters(), *model.ema.parameters()])
 
 
@@ -102,6 +106,29 @@ def test_the_autoencoder_skips_a_nan_batch(tmp_path: Path) -> None:
     trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))
     assert model.guard.skipped == 2  # the autoencoder's and the discriminator's step of the NaN batch
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_training_step_never_waits_for_the_host() -> None:
+    """Loss, guard, fused AdamW step and EMA update: no tensor is read on the host (item, bool, int, float, tolist),
+    so on a GPU no step waits for the device (the guard's own read comes every max_nonfinite_steps steps)."""
+    model = tiny_model().train()
+    model.guard.max_consecutive = 1000
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    batches = _batches(3, nan_at=1)
+    reads = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _f=original, **k: reads.append(_name) or _f(self, *a, **k))
+        for step, batch in enumerate(batches):
+            loss = model.diffusion_loss(batch).mean()
+            loss.backward()
+            finite = model.guard.check(step, loss, optimizer)
+            optimizer.step()
+            model.ema.update(model.backbone, finite)
+            optimizer.zero_grad()
+    assert reads == []
+    assert int(model.guard.skipped) == 1 and int(model.ema.num_updates) == 2
 
 
 # --- configurations refused before training ---------------------------------------------------------

@@ -16,6 +16,7 @@ from ldm.autoencoder.vae import VAE
 from ldm.data import batch as B
 from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
 from ldm.nonfinite import NonFiniteGuard, assert_finite_state
+from ldm.speed import speed_up
 
 
 class AutoencoderKL(L.LightningModule):
@@ -36,6 +37,8 @@ class AutoencoderKL(L.LightningModule):
         weights: str | None = None,  # initial VAE weights: ours, diffusers or an SD checkpoint
         num_logged_images: int = 8,  # images in the TensorBoard grids
         max_nonfinite_steps: int = 10,  # consecutive NaN/inf optimizer steps (each skipped) before the run stops
+        channels_last: bool = False,  # the VAE's and discriminator's 4-d weights NHWC
+        compile: dict[str, Any] | bool = False,  # torch.compile VAE and discriminator (True, or its keyword arguments)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vae", "loss"])
@@ -43,6 +46,8 @@ class AutoencoderKL(L.LightningModule):
         self.vae, self.loss = vae, loss
         if weights is not None:
             load_vae_weights(self.vae, weights)
+        for module in (self.vae, self.loss.discriminator):
+            speed_up(module, channels_last, compile)
         self.optimizer, self.disc_optimizer, self.lr_scheduler = optimizer, disc_optimizer, lr_scheduler
         self.autoencoder_steps = 0  # one per batch; the GAN schedule (disc_start) counts these
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -77,15 +82,14 @@ class AutoencoderKL(L.LightningModule):
         self.autoencoder_steps += 1
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", logs["total"], prog_bar=True)
-        self.log("train/nonfinite_steps", float(self.guard.skipped))
+        self.log("train/nonfinite_steps", self.guard.skipped)
 
     def _step(self, optimizer: Any, loss: Tensor) -> None:
         """Backward and step, unless the loss or a gradient is NaN/inf: then the step is skipped and counted."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not self.guard.step_is_finite(self.global_step, loss, params):
-            return
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self.guard.check(self.global_step, loss, optimizer, scaled)  # a non-finite step then changes nothing
         if self.hparams.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()

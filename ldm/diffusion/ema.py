@@ -30,19 +30,24 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
-    def current_decay(self) -> float:
-        """The decay the next update uses."""
-        n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+    def current_decay(self) -> torch.Tensor:
+        """The decay the next update uses, a 0-d tensor on the EMA's device (reading it needs no host sync)."""
+        if not self.warmup:
+            return torch.full((), self.decay, device=self.num_updates.device)
+        n = self.num_updates.float()
+        return torch.clamp((1 + n) / (10 + n), max=self.decay)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param, in fp32."""
+    def update(self, model: nn.Module, apply: torch.Tensor | bool = True) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param, in fp32; where ``apply`` (a device bool, e.g. the
+        step was finite) is false nothing changes. All on the device: no host sync."""
+        apply = torch.as_tensor(apply, device=self.num_updates.device)
+        weight = (1 - self.current_decay()) * apply
         shadow = list(self.module.parameters())
-        torch._foreach_lerp_(shadow, [p.detach().float() for p in model.parameters()], 1 - self.current_decay())
+        torch._foreach_lerp_(shadow, [p.detach().float() for p in model.parameters()], weight)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
-        self.num_updates += 1
+            b_ema.copy_(torch.where(apply, b.to(b_ema.dtype), b_ema))
+        self.num_updates += apply.long()
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from ldm.diffusion.objectives import DDPM, Objective
 from ldm.diffusion.samplers import Sampler, randn
 from ldm.interop.denoiser import load_denoiser_weights
 from ldm.nonfinite import NonFiniteGuard, assert_finite_state
+from ldm.speed import speed_up
 
 CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
@@ -53,6 +54,8 @@ class LatentDiffusion(L.LightningModule):
         seed: int = 0,  # sample i of a generation uses noise seeded by seed + its index
         init_weights: str | None = None,  # start from: our export or checkpoint, a diffusers UNet or DiT file
         max_nonfinite_steps: int = 10,  # consecutive NaN/inf steps (each skipped) before the run stops
+        channels_last: bool = False,  # the backbone's 4-d weights NHWC (convolutional backbones)
+        compile: dict[str, Any] | bool = False,  # torch.compile the backbone (True, or its keyword arguments)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
@@ -66,12 +69,14 @@ class LatentDiffusion(L.LightningModule):
         )
         if init_weights is not None:  # before the EMA copies the backbone
             load_denoiser_weights(self.backbone, self.conditioner, init_weights)
-        self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None
+        speed_up(self.backbone, channels_last)
+        self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None  # an uncompiled copy
+        speed_up(self.backbone, compile=compile)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._ema_stack = ExitStack()
         self._loss: Tensor | None = None  # the last training loss, which the guard checks
-        self._step_finite = True
+        self._step_finite: Tensor | bool = True
 
     # --- training -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -102,17 +107,17 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A NaN/inf loss or gradient drops the gradients: the optimizer step that follows changes nothing."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._step_finite = self.guard.step_is_finite(self.global_step, self._loss, params)
-        self.log("train/nonfinite_steps", float(self.guard.skipped))
+        """A NaN/inf loss or gradient makes the optimizer step that follows change nothing (see NonFiniteGuard)."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self._step_finite = self.guard.check(self.global_step, self._loss, optimizer, scaled)
+        self.log("train/nonfinite_steps", self.guard.skipped)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then update the EMA: once per optimizer step, however many batches a step accumulates,
         and not after a skipped (non-finite) step."""
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None and self._step_finite:
-            self.ema.update(self.backbone)
+        if self.ema is not None:
+            self.ema.update(self.backbone, self._step_finite)
 
     def _eval_loss(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
         # fixed times and noise per batch, so successive validations compare like with like
