@@ -107,6 +107,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:
     )
 
 
+def instantiate(args: list[str]) -> tuple[LightningModule, LightningDataModule]:
+    """The model and data module `ldm fit <args>` would build, without running anything (for tools)."""
+    with warnings.catch_warnings():  # LightningCLI warns that the tool's own sys.argv goes unread
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = build_cli(args, run=False)
+    return cli.model, cli.datamodule
+
+
 class _ComposeOnly(LdmCLI):
     """Parses and composes, but builds nothing."""
 

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from webdataset.tariterators import tarfile_samples
 
 from ldm.callbacks.monitor import synchronize
-from ldm.cli import build_cli
+from ldm.cli import instantiate
 from ldm.data import batch as B
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
@@ -126,10 +126,9 @@ def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size:
     """An experiment's model, built as `ldm` builds it, and the first batch of its training data."""
     args = [arg for path in configs for arg in ("--config", path)]
     args += ["--data.init_args.batch_size", str(batch_size)] if batch_size else []
-    cli = build_cli([*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options], run=False)
-    cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
-    return cli.model, batch
+    model, data = instantiate([*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options])
+    data.setup("fit")
+    return model, next(iter(data.train_dataloader()))
 
 
 def _measurements(model: LightningModule, batch: dict, device: torch.device, precision: str, flops: int,

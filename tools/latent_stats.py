@@ -16,7 +16,6 @@ statistics and would be refused by a codec loading the changed file.
 from __future__ import annotations
 
 import argparse
-import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -25,20 +24,17 @@ from lightning.pytorch import LightningDataModule
 
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import estimate_latent_stats
-from ldm.cli import build_cli
+from ldm.cli import instantiate
 from ldm.data import batch as B
 from ldm.interop.io import read_state_dict
 
 
 def build(configs: list[str]) -> tuple[AutoencoderKL, LightningDataModule]:
     """The model and data module `ldm fit --config ...` would train, without running anything."""
-    args = [arg for config in configs for arg in ("--config", config)]
-    with warnings.catch_warnings():  # LightningCLI warns that sys.argv (this tool's own options) goes unread
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = build_cli(args, run=False)
-    if not isinstance(cli.model, AutoencoderKL):
-        raise TypeError(f"{configs}: the model is a {type(cli.model).__name__}, not an AutoencoderKL")
-    return cli.model, cli.datamodule
+    model, data = instantiate([arg for config in configs for arg in ("--config", config)])
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"{configs}: the model is a {type(model).__name__}, not an AutoencoderKL")
+    return model, data
 
 
 def main(argv: list[str] | None = None) -> None:

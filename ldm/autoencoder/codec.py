@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ldm.autoencoder.posterior import sample_gaussian
 from ldm.autoencoder.vae import VAE
 from ldm.interop.autoencoder import STATS_KEYS, load_vae_weights
 from ldm.interop.io import state_sha256
@@ -72,13 +75,28 @@ class LatentCodec(nn.Module):
         """Stays in eval mode: the autoencoder is frozen."""
         return super().train(False)
 
+    def fingerprint_hash(self) -> str:
+        """A short hash of ``fingerprint()``: what a latent cache records with every sample."""
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
     @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalised latents."""
+    def moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> the posterior's mean and std (B, C, H/f, W/f), unnormalised (fp32)."""
         with torch.autocast(images.device.type, enabled=False):
             posterior = self.vae.encode(images.float())
-            z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
-            return (z - self.mean) / self.std
+            return posterior.mean, posterior.std
+
+    @torch.no_grad()
+    def from_moments(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Normalised latents drawn from posterior moments (their mean if not ``sample_posterior``), as ``encode``
+        draws them: the same noise from the same generator, so a latent cache trains like the images."""
+        mean, std = mean.float(), std.float()
+        z = sample_gaussian(mean, std, generator) if self.sample_posterior else mean
+        return (z - self.mean) / self.std
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalised latents."""
+        return self.from_moments(*self.moments(images), generator)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -8,6 +8,12 @@ import torch
 from torch import Tensor
 
 
+def sample_gaussian(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """mean + std * eps with eps ~ N(0, I) shaped like mean: the one draw of a posterior sample."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
+
+
 class DiagonalGaussian:
     """N(mean, diag(exp(logvar))) from encoder moments (B, 2C, H, W) split on channels; computed in fp32.
 
@@ -29,8 +35,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterised draw z = mean + std * eps, eps ~ N(0, I)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return sample_gaussian(self.mean, self.std, generator)
 
     def mode(self) -> Tensor:
         return self.mean

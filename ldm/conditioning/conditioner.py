@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,11 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning.conditioning import Conditioning
+from ldm.data import batch as B
+from ldm.data.latents import check_cache
+from ldm.interop.io import state_sha256
 from ldm.conditioning.embedder import Embedder, Kind
 
 
 class Conditioner(nn.Module):
-    """Runs each embedder on a batch and joins outputs of the same kind along features.
+    """Runs each embedder on a batch (or takes its cached output, ``embedding.<i>``) and joins outputs of the
+    same kind along features.
 
     Tokens join on D (their lengths must match), vectors on D, maps on C, in list order. The
     ``context_dim``, ``vector_dim`` and ``concat_channels`` properties are what the diffusion model
@@ -23,6 +29,7 @@ class Conditioner(nn.Module):
     def __init__(self, embedders: list[Embedder]) -> None:
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
+        self._frozen_hash: str | None = None
 
     @property
     def context_dim(self) -> int | None:
@@ -49,14 +56,32 @@ class Conditioner(nn.Module):
         """Embed ``batch``; when dropping, each embedder nulls its own Bernoulli(drop_rate) samples."""
         drop = self.training if drop is None else drop
         out = Conditioning()
-        for embedder in self.embedders:
-            value = embedder(batch, latent_size)
+        for index, embedder in enumerate(self.embedders):
+            cached = B.cached_embedding(index)  # a latent cache may bring a frozen embedder's output
+            if cached in batch:
+                check_cache(batch, self.frozen_hash(), B.CACHE_TEXT, "text encoder")
+            value = batch[cached] if cached in batch else embedder(batch, latent_size)
             if drop and embedder.drop_rate > 0:
                 dropped = torch.rand(value.shape[0], generator=generator) < embedder.drop_rate  # (B,) ~ Bernoulli(p)
                 dropped = dropped.to(value.device).view(-1, *[1] * (value.ndim - 1))
                 value = torch.where(dropped, embedder.null(batch, latent_size), value)
             out = self._join(out, embedder, value)
         return out
+
+    def frozen(self) -> list[int]:
+        """Indices of the embedders with weights, all frozen (text towers): their outputs may be cached."""
+        return [i for i, e in enumerate(self.embedders)
+                if any(True for _ in e.parameters()) and not any(p.requires_grad for p in e.parameters())]
+
+    def frozen_hash(self) -> str:
+        """A short hash of the frozen embedders' weights and settings, which a latent cache records."""
+        if self._frozen_hash is None:  # frozen: hash once
+            settings = [(i, type(e).__qualname__, state_sha256(e),
+                         {k: v for k, v in vars(e).items()
+                          if isinstance(v, (bool, int, float, str, tuple)) and not k.startswith("_") and k != "training"})
+                        for i, e in enumerate(self.embedders) if i in self.frozen()]
+            self._frozen_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self._frozen_hash
 
     def unconditional(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Conditioning:
         """Every embedder's null value: the unconditional branch of classifier-free guidance."""

@@ -52,6 +52,7 @@ class OpenCLIPTextEmbedder(Embedder):
         self.tokenizer = open_clip.get_tokenizer(clip.model, context_length=tower["context_length"])
         self.layer_index = -1 if layer == "last" else -2
         self.output = output
+        self._empty: Tensor | None = None
 
     def train(self, mode: bool = True) -> OpenCLIPTextEmbedder:
         """Set the mode as usual, but the frozen encoder stays in eval mode."""
@@ -63,8 +64,10 @@ class OpenCLIPTextEmbedder(Embedder):
         return self._encode(batch[self.keys[0]])  # (B, L, width) or (B, embed_dim)
 
     def null(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
-        empty = self._encode([""])  # (1, ...)
-        return empty.expand(len(batch[self.keys[0]]), *empty.shape[1:])
+        device = next(self.clip.parameters()).device
+        if self._empty is None or self._empty.device != device:  # the frozen tower encodes "" once
+            self._empty = self._encode([""])  # (1, ...)
+        return self._empty.expand(len(batch[self.keys[0]]), *self._empty.shape[1:])
 
     @torch.no_grad()
     def _encode(self, captions: Sequence[str]) -> Tensor:

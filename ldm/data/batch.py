@@ -14,7 +14,10 @@ from torch import Tensor
 
 KEY = "key"  # list[str]: the sample's key in its shard; per-sample seeds derive from it
 IMAGE = "image"  # (B, 3, H, W) float in [-1, 1]
-LATENT = "latent"  # (B, C, h, w) normalised latents, when a batch brings them instead of images
+LATENT_MEAN = "latent_mean"  # (B, C, h, w) posterior mean of a latent cache's sample (unnormalised)
+LATENT_STD = "latent_std"  # (B, C, h, w) its posterior std; with LATENT_MEAN a batch brings latents, not images
+CACHE_CODEC = "cache_codec"  # list[str]: fingerprint hash of the codec a cached sample was encoded with
+CACHE_TEXT = "cache_text"  # list[str]: fingerprint hash of the text encoders whose outputs it carries ("" if none)
 CAPTION = "caption"  # list[str]; "" where a sample has none
 LABEL = "label"  # (B,) int64 class index
 ORIGINAL_SIZE = "original_size"  # (B, 2) int64 (H, W) of the source image before resizing
@@ -29,7 +32,10 @@ class Batch(TypedDict, total=False):
 
     key: list[str]
     image: Tensor
-    latent: Tensor
+    latent_mean: Tensor
+    latent_std: Tensor
+    cache_codec: list[str]
+    cache_text: list[str]
     caption: list[str]
     label: Tensor
     original_size: Tensor
@@ -41,6 +47,11 @@ class Batch(TypedDict, total=False):
 def map_key(entry: str) -> str:
     """The batch key of an extra map entry: its name before the first dot ("seg.png" -> "seg")."""
     return entry.split(".")[0]
+
+
+def cached_embedding(index: int) -> str:
+    """The batch key of the conditioner's embedder ``index``'s output, as a latent cache stores it."""
+    return f"embedding.{index}"
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:

@@ -15,6 +15,7 @@ from ldm.data import batch as B
 from ldm.data.prompts import PromptDataset
 from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.collate import DROPPED
+from ldm.data.latents import LatentTransform, is_cache
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
 from ldm.data.transforms import ANNOTATIONS, MapKind, SampleTransform
 
@@ -30,6 +31,8 @@ class WebDataModule(L.LightningDataModule):
     opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt samples,
     samples lacking a required annotation and shards that do not open are skipped and counted
     (`data/skipped` in the logger). Settings that cannot work are refused here, before any training.
+    A split whose shards are a latent cache (tools/cache_latents.py; its cache.json beside them) yields
+    {key, latent_mean, latent_std, caption, label?, maps and text embeddings at latent size} instead.
     """
 
     def __init__(
@@ -73,16 +76,19 @@ class WebDataModule(L.LightningDataModule):
         for split in splits:
             if self.patterns[split] is None:
                 continue
-            train = split == "train"
-            transform = SampleTransform(
-                resolution=hp.resolution,
-                crop=hp.crop if train else "center",
-                hflip=hp.hflip and train,
-                extra_keys=dict(hp.extra_keys or {}),
-                require=tuple(hp.require),
-            )
+            train, urls = split == "train", self._readable_shards(split)
+            if is_cache(urls):  # tools/cache_latents.py wrote them: posterior moments, not images
+                transform = LatentTransform(hflip=hp.hflip and train, require=tuple(hp.require))
+            else:
+                transform = SampleTransform(
+                    resolution=hp.resolution,
+                    crop=hp.crop if train else "center",
+                    hflip=hp.hflip and train,
+                    extra_keys=dict(hp.extra_keys or {}),
+                    require=tuple(hp.require),
+                )
             self._datasets[split] = ShardStream(
-                self._readable_shards(split),
+                urls,
                 transform,
                 batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
                 rank=rank,

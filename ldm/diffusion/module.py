@@ -18,6 +18,7 @@ from ldm.autoencoder.codec import LatentCodec, check_same_codec
 from ldm.backbones.base import Backbone
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data import batch as B
+from ldm.data.latents import check_cache
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.guidance import CFGDenoiser, predict
 from ldm.diffusion.objectives import DDPM, Objective
@@ -87,9 +88,11 @@ class LatentDiffusion(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """Normalised latents: cached ones if present, else encoded images, the posterior drawn from generator."""
-        if B.LATENT in batch:
-            return batch[B.LATENT]
+        """Normalised latents, the posterior drawn from ``generator``: from a latent cache's moments (refused
+        when the cache was made with another codec or other statistics), else from encoded images."""
+        if B.LATENT_MEAN in batch:
+            check_cache(batch, self.codec.fingerprint_hash(), B.CACHE_CODEC, "autoencoder or latent statistics")
+            return self.codec.from_moments(batch[B.LATENT_MEAN], batch[B.LATENT_STD], generator)
         return self.codec.encode(batch[B.IMAGE], generator)
 
     def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:

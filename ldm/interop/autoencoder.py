@@ -6,7 +6,6 @@ key filter; the CompVis names are translated by the rename table below.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Literal
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 
 from ldm.autoencoder.vae import VAE
 from ldm.interop.io import StateDict, WeightsError, load_weights, read_state_dict
+from ldm.interop.rename import rename
 
 Layout = Literal["auto", "ldm", "diffusers", "sd"]
 
@@ -50,27 +50,13 @@ _ATTN_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)
 _DECODER_LEVEL = re.compile(r"^decoder\.(?:up_blocks|up)\.(\d+)\.")
 
 
-@functools.cache
-def _pattern(template: str) -> re.Pattern[str]:
-    """Regex for a name piece starting at a dot boundary, with {i}/{j}/{r} as named integer groups."""
-    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, field, ...
-    body = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>\\d+)" for n, p in enumerate(parts))
-    return re.compile(r"(?<![^.])" + body)
+def _sd_rename(key: str, to_sd: bool, levels: int) -> str:
+    """A key between our names and CompVis's; ``levels`` flips the decoder level {r}."""
 
+    def flip(fields: dict[str, int]) -> dict[str, int]:
+        return {**fields, "r": levels - 1 - fields["r"]} if "r" in fields else fields
 
-def _rename(key: str, pairs: tuple[tuple[str, str], ...], to_theirs: bool, levels: int) -> str:
-    """Apply every (ours, theirs) rename to ``key`` in the given direction; ``levels`` flips {r}."""
-    for ours, theirs in pairs:
-        source, target = (ours, theirs) if to_theirs else (theirs, ours)
-
-        def substitute(m: re.Match[str], target: str = target) -> str:
-            fields = {name: int(value) for name, value in m.groupdict().items()}
-            if "r" in fields:
-                fields["r"] = levels - 1 - fields["r"]
-            return target.format(**fields)
-
-        key = _pattern(source).sub(substitute, key)
-    return key
+    return rename(key, _SD_RENAMES, to_sd, flip)
 
 
 def _decoder_levels(state_dict: StateDict) -> int:
@@ -98,7 +84,7 @@ def _with_default_stats(state_dict: StateDict) -> StateDict:
 
 def vae_from_diffusers(state_dict: StateDict) -> StateDict:
     """diffusers ``AutoencoderKL`` state dict -> ours (legacy attention names and 1x1-conv weights converted)."""
-    renamed = {_rename(k, _LEGACY_DIFFUSERS_RENAMES, False, 0): v for k, v in state_dict.items()}
+    renamed = {rename(k, _LEGACY_DIFFUSERS_RENAMES, False): v for k, v in state_dict.items()}
     return _with_default_stats(_attn_as_linear(renamed))
 
 
@@ -113,7 +99,7 @@ def vae_from_sd(state_dict: StateDict) -> StateDict:
     else:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     levels = _decoder_levels(state_dict)
-    renamed = {_rename(k, _SD_RENAMES, False, levels): v for k, v in state_dict.items()}
+    renamed = {_sd_rename(k, False, levels): v for k, v in state_dict.items()}
     return _with_default_stats(_attn_as_linear(renamed))
 
 
@@ -126,7 +112,7 @@ def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
             continue
         if _ATTN_WEIGHT.search(key):
             value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
-        out[prefix + _rename(key, _SD_RENAMES, True, levels)] = value
+        out[prefix + _sd_rename(key, True, levels)] = value
     return out
 
 

@@ -1,8 +1,9 @@
-"""UNet weights from diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x layout) into ldm's UNet.
+"""UNet weights between ldm's UNet and diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x layout).
 
-Our module names follow diffusers, so the conversion is a few renames plus flattening SD-1.x's 1x1-conv
-transformer projections into the linear maps they are. Keys already in our naming pass unchanged.
-``ldm.interop.denoiser`` loads the files.
+Our module names follow diffusers, so the conversion is a few renames plus the shape of the
+transformers' in/out projections: linear maps here, 1x1 convolutions in SD-1.x-style diffusers configs
+(``use_linear_projection=False``). Keys already in our naming pass ``unet_from_diffusers`` unchanged.
+``ldm.interop.denoiser`` loads the files; ``ldm.interop.sd_unet`` continues to the original SD layout.
 """
 
 from __future__ import annotations
@@ -12,24 +13,58 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-_RENAMES = (  # (diffusers pattern, ours)
-    (r"\.to_out\.0\.", ".to_out."),  # to_out is Linear + Dropout there, Linear here
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),  # GEGLU's projection
-    (r"\.ff\.net\.2\.", ".ff.proj_out."),
-    (r"\.downsamplers\.0\.conv\.", ".downsample."),
-    (r"\.upsamplers\.0\.", ".upsample."),
-    (r"^class_embedding\.", "vector_embedding."),  # class_embed_type="projection"
+from ldm.backbones.unet import UNet
+from ldm.interop.io import StateDict
+from ldm.interop.rename import rename
+
+_RENAMES = (  # (ours, diffusers)
+    ("to_out.", "to_out.0."),  # to_out is Linear + Dropout there, Linear here
+    ("ff.proj_in.", "ff.net.0.proj."),  # GEGLU's projection
+    ("ff.proj_out.", "ff.net.2."),
+    ("downsample.", "downsamplers.0.conv."),
+    ("upsample.", "upsamplers.0."),
+    ("vector_embedding.", "class_embedding."),  # class_embed_type="projection"
 )
 _PROJECTION = re.compile(r"attentions\.\d+\.proj_(in|out)\.weight$")
 
 
-def unet_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def unet_from_diffusers(state_dict: Mapping[str, Tensor]) -> StateDict:
     """A diffusers UNet2DConditionModel state dict (or one of ours) with our UNet's keys and shapes."""
     out = {}
     for key, value in state_dict.items():
-        for pattern, replacement in _RENAMES:
-            key = re.sub(pattern, replacement, key)
+        key = rename(key, _RENAMES, to_theirs=False)
         if _PROJECTION.search(key) and value.ndim == 4:
             value = value.flatten(1)  # (C_out, C_in, 1, 1) conv -> (C_out, C_in) linear
         out[key] = value
     return out
+
+
+def diffusers_name(key: str) -> str:
+    """diffusers' name of one of our UNet's keys."""
+    return rename(key, _RENAMES, to_theirs=True)
+
+
+def unet_to_diffusers(state_dict: Mapping[str, Tensor], linear_projections: bool) -> StateDict:
+    """Our UNet's state dict with diffusers' keys; projections as 1x1 convs unless ``linear_projections``."""
+    out = {}
+    for key, value in state_dict.items():
+        if _PROJECTION.search(key) and not linear_projections:
+            value = value[:, :, None, None]  # (C_out, C_in) linear -> (C_out, C_in, 1, 1) conv
+        out[diffusers_name(key)] = value
+    return out
+
+
+def level_heads(unet: UNet) -> list[int | None]:
+    """The attention heads of each level's transformers, None for a level without attention."""
+    return [None if block.attentions is None else block.attentions[0].transformer_blocks[0].attn1.heads
+            for block in unet.down_blocks]
+
+
+def linear_projections(unet: UNet) -> bool:
+    """How Stable Diffusion stores this UNet's transformer projections: linear (SD 2.x, SDXL) or 1x1 convs.
+
+    SD 1.x configs fix the number of heads and use convolutions; SD 2.x and SDXL fix the head width
+    (``use_linear_in_transformer``). Our UNet is the same function either way: the choice only names
+    the layout of the files it is written to, decided here from the heads (equal at every level: SD 1.x).
+    """
+    return len({h for h in level_heads(unet) if h is not None}) > 1

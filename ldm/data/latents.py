@@ -1,0 +1,82 @@
+"""The latent cache's sample format: what tools/cache_latents.py writes and the data module reads.
+
+A cache shard holds, per sample, ``latent.safetensors`` (the posterior's ``mean`` and ``std`` at latent
+size, with ``flip.mean`` / ``flip.std`` for the mirrored image when training flips; each extra map at
+latent size, ``<name>`` and ``flip.<name>``; the frozen text encoders' outputs ``embedding.<i>``) and
+a ``json`` (caption, label, original size, crop, and the fingerprint hashes of the codec and text
+encoders that made it). ``cache.json`` next to the shards describes the whole cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from ldm.data import batch as B
+from ldm.data.transforms import SkipSample
+
+CACHE_INFO = "cache.json"  # next to a cache's shards: what made it (codec, text encoders, source, resolution)
+TENSORS, META = "latent.safetensors", "json"  # a cached sample's entries
+FLIP = "flip."  # prefix of the mirrored image's tensors
+
+
+def is_cache(urls: Sequence[str]) -> bool:
+    """True when the shards are a latent cache (its cache.json stands next to the first one)."""
+    return bool(urls) and os.path.isfile(os.path.join(os.path.dirname(urls[0]), CACHE_INFO))
+
+
+def encode_sample(key: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The WebDataset entries of one cached sample."""
+    return {"__key__": key, TENSORS: save_tensors({k: v.contiguous() for k, v in tensors.items()}),
+            META: json.dumps(meta).encode()}
+
+
+@dataclass(frozen=True)
+class LatentTransform:
+    """Decode one cached sample into a batch entry: posterior moments (float32), annotations, maps at latent
+    size and cached text embeddings; with ``hflip`` the mirrored image's tensors half of the time."""
+
+    hflip: bool = False
+    require: tuple[str, ...] = (B.CAPTION,)
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        if TENSORS not in raw or META not in raw:
+            raise SkipSample(f"no {TENSORS if TENSORS not in raw else META} entry")
+        try:
+            tensors, meta = load_tensors(raw[TENSORS]), json.loads(raw[META])
+        except Exception as error:  # a damaged cache entry: counted like any undecodable sample
+            raise SkipSample(f"undecodable cached sample: {type(error).__name__}") from None
+        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), B.CAPTION: meta.get(B.CAPTION) or ""}
+        if meta.get(B.LABEL) is not None:
+            out[B.LABEL] = meta[B.LABEL]
+        for key in self.require:
+            if out.get(key) in (None, ""):
+                raise SkipSample(f"no {key}")
+        flip = FLIP if self.hflip and f"{FLIP}mean" in tensors and rng.random() < 0.5 else ""
+        out[B.LATENT_MEAN], out[B.LATENT_STD] = tensors[f"{flip}mean"].float(), tensors[f"{flip}std"].float()
+        for name, value in tensors.items():
+            if not name.startswith(FLIP) and name not in ("mean", "std"):
+                value = tensors.get(f"{flip}{name}", value)  # maps have a mirrored copy, embeddings do not
+                out[name] = value.float() if value.is_floating_point() else value
+        out[B.ORIGINAL_SIZE], out[B.CROP_COORDS] = torch.tensor(meta[B.ORIGINAL_SIZE]), torch.tensor(meta[B.CROP_COORDS])
+        out[B.CACHE_CODEC], out[B.CACHE_TEXT] = meta[B.CACHE_CODEC], meta.get(B.CACHE_TEXT) or ""
+        return out
+
+
+def check_cache(batch: Mapping[str, Any], expected: str, key: str, what: str) -> None:
+    """Refuse a batch from a cache made with another ``what`` (its samples' fingerprint hashes under ``key``)."""
+    found = set(batch[key])
+    if found != {expected}:
+        raise ValueError(
+            f"latent cache samples {batch[B.KEY][:3]} were made with another {what} (fingerprint {sorted(found)}) "
+            f"than this model's ({expected}): rebuild the cache with tools/cache_latents.py for this configuration"
+        )
