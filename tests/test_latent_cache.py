@@ -20,7 +20,7 @@ from ldm.data.latents import CACHE_INFO
 from ldm.data.synthetic import write_shapes
 from ldm.interop.autoencoder import save_vae_safetensors
 from tests.stage2 import ROOT, cli_args
-from tools import cache_latents
+from tools import benchmark, cache_latents
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 SEG2IMG = ROOT / "experiments" / "shapes" / "seg2img_unet.yaml"
@@ -109,3 +109,15 @@ def test_the_tool_resumes_and_splits_shards_over_processes(setup: tuple[Path, Pa
     info = json.loads((out / CACHE_INFO).read_text())
     assert info["codec_hash"] and info["resolution"] == 32 and info["extra_keys"] == {"seg.png": "class"}
     assert B.cached_embedding(0) == "embedding.0"
+
+
+def test_the_train_benchmark_times_a_cache_with_its_loader(setup: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    shards, weights = setup
+    cache(shards, weights, tmp_path / "latents")
+    options = args(shards, tmp_path / "bench", weights)
+    benchmark.main(["train", "--config", options[1], "--steps", "2", "--warmup", "1", "--cached",
+                    str(tmp_path / "latents" / "shard-*.tar"), *options[2:]])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loader_workers"] == 1 and result["steps"] == 2 and result["samples_per_s"] > 0
+    assert str(tmp_path / "latents") in " ".join(result["ldm_options"])

@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -121,14 +121,15 @@ def _data_command(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size: int | None
-                     ) -> tuple[LightningModule, dict]:
-    """An experiment's model, built as `ldm` builds it, and the first batch of its training data."""
+def build_experiment(configs: list[str], ldm_options: Sequence[str], batch_size: int | None, workers: int = 0
+                     ) -> tuple[LightningModule, LightningDataModule, dict]:
+    """An experiment's model and data module, built as `ldm` builds them, and the first batch of its training data."""
     args = [arg for path in configs for arg in ("--config", path)]
     args += ["--data.init_args.batch_size", str(batch_size)] if batch_size else []
-    model, data = instantiate([*args, "--data.init_args.num_workers", "0", "--trainer.logger", "false", *ldm_options])
+    model, data = instantiate([*args, "--data.init_args.num_workers", str(workers), "--trainer.logger", "false",
+                               *ldm_options])
     data.setup("fit")
-    return model, next(iter(data.train_dataloader()))
+    return model, data, next(iter(data.train_dataloader()))
 
 
 def _measurements(model: LightningModule, batch: dict, device: torch.device, precision: str, flops: int,
@@ -172,9 +173,10 @@ class _StepTimer(L.Callback):
         if batch_idx == 0:
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
-        if batch_idx == trainer.num_training_batches - 1:
-            synchronize(pl_module.device)
-            self.seconds = time.perf_counter() - self._start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: LightningModule) -> None:
+        synchronize(pl_module.device)
+        self.seconds = time.perf_counter() - self._start
 
 
 def benchmark_train(
@@ -185,20 +187,25 @@ def benchmark_train(
     precision: str = "32-true",  # a Lightning precision
     steps: int = 20,  # timed optimisation steps
     warmup: int = 3,  # untimed steps before them (at least 1: the first counts FLOPs)
+    loader: int | None = None,  # None: one fixed batch; a worker count: the experiment's own data, read and decoded
 ) -> dict[str, Any]:
-    """Optimisation steps per second of an experiment on one fixed batch; FLOPs of one step (forward + backward)."""
+    """Optimisation steps per second of an experiment on one fixed batch, or on its data loader (decoding, and
+    encoding unless the data is a latent cache, then count); FLOPs of one step (forward + backward)."""
     if warmup < 1:
         raise ValueError("train needs a warm-up step: the first step counts FLOPs and is not timed")
-    model, batch = build_experiment(configs, ldm_options, batch_size)
+    model, data, batch = build_experiment(configs, ldm_options, batch_size, loader or 0)
     timer = _StepTimer(warmup)
-    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
+    trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + steps, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
-    fixed = move_data_to_device(batch, trainer.strategy.root_device)  # no host-to-device copy inside the timing
-    trainer.fit(model, DataLoader([fixed] * (warmup + steps), batch_size=None))
+    if loader is None:
+        fixed = move_data_to_device(batch, trainer.strategy.root_device)  # no host-to-device copy inside the timing
+        trainer.fit(model, DataLoader([fixed] * (warmup + steps), batch_size=None))
+    else:
+        trainer.fit(model, datamodule=data)
     result = _measurements(model, batch, model.device, precision, timer.flops, timer.seconds, steps)
     return {"benchmark": "train", "configs": configs, "ldm_options": list(ldm_options), "precision": precision,
-            "steps": steps, "warmup": warmup, **result}
+            "steps": steps, "warmup": warmup, "loader_workers": loader, **result}
 
 
 @torch.no_grad()
@@ -212,7 +219,7 @@ def benchmark_sample(
     warmup: int = 1,  # untimed calls before them (the first counts FLOPs)
 ) -> dict[str, Any]:
     """Images per second of `evaluation_images` (samples or reconstructions) on one fixed batch."""
-    model, batch = build_experiment(configs, ldm_options, batch_size)
+    model, _, batch = build_experiment(configs, ldm_options, batch_size)
     target = torch.device(device)
     model, fixed = model.to(target).eval(), move_data_to_device(batch, target)
     dtype = AUTOCAST[precision]
@@ -247,6 +254,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _experiment_arguments(parser)
     parser.add_argument("--steps", type=int, default=20, help="timed optimisation steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first counts FLOPs)")
+    parser.add_argument("--loader", type=int, metavar="WORKERS", help="time the experiment's data loader too, "
+                        "with this many workers (default: one fixed batch, no data loading)")
+    parser.add_argument("--cached", metavar="PATTERN", help="train from this latent cache (tools/cache_latents.py); "
+                        "implies --loader (1 worker unless given)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (its compile option)")
 
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,8 +284,11 @@ def _print_experiment(result: dict[str, Any], timed: str, unit: str) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> None:
-    result = benchmark_train(args.config, args.ldm_options, args.batch_size, args.device, args.precision, args.steps,
-                             args.warmup)
+    options = [*args.ldm_options, *(["--model.init_args.compile", "true"] if args.compile else []),
+               *(["--data.init_args.train", args.cached] if args.cached else [])]
+    loader = args.loader if args.loader is not None else 1 if args.cached else None
+    result = benchmark_train(args.config, options, args.batch_size, args.device, args.precision, args.steps,
+                             args.warmup, loader)
     timed = f"{args.steps} timed steps after {args.warmup} warm-up (forward + backward FLOPs)"
     _print_experiment(result, timed, "step")
 

@@ -1,0 +1,61 @@
+"""Stable Diffusion single-file checkpoints (the CompVis layout): which key belongs to which part.
+
+An SD 1.x / 2.x ``.ckpt`` or ``.safetensors`` holds three parts, each loaded through its own option:
+
+- ``model.diffusion_model.*``: the UNet (``ldm.interop.sd_unet``; ``LatentDiffusion.init_weights``),
+- ``first_stage_model.*``: the autoencoder (``ldm.interop.autoencoder``; the codec's ``weights``),
+- ``cond_stage_model.*``: the text encoder (``ldm.interop.clip_text``; the embedder's ``clip.pretrained``),
+
+and keys that none of them needs, ignored by name (``IGNORED``). Any other key is unexpected: the UNet
+loader, which reads the file first, names it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+from safetensors import safe_open
+from torch import Tensor
+
+from ldm.interop.autoencoder import SD_PREFIX as VAE_PREFIX
+from ldm.interop.clip_text import TEXT_PREFIX
+from ldm.interop.io import StateDict, read_state_dict
+
+UNET_PREFIX = "model.diffusion_model."
+PARTS = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
+# The DDPM schedule as buffers of CompVis's LatentDiffusion: our objective computes its own.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "lvlb_weights", "logvar",
+)
+IGNORED = {  # key prefix (ending in ".") or whole key -> why no loader reads it
+    # full (non-"emaonly") files keep the UNet's EMA next to the trained weights; every SD tool, and a
+    # fine-tune, starts from model.diffusion_model.* (the "emaonly" files store the EMA there)
+    "model_ema.": "the EMA copy of the UNet",
+    **{name: "the DDPM schedule, which the objective computes" for name in SCHEDULE_BUFFERS},
+}
+
+
+def is_sd_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether a weights file is an SD single-file checkpoint (reads only its key names where it can)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        with safe_open(path, "pt") as f:
+            keys: Iterable[str] = list(f.keys())
+    else:
+        keys = read_state_dict(path)  # torch zip files are memory-mapped: nothing is read but the names
+    return any(k.startswith(PARTS) for k in keys)
+
+
+def part(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
+    """The keys of one part (``UNET_PREFIX`` ...), the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def unaccounted(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """The entries of an SD file that belong to no part and are not ignored by name."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(PARTS) and not any(
+        k.startswith(name) if name.endswith(".") else k == name for name in IGNORED)}
