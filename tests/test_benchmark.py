@@ -15,6 +15,7 @@ from ldm.data.synthetic import write_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import benchmark  # noqa: E402
+import compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = str(ROOT / "experiments" / "shapes" / "autoencoder.yaml")
@@ -105,11 +106,21 @@ def test_options_the_data_benchmark_does_not_know_are_refused(capsys: pytest.Cap
     assert "unrecognized arguments: --model.init_args.backbone x.yaml" in capsys.readouterr().err
 
 
-def test_dit_against_diffusers_times_both_in_one_run(capsys: pytest.CaptureFixture[str]) -> None:
-    benchmark.main(["dit", "--preset", "dit-tiny", "--batch-size", "2", "--latent-size", "8", "--steps", "1", "--device", "cpu"])
+@pytest.mark.parametrize("arch", ["unet", "dit", "vae"])
+def test_compare_builds_the_same_function_twice_and_times_both(arch: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ours, ours_step, theirs, theirs_step = compare.build(arch, ROOT, batch_size=1, size=8, device=torch.device("cpu"))
+    ours.eval(), theirs.eval()  # diffusers' DiT drops class labels at random in training
+    with torch.random.fork_rng():  # the VAE draws its posterior sample: the same draw for both
+        torch.manual_seed(0)
+        a = ours_step()
+        torch.manual_seed(0)
+        b = theirs_step()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # the same weights, the same loss
+    benchmark.main(["compare", "--arch", arch, "--batch-size", "1", "--size", "8", "--steps", "1", "--warmup", "0",
+                    "--device", "cpu", "--fast"])
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     ms = result["ms_per_step"]
-    assert set(ms) == {"ldm DiT", "diffusers DiTTransformer2DModel"} and all(v > 0 for v in ms.values())
-    assert result["ratio_ldm_over_diffusers"] == pytest.approx(ms["ldm DiT"] / ms["diffusers DiTTransformer2DModel"])
-    assert "ratio ldm / diffusers" in out
+    assert set(ms) == {"ldm", "diffusers"} and all(v > 0 for v in ms.values())
+    assert result["median_ratio_ldm_over_diffusers"] == pytest.approx(ms["ldm"] / ms["diffusers"])  # one step: one pair
+    assert "median of paired ratios" in out and result["channels_last"] == (arch != "dit")

@@ -4,6 +4,9 @@
     python tools/benchmark.py train --config experiments/shapes/txt2img_unet.yaml --device cuda --precision bf16-mixed
     python tools/benchmark.py sample --config experiments/shapes/txt2img_unet.yaml \
         --model.backbone configs/backbone/dit-tiny.yaml
+    python tools/benchmark.py train --config experiments/cifar10/unet.yaml --loader 1            # data included
+    python tools/benchmark.py train --config experiments/cifar10/unet.yaml --cached 'data/cifar10-latents/train/*.tar'
+    python tools/benchmark.py compare --arch unet --fast      # vs diffusers' UNet2DConditionModel, same weights
 
 `data` times the WebDataModule train loader (random crop, shuffle buffer on) per DataLoader worker
 count and the single-process decode rate of the shards' images. Without `--shards` it writes a
@@ -11,13 +14,17 @@ temporary synthetic shapes dataset at 256 px.
 
 `train` and `sample` build an experiment's model and data as `ldm` does (any option the tool does not
 know, such as `--model.backbone ...`, goes to the `ldm` CLI after the `--config` files) and time one
-fixed batch of its training data, so the loader is not timed. `train` runs optimisation steps through
+fixed batch of its training data, so the loader is not timed (`train --loader N` times the experiment's
+own loader with N workers instead; `--cached PATTERN` trains from a latent cache, `--compile` compiles
+the model). `train` runs optimisation steps through
 a Lightning Trainer (either stage; its own trainer options, not the experiment's); `sample` times
 `evaluation_images`: generation for LatentDiffusion, reconstruction for AutoencoderKL. Both report peak
 memory (CUDA max allocated, or the process's peak RSS on CPU), FLOPs per sample (the matmuls,
 convolutions and attention of one untimed call under FlopCounterMode: for `train` the whole step,
 forward and backward, frozen encoders included) and MFU against the peak FLOP/s of the device and the
 run's compute dtype where Lightning's `get_available_flops` knows them (never on CPU).
+`compare` times our training step against diffusers' (UNet2DConditionModel, DiTTransformer2DModel,
+AutoencoderKL) with the same weights, alternating in one process (tools/compare.py).
 Each subcommand prints a table and a final JSON line.
 """
 
@@ -51,6 +58,7 @@ from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
 from ldm.data.transforms import IMAGE_KEYS
+from tools.compare import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_BATCHES = 3  # untimed: worker start-up and the first fill of the shuffle buffer
@@ -301,63 +309,27 @@ def _sample_command(args: argparse.Namespace) -> None:
     _print_experiment(result, f"{sampler}{args.repeats} timed calls after {args.warmup} warm-up", "batch")
 
 
-def benchmark_dit(preset: str = "dit-S-2", batch_size: int = 8, latent_size: int = 32, steps: int = 10,
-                  warmup: int = 2, device: str = "cpu") -> dict[str, Any]:
-    """Train-step ms of our DiT and of diffusers' DiTTransformer2DModel: same preset, class-conditional,
-    learned-sigma output, batch, MSE loss and AdamW; the two alternate step by step in one run."""
-    import yaml
-    from diffusers import DiTTransformer2DModel
-
-    from ldm.backbones.dit import DiT
-
-    knobs = yaml.safe_load((ROOT / "configs" / "backbone" / f"{preset}.yaml").read_text())["init_args"]
-    width, heads, depth, patch, classes = knobs["width"], knobs["num_heads"], knobs["depth"], knobs["patch_size"], 1000
-    torch.manual_seed(0)
-    ours, table = DiT(4, 8, None, width, **knobs), torch.nn.Embedding(classes + 1, width)  # class vector from outside
-    theirs = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
-                                   out_channels=8, num_layers=depth, sample_size=latent_size, patch_size=patch,
-                                   num_embeds_ada_norm=classes)
-    x = torch.randn(batch_size, 4, latent_size, latent_size, device=device)
-    t = torch.randint(0, 1000, (batch_size,), device=device)
-    y = torch.randint(0, classes, (batch_size,), device=device)
-    target = torch.randn(batch_size, 8, latent_size, latent_size, device=device)
-    models = {
-        "ldm DiT": (torch.nn.ModuleList([ours, table]), lambda: ours(x, t.float(), vector=table(y))),
-        "diffusers DiTTransformer2DModel": (theirs, lambda: theirs(x, timestep=t, class_labels=y).sample),
-    }
-    optimizers = {name: torch.optim.AdamW(m.to(device).parameters(), lr=1e-4) for name, (m, _) in models.items()}
-    seconds = {name: 0.0 for name in models}
-    for step in range(warmup + steps):
-        for name, (_, forward) in models.items():  # alternate, so load changes hit both alike
-            synchronize(torch.device(device))
-            start = time.perf_counter()
-            loss = torch.nn.functional.mse_loss(forward(), target)
-            optimizers[name].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[name].step()
-            synchronize(torch.device(device))
-            seconds[name] += (time.perf_counter() - start) * (step >= warmup)
-    result = {"preset": preset, "batch_size": batch_size, "latent_size": latent_size, "device": device, "steps": steps,
-              "params_M": {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, (m, _) in models.items()},
-              "ms_per_step": {n: 1000 * s / steps for n, s in seconds.items()}}
-    result["ratio_ldm_over_diffusers"] = result["ms_per_step"]["ldm DiT"] / result["ms_per_step"]["diffusers DiTTransformer2DModel"]
-    return result
-
-
-def _dit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="dit-S-2", help="configs/backbone/<preset>.yaml")
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=["unet", "dit", "vae"], required=True,
+                        help="unet: configs/backbone/unet-cpu.yaml; dit: DiT-S/2; vae: SD's kl-f8")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--latent-size", type=int, default=32, help="latent side (32: 256 px images at f=8)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=16, help="latent side (unet, dit) or image side (vae)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fast", action="store_true", help="ours with channels-last weights (convolutional nets)")
+    parser.add_argument("--compile", action="store_true", help="ours torch.compiled")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _dit_command(args: argparse.Namespace) -> None:
-    result = benchmark_dit(args.preset, args.batch_size, args.latent_size, args.steps, device=args.device)
-    print(f"{args.preset} train step, batch {args.batch_size}, latent {args.latent_size}^2, {args.device}, {args.steps} timed steps")
-    for name, ms in result["ms_per_step"].items():
-        print(f"  {name:32s} {ms:9.1f} ms/step  {result['params_M'][name]:7.2f} M params")
-    print(f"  ratio ldm / diffusers: {result['ratio_ldm_over_diffusers']:.3f}")
+def _compare_command(args: argparse.Namespace) -> None:
+    result = compare(args.arch, ROOT, args.batch_size, args.size, args.steps, args.warmup, args.device, args.fast,
+                     args.compile)
+    ms = result["ms_per_step"]
+    print(f"compare {args.arch}: batch {args.batch_size}, size {args.size}, {args.steps} paired steps on {args.device}"
+          f"{' (ours: channels-last)' if result['channels_last'] else ''}{' (ours: compiled)' if args.compile else ''}")
+    for name, params in result["params_M"].items():
+        print(f"  {name:<10} {params:8.2f} M params  {ms[name]:9.1f} ms/step (median)")
+    print(f"  median of paired ratios ldm / diffusers: {result['median_ratio_ldm_over_diffusers']:.3f}")
     print(json.dumps(result))
 
 
@@ -365,7 +337,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "data": (_data_arguments, _data_command),  # name: (add its arguments, run it)
     "train": (_train_arguments, _train_command),
     "sample": (_sample_arguments, _sample_command),
-    "dit": (_dit_arguments, _dit_command),  # our DiT vs diffusers' on one train step
+    "compare": (_compare_arguments, _compare_command),  # our train step vs diffusers', same weights
 }
 
 
