@@ -42,6 +42,17 @@ def backbone_override(experiment: Path) -> list[str]:
     return ["--model.init_args.backbone", str(ROOT / TINY_BACKBONES[spec["class_path"].rsplit(".", 1)[1]])]
 
 
+def text_override(experiment: Path) -> list[str]:
+    """`--model.init_args.conditioner <tiny text>` if the experiment's text encoder loads pretrained weights
+    (e.g. a user's Stable Diffusion checkpoint), which a test machine does not have."""
+    conditioner = compose(["--config", str(experiment)])["model"]["init_args"].get("conditioner") or {}
+    clips = [e["init_args"]["clip"] for e in conditioner.get("init_args", {}).get("embedders", [])
+             if "clip" in e.get("init_args", {})]
+    if all(clip.get("random_init") for clip in clips):
+        return []
+    return ["--model.init_args.conditioner", str(ROOT / "configs" / "conditioner" / "text-tiny.yaml")]
+
+
 def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | None = None,
              parts: tuple[str, ...] = ()) -> list[str]:
     """The experiment (with extra `--config` parts) on the tiny shards, everything written under ``out``."""
@@ -49,6 +60,7 @@ def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | Non
     overlay = {  # values that must be null or replace a whole component go in a YAML (see jsonargparse's 'None')
         "model": {"init_args": {
             "codec": {"init_args": {"weights": codec_weights}},
+            "init_weights": None,  # a pretrained starting point (a user's SD checkpoint) is not on a test machine
             "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}},
         }},
         "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -58,7 +70,7 @@ def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | Non
     data = {split: str(shards / split / "shard-*.tar") for split in ("train", "val", "test")}
     return [
         "--config", str(experiment), *(a for part in parts for a in ("--config", part)),
-        "--config", str(out / "overlay.yaml"), *backbone_override(experiment),
+        "--config", str(out / "overlay.yaml"), *backbone_override(experiment), *text_override(experiment),
         *(arg for split, pattern in data.items() for arg in (f"--data.init_args.{split}", pattern)),
         "--data.init_args.resolution", str(RESOLUTION), "--data.init_args.batch_size", "2",
         "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false",

@@ -34,6 +34,7 @@ import argparse
 import io
 import json
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +59,9 @@ from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import expand_shards
 from ldm.data.synthetic import write_shapes
 from ldm.data.transforms import IMAGE_KEYS
-from tools.compare import compare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool below, however this one is run
+from compare import compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_BATCHES = 3  # untimed: worker start-up and the first fill of the shuffle buffer

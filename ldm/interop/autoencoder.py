@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 
 from ldm.autoencoder.vae import VAE
 from ldm.interop.io import StateDict, WeightsError, load_weights, read_state_dict
@@ -114,6 +115,32 @@ def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
             value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
         out[prefix + _sd_rename(key, True, levels)] = value
     return out
+
+
+def vae_with_latent_scale(vae: VAE, mean: Tensor, std: Tensor, scale: float) -> StateDict:
+    """Our VAE's weights (no statistics) changed so that its latents times ``scale`` are (z - mean) / std.
+
+    For formats with one scalar scale (diffusers' ``scaling_factor``, SD's 0.18215) where our latents are
+    normalised per channel: the affine map is folded, exactly, into the 1x1 convolutions on either side
+    of the latent (quant_conv's mean rows and log-variance biases, post_quant_conv's input columns). The
+    weights stay as they are where mean is 0 and std * scale is 1 up to float32 rounding, e.g. an SD
+    autoencoder kept at its own 0.18215 (whose codec std is the float32 1 / 0.18215).
+    """
+    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if k not in STATS_KEYS}
+    mean, a = mean.flatten().double(), std.flatten().double() * scale  # (C,), (C,): z_new = (z - mean) / a
+    if not mean.any() and bool(((a - 1).abs() < 1e-6).all()):
+        return state
+    channels = mean.numel()
+    weight, bias = state["quant_conv.weight"].double(), state["quant_conv.bias"].double()  # (M, M, 1, 1), (M,)
+    weight[:channels] /= a[:, None, None, None]
+    bias[:channels] = (bias[:channels] - mean) / a
+    bias[channels:] -= 2 * a.log()  # log-variance rows, present when the posterior is Gaussian (M = 2C)
+    post_weight, post_bias = state["post_quant_conv.weight"].double(), state["post_quant_conv.bias"].double()
+    post_bias += post_weight[:, :, 0, 0] @ mean  # decoding z = a z_new + mean
+    post_weight *= a[None, :, None, None]
+    folded = {"quant_conv.weight": weight, "quant_conv.bias": bias,
+              "post_quant_conv.weight": post_weight, "post_quant_conv.bias": post_bias}
+    return {**state, **{k: v.to(state[k].dtype) for k, v in folded.items()}}
 
 
 def _detect_layout(state_dict: StateDict, path: str) -> Literal["ldm", "diffusers", "sd"]:

@@ -24,6 +24,7 @@ HF_PREFIX = "transformer."  # SD 1.x: transformers' CLIPTextModel, under TEXT_PR
 OPEN_CLIP_PREFIX = "model."  # SD 2.x: open_clip's CLIP without its image tower, under TEXT_PREFIX
 CLIP_HEAD = ("text_projection", "logit_scale")  # CLIP's contrastive head: not part of a CLIPTextModel
 HF_BUFFERS = ("embeddings.position_ids",)  # a buffer older transformers saved: 0..L-1, nothing to load
+OPEN_CLIP_BUFFERS = ("attn_mask",)  # the causal mask, should an older open_clip have saved it: rebuilt, not loaded
 BOS, EOS = 49406, 49407  # CLIP's start- and end-of-text token ids
 
 _RENAMES = (  # (open_clip, transformers' CLIPTextModel without its "text_model." prefix)
@@ -85,12 +86,14 @@ def hf_from_open_clip(state_dict: Mapping[str, Tensor], layers: int) -> StateDic
 def text_from_sd(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, bool]:
     """The open_clip text-tower weights of an SD file's ``cond_stage_model.*``, and whether they are SD 1.x's.
 
-    SD 1.x's tower is OpenAI's CLIP ViT-L/14 (quick GELU, no ``CLIP_HEAD``). Keys under neither SD
-    layout keep their full names, for ``check_keys`` to report.
+    SD 1.x's tower is OpenAI's CLIP ViT-L/14 (quick GELU, no ``CLIP_HEAD``). Saved buffers are dropped
+    (``HF_BUFFERS``, ``OPEN_CLIP_BUFFERS``); keys under neither SD layout keep their full names, for
+    ``check_keys`` to report.
     """
     text = {k.removeprefix(TEXT_PREFIX): v for k, v in state_dict.items() if k.startswith(TEXT_PREFIX)}
     hf = {k.removeprefix(HF_PREFIX): v for k, v in text.items() if k.startswith(HF_PREFIX)}
-    ours = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in text.items() if k.startswith(OPEN_CLIP_PREFIX)}
+    ours = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in text.items()
+            if k.startswith(OPEN_CLIP_PREFIX) and k.removeprefix(OPEN_CLIP_PREFIX) not in OPEN_CLIP_BUFFERS}
     other = {TEXT_PREFIX + k: v for k, v in text.items() if not k.startswith((HF_PREFIX, OPEN_CLIP_PREFIX))}
     return {**open_clip_from_hf(hf), **ours, **other}, bool(hf)
 

@@ -5,6 +5,9 @@ The layout is told by the backbone's type and the file's keys:
 - ours: a LatentDiffusion state dict or Lightning checkpoint (``backbone.*``, ``ema.module.*``, optionally
   ``conditioner.*``; ``codec.*`` and the rest are ignored), or a bare backbone state dict;
 - diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x) into a ``UNet``;
+- a Stable Diffusion 1.x / 2.x single file (``.ckpt``/``.safetensors``) into a ``UNet``: its
+  ``model.diffusion_model.*``, the original layout; its autoencoder and text encoder load through their
+  own options (``ldm.interop.sd_checkpoint``), and a key that belongs to no part is refused;
 - diffusers' class-conditional ``DiTTransformer2DModel`` into a ``DiT``, its class table into the
   conditioner's one ``ClassEmbedder``.
 """
@@ -21,6 +24,8 @@ from ldm.backbones.unet import UNet
 from ldm.conditioning.label import ClassEmbedder
 from ldm.interop.dit import dit_from_diffusers
 from ldm.interop.io import StateDict, WeightsError, check_keys, read_state_dict
+from ldm.interop.sd_checkpoint import UNET_PREFIX, part, unaccounted
+from ldm.interop.sd_unet import unet_from_sd
 from ldm.interop.unet import unet_from_diffusers
 
 Part = tuple[nn.Module, StateDict, str]  # (module, the weights it receives, its name in messages)
@@ -39,6 +44,9 @@ def load_denoiser_weights(backbone: nn.Module, conditioner: nn.Module, path: str
         parts = _ours(backbone, conditioner, state)
     elif isinstance(backbone, DiT) and any(k.startswith("transformer_blocks.") for k in state):
         parts = _diffusers_dit(backbone, conditioner, state, path)
+    elif isinstance(backbone, UNet) and any(k.startswith(UNET_PREFIX) for k in state):
+        weights = {**unet_from_sd(part(state, UNET_PREFIX), backbone.state_dict()), **unaccounted(state)}
+        parts = [(backbone, weights, f"this UNet (the file's {UNET_PREFIX}*)")]
     elif isinstance(backbone, UNet):
         parts = [(backbone, unet_from_diffusers(state), "this UNet")]  # our own names pass unchanged
     else:

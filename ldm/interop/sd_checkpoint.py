@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ldm.interop.autoencoder import SD_PREFIX as VAE_PREFIX
 from ldm.interop.clip_text import TEXT_PREFIX
-from ldm.interop.io import StateDict, read_state_dict
+from ldm.interop.io import StateDict, WeightsError, error_line, read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 PARTS = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
@@ -43,8 +43,11 @@ def is_sd_checkpoint(path: str | os.PathLike[str]) -> bool:
     """Whether a weights file is an SD single-file checkpoint (reads only its key names where it can)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            keys: Iterable[str] = list(f.keys())
+        try:
+            with safe_open(path, "pt") as f:
+                keys: Iterable[str] = list(f.keys())
+        except Exception as error:  # a truncated or foreign file, named as read_state_dict names it
+            raise WeightsError(f"{path}: cannot read weights ({error_line(error)})") from error
     else:
         keys = read_state_dict(path)  # torch zip files are memory-mapped: nothing is read but the names
     return any(k.startswith(PARTS) for k in keys)

@@ -54,10 +54,19 @@ def unet_to_diffusers(state_dict: Mapping[str, Tensor], linear_projections: bool
     return out
 
 
-def level_heads(unet: UNet) -> list[int | None]:
-    """The attention heads of each level's transformers, None for a level without attention."""
-    return [None if block.attentions is None else block.attentions[0].transformer_blocks[0].attn1.heads
-            for block in unet.down_blocks]
+def attention_heads(unet: UNet) -> int | list[int]:
+    """The UNet's heads as diffusers' ``attention_head_dim`` states them.
+
+    One number when every transformer has the same heads (SD 1.x fixes the number); else heads per
+    level for a fixed head width (SD 2.x, SDXL), levels without attention counted at that width too.
+    """
+    mid = unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads
+    levels = [b.attentions[0].transformer_blocks[0].attn1.heads for b in unet.down_blocks if b.attentions is not None]
+    if set(levels) <= {mid}:
+        return mid
+    widths = [block.resnets[0].conv1.out_channels for block in unet.down_blocks]
+    head_width = widths[-1] // mid
+    return [width // head_width for width in widths]
 
 
 def linear_projections(unet: UNet) -> bool:
@@ -65,6 +74,6 @@ def linear_projections(unet: UNet) -> bool:
 
     SD 1.x configs fix the number of heads and use convolutions; SD 2.x and SDXL fix the head width
     (``use_linear_in_transformer``). Our UNet is the same function either way: the choice only names
-    the layout of the files it is written to, decided here from the heads (equal at every level: SD 1.x).
+    the layout of the files it is written to, decided by the heads (one number: SD 1.x).
     """
-    return len({h for h in level_heads(unet) if h is not None}) > 1
+    return isinstance(attention_heads(unet), list)
