@@ -169,8 +169,8 @@ class EpochLoader(DataLoader):
     """A DataLoader over a ShardStream whose position is saved in checkpoints and restored exactly.
 
     Each iteration is one epoch, numbered by ``epoch`` (the trainer's epoch; without one, the loader
-    counts its own iterations). The workers' skip counts
-    travel inside their batches and are taken out here into ``skipped``. ``state_dict`` records the
+    counts its own iterations). The workers' skip counts travel inside their batches and are taken out
+    here into ``skipped``. ``state_dict`` records the
     epoch, how many batches each worker has delivered and which worker delivers next; after
     ``load_state_dict``, the epoch's iteration replays (decodes and drops) what was delivered and
     rotates the workers so the next batch comes from the worker that was next: the remaining batches
@@ -193,8 +193,10 @@ class EpochLoader(DataLoader):
         epoch, restored, self._restored = self.epoch(), self._restored, None
         self.iterations += 1
         workers = self.dataset.workers
-        position = restored if restored is not None and restored["epoch"] == epoch else {"epoch": epoch, "done": [0] * workers, "next": 0}
-        self._position = position = {"epoch": epoch, "done": list(position["done"]), "next": position["next"]}
+        resumed = restored is not None and restored["epoch"] == epoch  # else a new epoch starts from its beginning
+        position = {"epoch": epoch, "done": list(restored["done"]) if resumed else [0] * workers,
+                    "next": restored["next"] if resumed else 0}
+        self._position = position
         self.dataset.epoch, self.dataset.done, self.dataset.rotation = epoch, list(position["done"]), position["next"]
         for batch in super().__iter__():
             worker = batch.pop(WORKER)

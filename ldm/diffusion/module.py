@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
 import json
 import zlib
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 import lightning as L
@@ -219,7 +219,6 @@ class LatentDiffusion(L.LightningModule):
         check_same_codec(checkpoint.get(CODEC_KEY), self.codec, "this checkpoint")
         current = self.state_dict()
         checkpoint["state_dict"].update({k: current[k] for k in self._frozen_keys()})
-
 
     def export(self, path: str) -> None:
         """Write the weights that sample (the EMA backbone, the trained conditioning) as safetensors,
