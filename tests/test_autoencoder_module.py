@@ -32,6 +32,7 @@ EXPERIMENTS = sorted(
     for p in (ROOT / "experiments").rglob("*.yaml")
     if compose(["--config", str(p)])["model"]["class_path"] == AUTOENCODER
 )
+SHAPES = "experiments/shapes/autoencoder.yaml"  # the one the module tests fit: no random crop or flip, no LPIPS
 VAE_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "autoencoder").glob("*.yaml"))
 BATCH, VAL_SAMPLES = 4, 12  # 32 px shapes: 3 validation batches
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -139,7 +140,7 @@ def overlay(tmp_path_factory) -> str:
 def fitted(overlay, tmp_path_factory) -> tuple[AutoencoderKL, Path]:
     """The shapes experiment trained for 2 batches; its module and last.ckpt."""
     folder = tmp_path_factory.mktemp("fitted")
-    cli = ldm_main(["fit", "--config", EXPERIMENTS[0], "--config", overlay, "--trainer.max_steps", "2",
+    cli = ldm_main(["fit", "--config", SHAPES, "--config", overlay, "--trainer.max_steps", "2",
                     "--checkpoint.dirpath", str(folder), *QUIET])
     return cli.model.eval(), folder / "last.ckpt"
 
@@ -151,7 +152,7 @@ def _images(seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(
     "experiment, vae",
     [pytest.param(e, None, id=Path(e).stem) for e in EXPERIMENTS]
-    + [pytest.param(EXPERIMENTS[0], v, id=Path(v).stem) for v in VAE_CONFIGS],  # kl-f8 (84M): ~5 s at 32 px
+    + [pytest.param(SHAPES, v, id=Path(v).stem) for v in VAE_CONFIGS],  # kl-f8 (84M): ~5 s at 32 px
 )
 def test_experiment_fast_dev_run(experiment, vae, overlay, tmp_path):
     swap = ["--model.vae", vae] if vae else []
@@ -164,7 +165,7 @@ def test_experiment_fast_dev_run(experiment, vae, overlay, tmp_path):
 
 
 def test_bf16_mixed_fit_logs_finite_losses(overlay, tmp_path):
-    cli = ldm_main(["fit", "--config", EXPERIMENTS[0], "--config", overlay, "--trainer.precision", "bf16-mixed",
+    cli = ldm_main(["fit", "--config", SHAPES, "--config", overlay, "--trainer.precision", "bf16-mixed",
                     "--model.loss.init_args.disc_start", "0", "--trainer.max_steps", "4",  # 2 batches x 2 optimizers
                     "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
                     "--checkpoint.dirpath", str(tmp_path / "checkpoints"), *QUIET])
@@ -181,7 +182,7 @@ def test_checkpoint_round_trip_and_resume(fitted, overlay):
     model, ckpt = fitted
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert checkpoint["autoencoder_steps"] == model.autoencoder_steps == 2
-    fresh, _ = latent_stats_tool.build([EXPERIMENTS[0], overlay])
+    fresh, _ = latent_stats_tool.build([SHAPES, overlay])
     fresh.eval()
     x = _images()
     with torch.no_grad():
@@ -189,7 +190,7 @@ def test_checkpoint_round_trip_and_resume(fitted, overlay):
         fresh.load_state_dict(checkpoint["state_dict"])
         assert torch.equal(fresh.vae(x, sample=False)[0], model.vae(x, sample=False)[0])
     # resuming restores the GAN schedule's counter: 2 restored + 1 new batch
-    cli = ldm_main(["fit", "--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt),
+    cli = ldm_main(["fit", "--config", SHAPES, "--config", overlay, "--ckpt_path", str(ckpt),
                     "--trainer.max_steps", "3", "--checkpoint.dirpath", str(ckpt.parent / "resumed"),
                     "--export.path", str(ckpt.parent / "resumed" / "export.safetensors"), *QUIET])
     assert cli.model.autoencoder_steps == 3
@@ -209,7 +210,7 @@ def test_fit_ends_by_exporting_the_vae_with_seeded_latent_statistics(fitted, ove
         assert torch.equal(exported[name], value), name
     # the statistics are those of posterior samples of the training batches from the callback's own seed 0
     # (the overlay's data has no shuffle and no random crop, so the order is every epoch's)
-    fresh, data = latent_stats_tool.build([EXPERIMENTS[0], overlay])
+    fresh, data = latent_stats_tool.build([SHAPES, overlay])
     data.setup("fit")
     mean, std = _estimate(model, data.train_dataloader(), batches=50, seed=0)
     torch.testing.assert_close(exported["latent_mean"], mean)
@@ -226,7 +227,7 @@ def test_latent_stats_tool_writes_a_new_export_and_nothing_else(fitted, overlay,
     _, ckpt = fitted
     out = tmp_path / "shapes" / "vae.safetensors"
     ckpt_bytes = ckpt.read_bytes()
-    args = ["--config", EXPERIMENTS[0], "--config", overlay, "--ckpt_path", str(ckpt), "--out", str(out),
+    args = ["--config", SHAPES, "--config", overlay, "--ckpt_path", str(ckpt), "--out", str(out),
             "--batches", "2", "--split", "val", "--seed", "3"]
     latent_stats_tool.main(args)
     assert "over up to 2 val batches" in capsys.readouterr().out
@@ -235,7 +236,7 @@ def test_latent_stats_tool_writes_a_new_export_and_nothing_else(fitted, overlay,
         latent_stats_tool.main(args)
 
     # by hand: the same model, the first 2 validation batches and the same seed for the posterior samples
-    model, data = latent_stats_tool.build([EXPERIMENTS[0], overlay])
+    model, data = latent_stats_tool.build([SHAPES, overlay])
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     model.eval()
     data.setup("validate")

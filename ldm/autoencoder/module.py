@@ -16,7 +16,7 @@ from ldm.autoencoder.vae import VAE
 from ldm.data import batch as B
 from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
 from ldm.nonfinite import NonFiniteGuard, assert_finite_state
-from ldm.speed import speed_up
+from ldm.speed import amp_scaler, clip_gradients, speed_up
 
 
 class AutoencoderKL(L.LightningModule):
@@ -88,11 +88,14 @@ class AutoencoderKL(L.LightningModule):
         """Backward and step, unless the loss or a gradient is NaN/inf: then the step is skipped and counted."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        scaled = amp_scaler(self.trainer) is not None
         self.guard.check(self.global_step, loss, optimizer, scaled)  # a non-finite step then changes nothing
-        if self.hparams.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip each optimizer's gradient norm to ``grad_clip`` (AMP gradients are unscaled by now)."""
+        if self.hparams.grad_clip is not None:
+            clip_gradients(optimizer, self.hparams.grad_clip, "norm", amp_scaler(self.trainer))
 
     def _evaluate(self, batch: dict[str, Any], split: str, metrics: MetricCollection) -> None:
         x = batch[B.IMAGE]

@@ -25,7 +25,7 @@ from ldm.diffusion.objectives import DDPM, Objective
 from ldm.diffusion.samplers import Sampler, randn
 from ldm.interop.denoiser import load_denoiser_weights
 from ldm.nonfinite import NonFiniteGuard, assert_finite_state
-from ldm.speed import speed_up
+from ldm.speed import amp_scaler, clip_gradients, speed_up
 
 CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
@@ -111,9 +111,16 @@ class LatentDiffusion(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A NaN/inf loss or gradient makes the optimizer step that follows change nothing (see NonFiniteGuard)."""
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        scaled = amp_scaler(self.trainer) is not None
         self._step_finite = self.guard.check(self.global_step, self._loss, optimizer, scaled)
         self.log("train/nonfinite_steps", self.guard.skipped)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """The trainer's ``gradient_clip_val``, also for the fused optimizers under mixed precision."""
+        if gradient_clip_val:
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm", amp_scaler(self.trainer))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then update the EMA: once per optimizer step, however many batches a step accumulates,
