@@ -90,5 +90,13 @@ def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Pat
         assert all(composed[k] == v for k, v in yaml.safe_load(part.read_text())["trainer"].items())
         if torch.cuda.is_available():
             _run(cli_args(TXT2IMG, shards, tmp_path, parts=(name,)))
+    elif kind == "benchmark":  # a setup tools/benchmark.py times on a CIFAR-10 experiment: composes as written
+        composed = compose(["--config", str(EXPERIMENTS / "cifar10" / "dit.yaml"), "--config", name])
+        model, data = composed["model"]["init_args"], composed["data"]["init_args"]
+        written = yaml.safe_load(part.read_text())
+        backbone = yaml.safe_load((part.parent / written["model.init_args.backbone"]).read_text())
+        assert model["backbone"]["init_args"]["width"] == backbone["init_args"]["width"]
+        assert model["codec"]["init_args"].get("weights") is None and model["codec"]["init_args"]["vae"]["init_args"]["base_channels"] == 128
+        assert data["resolution"] == written["data.init_args.resolution"] and data["batch_size"] == written["data.init_args.batch_size"]
     else:
         pytest.fail(f"no smoke test for the {kind} part {part}: add its kind here")
