@@ -35,7 +35,7 @@ class NonFiniteGuard:
         if max_consecutive < 1:
             raise ValueError(f"max_nonfinite_steps must be at least 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
-        self.skipped: Tensor | int = 0  # steps skipped in this run (a device tensor once a step was checked)
+        self.skipped: Tensor | float = 0.0  # steps skipped in this run (a float device tensor, as Lightning logs it)
         self._consecutive: Tensor | int = 0
         self._last_loss = torch.tensor(float("nan"))  # the last finite loss (on the device once one was seen)
 
@@ -66,7 +66,7 @@ class NonFiniteGuard:
     def _count(self, step: int, loss: Tensor | None, finite: Tensor) -> None:
         """Device-side counters; the host reads them every ``max_consecutive`` steps."""
         bad = (~finite).long()
-        self.skipped = self.skipped + bad
+        self.skipped = self.skipped + bad.float()
         self._consecutive = (self._consecutive + 1) * bad
         if loss is not None:
             self._last_loss = torch.where(finite, loss.detach().float().mean(), self._last_loss.to(finite.device))

@@ -98,5 +98,11 @@ def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Pat
         assert model["backbone"]["init_args"]["width"] == backbone["init_args"]["width"]
         assert model["codec"]["init_args"].get("weights") is None and model["codec"]["init_args"]["vae"]["init_args"]["base_channels"] == 128
         assert data["resolution"] == written["data.init_args.resolution"] and data["batch_size"] == written["data.init_args.batch_size"]
+    elif kind == "callbacks":  # an evaluation setup for a CIFAR-10 experiment (tools/sampler_table.py): composes as written
+        composed = compose(["--config", str(EXPERIMENTS / "cifar10" / "unet.yaml"), "--trainer.callbacks", name])
+        written = yaml.safe_load(part.read_text())
+        assert [c["class_path"] for c in composed["trainer"]["callbacks"]] == [c["class_path"] for c in written]
+        for got, want in zip(composed["trainer"]["callbacks"], written):
+            assert all(got["init_args"][k] == v for k, v in want.get("init_args", {}).items())
     else:
         pytest.fail(f"no smoke test for the {kind} part {part}: add its kind here")
