@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from urllib.error import URLError
 
 import open_clip
@@ -38,14 +39,33 @@ def empty_caches(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def downloads_allowed(monkeypatch):
-    """Downloads allowed (the download functions themselves are faked by each test)."""
+def resolver(monkeypatch):
+    """A fake name resolver: the host names looked up; one named ``unknown.invalid`` does not resolve."""
+    looked_up = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        looked_up.append(host)
+        if host == "unknown.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]  # nothing connects to it
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    return looked_up
+
+
+@pytest.fixture
+def downloads_allowed(monkeypatch, resolver):
+    """Downloads allowed, every host resolving (the download functions themselves are faked by each test)."""
     monkeypatch.delenv("LDM_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return resolver
 
 
-def resolve(path=None, cached=None, download=lambda: "downloaded.pt", offline_vars=("LDM_OFFLINE",)) -> str:
-    return resolve_weights(path, what="Test weights", option="test_weights of Thing", source="https://x/w.pt",
+def resolve(path=None, cached=None, download=lambda: "downloaded.pt", offline_vars=("LDM_OFFLINE",),
+            url="https://x/w.pt") -> str:
+    return resolve_weights(path, what="Test weights", option="test_weights of Thing", source="https://x/w.pt", url=url,
                            where="the test cache", cached=lambda: cached, download=download, offline_vars=offline_vars)
 
 
@@ -99,6 +119,39 @@ def test_a_failed_download_raises_the_message_not_a_socket_error(family, empty_c
         build()
     assert option in str(error.value) and "\n" not in str(error.value)
     assert isinstance(error.value.__cause__, URLError)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once_without_the_download(downloads_allowed, offline, monkeypatch):
+    """An offline machine is told in one line, not after the library's retries; a proxy resolves names itself."""
+    with pytest.raises(WeightsUnavailable) as error:
+        resolve(download=refuse, url="https://unknown.invalid/w.pt")
+    assert str(error.value) == ("Test weights not found (looked in the test cache) and unknown.invalid does not "
+                                "resolve (Name or service not known): no network?; set test_weights of Thing to a "
+                                "local copy of https://x/w.pt")
+    assert downloads_allowed == ["unknown.invalid"]
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert resolve(url="https://unknown.invalid/w.pt") == "downloaded.pt"
+    assert downloads_allowed == ["unknown.invalid"]  # not looked up again: the proxy does it
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_checks_its_librarys_download_host_first(family, empty_caches, downloads_allowed, offline,
+                                                              monkeypatch):
+    looked_up = []
+
+    def no_names(host, port, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_names)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(open_clip, "download_pretrained", refuse)
+    build, option = FAMILIES[family]
+    with pytest.raises(WeightsUnavailable, match="does not resolve .*: no network\\?; set") as error:
+        build()
+    assert option in str(error.value) and "\n" not in str(error.value)
+    host = "huggingface.co" if "clip" in family else ("github.com" if family == "inception" else "download.pytorch.org")
+    assert looked_up == [host]
 
 
 def test_a_download_lands_in_torch_hubs_cache_and_is_found_there_next_time(empty_caches, downloads_allowed, offline,

@@ -16,7 +16,7 @@ from typing import Any
 
 import open_clip
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants, try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import nn
 
@@ -126,8 +126,8 @@ def _weights_kwargs(model: str, pretrained: str | None, option: str) -> dict[str
         given = "none named" if pretrained is None else f"{pretrained!r} is neither a file nor one of its tags"
         raise WeightsUnavailable(f"{what}: {given}; set {option} to a local weights file or an open_clip tag "
                                  f"(open_clip.list_pretrained_tags_by_model({model!r}) lists them)")
-    origin = f"huggingface.co/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else tag.get("url")
-    path = resolve_weights(None, what=f"{what} {pretrained!r}", option=option, source=f"its file ({origin})",
+    url = f"{constants.ENDPOINT}/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else tag.get("url", "")
+    path = resolve_weights(None, what=f"{what} {pretrained!r}", option=option, source=f"its file ({url})", url=url,
                            where="open_clip's caches: Hugging Face hub, ~/.cache/clip",
                            cached=lambda: _cached_tag_file(tag), download=lambda: _download(tag),
                            offline_vars=(OFFLINE, "HF_HUB_OFFLINE"))

@@ -3,15 +3,19 @@
 One policy for every pretrained family (FID Inception, LPIPS trunks, OpenCLIP): the library that owns
 the weights decides where they are cached and how they are fetched; ``resolve_weights`` only orders the
 three and turns "nowhere" into a one-line ``WeightsUnavailable`` naming the option that takes a local
-file. ``LDM_OFFLINE=1`` forbids downloads (OpenCLIP also honours ``HF_HUB_OFFLINE=1``).
+file. ``LDM_OFFLINE=1`` forbids downloads (OpenCLIP also honours ``HF_HUB_OFFLINE=1``); a download whose
+host name does not resolve (and no proxy is set) is not started, so an offline machine gets that line at
+once rather than after the library's retries (huggingface_hub backs off for about 45 s a file).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import torch
 
@@ -32,6 +36,7 @@ def resolve_weights(
     what: str,  # the weights, for messages: "FID Inception-v3 weights"
     option: str,  # the setting that takes a local file, named in every message
     source: str,  # the URL or tag a user can fetch by hand
+    url: str,  # the address the download contacts
     where: str,  # the library's cache, for messages
     cached: Callable[[], str | None],  # the library's cache lookup
     download: Callable[[], str],  # the library's own download; returns the local file
@@ -49,11 +54,27 @@ def resolve_weights(
     off = downloads_off(offline_vars)
     if off is not None:
         raise WeightsUnavailable(f"{missing} and downloads are off ({off}=1); set {option} to a local copy of {source}")
+    why = unreachable(url)
+    if why is not None:
+        raise WeightsUnavailable(f"{missing} and {why}; set {option} to a local copy of {source}")
     try:
         return download()
     except Exception as error:  # no network, a proxy, a checksum, a full disk: the caller can only be told
         raise WeightsUnavailable(f"{missing} and downloading {source} failed ({error_line(error)}); "
                                  f"set {option} to a local copy") from error
+
+
+def unreachable(url: str) -> str | None:
+    """Why ``url`` cannot be fetched at all (its host name does not resolve and no proxy is set), else None."""
+    parts = urlparse(url)
+    proxies = getproxies()
+    if parts.hostname is None or parts.scheme in proxies or "all" in proxies:  # a proxy resolves names itself
+        return None
+    try:
+        socket.getaddrinfo(parts.hostname, parts.port or parts.scheme)
+    except OSError as error:
+        return f"{parts.hostname} does not resolve ({error.strerror or error}): no network?"
+    return None
 
 
 def hub_checkpoint(url: str) -> Path:
@@ -74,5 +95,5 @@ def hub_weights(path: str | os.PathLike[str] | None, url: str, *, what: str, opt
         torch.hub.download_url_to_file(url, str(target), prefix)  # a temporary file, then renamed
         return str(target)
 
-    return resolve_weights(path, what=what, option=option, source=url, where=f"torch hub's cache {target}",
+    return resolve_weights(path, what=what, option=option, source=url, url=url, where=f"torch hub's cache {target}",
                            cached=lambda: str(target) if target.is_file() else None, download=download)
