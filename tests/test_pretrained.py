@@ -38,21 +38,28 @@ def empty_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(ldm_open_clip, "try_to_load_from_cache", lambda repo, name: None)
 
 
-@pytest.fixture
-def resolver(monkeypatch):
-    """A fake name resolver: the host names looked up; one named ``unknown.invalid`` does not resolve."""
-    looked_up = []
+class FakeResolver:
+    """Stands in for ``socket.getaddrinfo``: records the host names looked up; those in ``down`` do not resolve."""
 
-    def getaddrinfo(host, port, *args, **kwargs):
-        looked_up.append(host)
-        if host == "unknown.invalid":
+    def __init__(self) -> None:
+        self.looked_up: list[str] = []
+        self.down = {"unknown.invalid"}
+
+    def __call__(self, host, port, *args, **kwargs):
+        self.looked_up.append(host)
+        if host in self.down:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]  # nothing connects to it
 
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """A fake name resolver and no proxy set."""
+    fake = FakeResolver()
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
     for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)
-    return looked_up
+    return fake
 
 
 @pytest.fixture
@@ -65,7 +72,7 @@ def downloads_allowed(monkeypatch, resolver):
 
 def resolve(path=None, cached=None, download=lambda: "downloaded.pt", offline_vars=("LDM_OFFLINE",),
             url="https://x/w.pt") -> str:
-    return resolve_weights(path, what="Test weights", option="test_weights of Thing", source="https://x/w.pt", url=url,
+    return resolve_weights(path, what="Test weights", option="test_weights of Thing", url=url,
                            where="the test cache", cached=lambda: cached, download=download, offline_vars=offline_vars)
 
 
@@ -127,31 +134,26 @@ def test_a_host_that_does_not_resolve_fails_at_once_without_the_download(downloa
         resolve(download=refuse, url="https://unknown.invalid/w.pt")
     assert str(error.value) == ("Test weights not found (looked in the test cache) and unknown.invalid does not "
                                 "resolve (Name or service not known): no network?; set test_weights of Thing to a "
-                                "local copy of https://x/w.pt")
-    assert downloads_allowed == ["unknown.invalid"]
+                                "local copy of https://unknown.invalid/w.pt")
+    assert downloads_allowed.looked_up == ["unknown.invalid"]
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
     assert resolve(url="https://unknown.invalid/w.pt") == "downloaded.pt"
-    assert downloads_allowed == ["unknown.invalid"]  # not looked up again: the proxy does it
+    assert downloads_allowed.looked_up == ["unknown.invalid"]  # not looked up again: the proxy does it
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_checks_its_librarys_download_host_first(family, empty_caches, downloads_allowed, offline,
                                                               monkeypatch):
-    looked_up = []
-
-    def no_names(host, port, *args, **kwargs):
-        looked_up.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_names)
+    hosts = {"inception": "github.com", "openclip-text": "huggingface.co", "clip-score": "huggingface.co"}
+    host = hosts.get(family, "download.pytorch.org")  # torchvision's LPIPS trunks
+    downloads_allowed.down.add(host)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(open_clip, "download_pretrained", refuse)
     build, option = FAMILIES[family]
     with pytest.raises(WeightsUnavailable, match="does not resolve .*: no network\\?; set") as error:
         build()
     assert option in str(error.value) and "\n" not in str(error.value)
-    host = "huggingface.co" if "clip" in family else ("github.com" if family == "inception" else "download.pytorch.org")
-    assert looked_up == [host]
+    assert downloads_allowed.looked_up == [host]
 
 
 def test_a_download_lands_in_torch_hubs_cache_and_is_found_there_next_time(empty_caches, downloads_allowed, offline,

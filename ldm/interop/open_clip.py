@@ -127,7 +127,7 @@ def _weights_kwargs(model: str, pretrained: str | None, option: str) -> dict[str
         raise WeightsUnavailable(f"{what}: {given}; set {option} to a local weights file or an open_clip tag "
                                  f"(open_clip.list_pretrained_tags_by_model({model!r}) lists them)")
     url = f"{constants.ENDPOINT}/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else tag.get("url", "")
-    path = resolve_weights(None, what=f"{what} {pretrained!r}", option=option, source=f"its file ({url})", url=url,
+    path = resolve_weights(None, what=f"{what} {pretrained!r}", option=option, url=url,
                            where="open_clip's caches: Hugging Face hub, ~/.cache/clip",
                            cached=lambda: _cached_tag_file(tag), download=lambda: _download(tag),
                            offline_vars=(OFFLINE, "HF_HUB_OFFLINE"))

@@ -35,8 +35,7 @@ def resolve_weights(
     *,
     what: str,  # the weights, for messages: "FID Inception-v3 weights"
     option: str,  # the setting that takes a local file, named in every message
-    source: str,  # the URL or tag a user can fetch by hand
-    url: str,  # the address the download contacts
+    url: str,  # the address the download contacts, named as the one a user can fetch by hand
     where: str,  # the library's cache, for messages
     cached: Callable[[], str | None],  # the library's cache lookup
     download: Callable[[], str],  # the library's own download; returns the local file
@@ -53,14 +52,14 @@ def resolve_weights(
     missing = f"{what} not found (looked in {where})"
     off = downloads_off(offline_vars)
     if off is not None:
-        raise WeightsUnavailable(f"{missing} and downloads are off ({off}=1); set {option} to a local copy of {source}")
+        raise WeightsUnavailable(f"{missing} and downloads are off ({off}=1); set {option} to a local copy of {url}")
     why = unreachable(url)
     if why is not None:
-        raise WeightsUnavailable(f"{missing} and {why}; set {option} to a local copy of {source}")
+        raise WeightsUnavailable(f"{missing} and {why}; set {option} to a local copy of {url}")
     try:
         return download()
     except Exception as error:  # no network, a proxy, a checksum, a full disk: the caller can only be told
-        raise WeightsUnavailable(f"{missing} and downloading {source} failed ({error_line(error)}); "
+        raise WeightsUnavailable(f"{missing} and downloading {url} failed ({error_line(error)}); "
                                  f"set {option} to a local copy") from error
 
 
@@ -95,5 +94,5 @@ def hub_weights(path: str | os.PathLike[str] | None, url: str, *, what: str, opt
         torch.hub.download_url_to_file(url, str(target), prefix)  # a temporary file, then renamed
         return str(target)
 
-    return resolve_weights(path, what=what, option=option, source=url, url=url, where=f"torch hub's cache {target}",
+    return resolve_weights(path, what=what, option=option, url=url, where=f"torch hub's cache {target}",
                            cached=lambda: str(target) if target.is_file() else None, download=download)
