@@ -14,14 +14,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from jsonargparse import lazy_instance  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-from jsonargparse import lazy_instance  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
-from ldm.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
+from ldm.training.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
 
 CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
 

@@ -28,7 +28,7 @@ def objective(request) -> Objective:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_downloads():
-    """Pretrained weights are never downloaded: ldm.interop.pretrained honours LDM_OFFLINE (subprocesses inherit it).
+    """Pretrained weights are never downloaded: ldm.weights.pretrained honours LDM_OFFLINE (subprocesses inherit it).
 
     Session-wide, so module fixtures see it too; a test may lift it with its own ``monkeypatch``.
     """

@@ -21,7 +21,7 @@ from ldm.autoencoder.discriminator import (
 )
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.lpips import build_lpips
-from ldm.interop.io import WeightsError
+from ldm.weights.io import WeightsError
 from tests.assets import asset
 
 DISC_START = 10

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import VAE, estimate_latent_stats
+from ldm.autoencoder.weights import load_vae_weights
 from ldm.cli import build_cli as ldm_main
 from ldm.cli import compose
 from ldm.data.synthetic import write_shapes
-from ldm.interop.autoencoder import load_vae_weights
 from tools import latent_stats as latent_stats_tool
 
 ROOT = Path(__file__).parents[1]

@@ -5,16 +5,14 @@ import open_clip
 import pytest
 import torch
 
-from ldm.backbones.layers import timestep_embedding
-from ldm.conditioning import (
-    ClassEmbedder,
-    Conditioner,
-    OpenCLIPTextEmbedder,
-    SizeEmbedder,
-    SpatialEmbedder,
-)
-from ldm.interop.io import WeightsUnavailable
-from ldm.interop.open_clip import OpenCLIP
+from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.label import ClassEmbedder
+from ldm.conditioning.open_clip import OpenCLIP
+from ldm.conditioning.size import SizeEmbedder
+from ldm.conditioning.spatial import SpatialEmbedder
+from ldm.conditioning.text import OpenCLIPTextEmbedder
+from ldm.nn.layers import timestep_embedding
+from ldm.weights.io import WeightsUnavailable
 from tests.tiny_clip import register_tiny_clip
 
 LATENT = (4, 4)

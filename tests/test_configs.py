@@ -16,7 +16,13 @@ import torch
 import yaml
 
 from ldm.cli import build_cli, compose
-from tests.stage2 import MAX_BACKBONE_PARAMS, ROOT, backbone_params, cli_args, write_stage2_shards
+from tests.stage2 import (
+    MAX_BACKBONE_PARAMS,
+    ROOT,
+    backbone_params,
+    cli_args,
+    write_stage2_shards,
+)
 
 EXPERIMENTS = ROOT / "experiments"
 TXT2IMG = EXPERIMENTS / "shapes" / "txt2img_unet.yaml"

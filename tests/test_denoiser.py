@@ -14,12 +14,14 @@ from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
-from ldm.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEmbedder
+from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.label import ClassEmbedder
+from ldm.conditioning.open_clip import OpenCLIP
+from ldm.conditioning.text import OpenCLIPTextEmbedder
+from ldm.convert.unet import unet_from_diffusers
+from ldm.diffusion.init_weights import load_denoiser_weights
 from ldm.diffusion.module import LatentDiffusion
-from ldm.interop.denoiser import load_denoiser_weights
-from ldm.interop.io import WeightsError
-from ldm.interop.open_clip import OpenCLIP
-from ldm.interop.unet import unet_from_diffusers
+from ldm.weights.io import WeightsError
 from tests.test_dit import diffusers_dit, inputs, randomize, tiny_dit
 from tests.test_unet import TINY, diffusers_twin
 

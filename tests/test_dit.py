@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import ldm.backbones.dit as dit_module
 from ldm.backbones.dit import DiT, sincos_pos_embed
-from ldm.interop.dit import dit_from_diffusers
+from ldm.convert.dit import dit_from_diffusers
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs" / "backbone").glob("dit-*.yaml"))
 

@@ -16,7 +16,7 @@ from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import VAE
 from ldm.cli import build_cli
-from ldm.nonfinite import NonFiniteTraining
+from ldm.training.nonfinite import NonFiniteTraining
 from tests.stage2 import ROOT, cli_args, write_stage2_shards
 from tests.test_latent_diffusion import assert_same_state, state, tiny_model
 

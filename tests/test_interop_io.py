@@ -10,14 +10,14 @@ import torch
 
 from ldm.autoencoder.lpips import build_lpips
 from ldm.autoencoder.vae import VAE
+from ldm.autoencoder.weights import load_vae_weights
 from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
-from ldm.conditioning import Conditioner
-from ldm.interop.autoencoder import load_vae_weights
-from ldm.interop.denoiser import load_denoiser_weights
-from ldm.interop.io import WeightsError
-from ldm.interop.open_clip import create_clip
+from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.open_clip import create_clip
+from ldm.diffusion.init_weights import load_denoiser_weights
 from ldm.metrics.features import InceptionFeatures
+from ldm.weights.io import WeightsError
 from tests.test_unet import TINY
 from tests.tiny_clip import register_tiny_clip
 

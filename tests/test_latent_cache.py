@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm.autoencoder.vae import VAE
+from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.cli import build_cli, compose
 from ldm.data import batch as B
 from ldm.data.latents import CACHE_INFO
 from ldm.data.synthetic import write_shapes
-from ldm.interop.autoencoder import save_vae_safetensors
 from tests.stage2 import ROOT, cli_args
 from tools import benchmark, cache_latents
 

@@ -17,19 +17,20 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
+from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.backbones.unet import UNet
 from ldm.cli import LdmCLI, build_cli, compose
-from ldm.conditioning import ClassEmbedder, Conditioner
+from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.label import ClassEmbedder
 from ldm.data.synthetic import SHAPES, render_sample
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.samplers import Sampler
-from ldm.interop.autoencoder import save_vae_safetensors
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tests.processes import run_isolated
 from tests.stage2 import RESOLUTION, cli_args, write_stage2_shards
 

@@ -19,11 +19,11 @@ from torch_fidelity.metric_fid import (
 )
 from torch_fidelity.metric_kid import kid_features_to_metric
 
+from ldm.conditioning.open_clip import OpenCLIP
 from ldm.metrics.clip_score import CLIPScorer, clip_score, try_build_clip_scorer
 from ldm.metrics.features import InceptionFeatures
 from ldm.metrics.fid import fid, kid
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
-from ldm.interop.open_clip import OpenCLIP
 from tests.assets import asset
 from tests.shardutil import write_shards
 from tests.tiny_clip import register_tiny_clip

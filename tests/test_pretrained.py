@@ -11,14 +11,14 @@ import pytest
 import torch
 from torchvision.models import alexnet
 
-import ldm.interop.open_clip as ldm_open_clip
+import ldm.conditioning.open_clip as ldm_open_clip
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.callbacks.sample_metrics import SampleMetrics
+from ldm.conditioning.open_clip import create_clip
 from ldm.conditioning.text import OpenCLIPTextEmbedder
-from ldm.interop.open_clip import create_clip
-from ldm.interop.pretrained import WeightsUnavailable, resolve_weights
 from ldm.metrics.clip_score import CLIPScorer
 from ldm.metrics.features import InceptionFeatures
+from ldm.weights.pretrained import WeightsUnavailable, resolve_weights
 
 # Every pretrained family, built from its defaults (no path): (build, the option its message must name)
 FAMILIES = {

@@ -30,8 +30,8 @@ from ldm.autoencoder.vae import VAE
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
 from ldm.cli import LdmCLI, build_cli
+from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data.synthetic import write_shapes
-from ldm.interop.open_clip import OpenCLIP
 from ldm.metrics.clip_score import CLIPScorer
 from ldm.metrics.fid import fid, kid
 from tests.processes import run_isolated

@@ -19,9 +19,10 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from ldm.cli import build_cli, compose
-from ldm.interop.sd_checkpoint import UNET_PREFIX, part
-from ldm.interop.sd_export import save_sd_checkpoint
-from ldm.interop.sd_unet import unet_from_sd
+from ldm.convert.sd_unet import unet_from_sd
+from ldm.export.sd import save_sd_checkpoint
+from ldm.weights.io import under
+from ldm.weights.sd import UNET_PREFIX
 from tests.stage2 import ROOT, backbone_params, write_stage2_shards
 from tests.test_sd_interop import REDUCED, SIZE, sd_model
 from tools import export as export_tool
@@ -119,7 +120,7 @@ def test_export_tool_writes_what_diffusers_and_sd_tools_read(finetuned: tuple) -
                       output_type="pt").images  # the default size: the data resolution
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
 
-    unet = unet_from_sd(part(load_file(out / "sd.safetensors"), UNET_PREFIX), model.backbone.state_dict())
+    unet = unet_from_sd(under(load_file(out / "sd.safetensors"), UNET_PREFIX), model.backbone.state_dict())
     assert all(torch.equal(unet[k], v) for k, v in model.backbone.state_dict().items())
     shutil.rmtree(out / "diffusers")
     with pytest.raises(SystemExit):  # an existing path is never overwritten

@@ -20,19 +20,26 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.backbones.unet import UNet
-from ldm.conditioning import ClassEmbedder, Conditioner
+from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.label import ClassEmbedder
+from ldm.conditioning.open_clip import OpenCLIP, create_clip
 from ldm.conditioning.text import OpenCLIPTextEmbedder
+from ldm.convert.clip_text import CLIP_HEAD, EOS
+from ldm.convert.sd_unet import unet_to_sd
+from ldm.convert.unet import unet_from_diffusers
+from ldm.diffusion.init_weights import load_denoiser_weights
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.objectives import DDPM
 from ldm.diffusion.samplers import SAMPLERS, Sampler
-from ldm.interop.clip_text import CLIP_HEAD, EOS
-from ldm.interop.denoiser import load_denoiser_weights
-from ldm.interop.diffusers_export import clip_tokenizer, diffusers_vae, save_diffusers, scheduler
-from ldm.interop.io import WeightsError
-from ldm.interop.open_clip import OpenCLIP, create_clip
-from ldm.interop.sd_export import TextToImage, save_sd_checkpoint
-from ldm.interop.sd_unet import unet_to_sd
-from ldm.interop.unet import linear_projections, unet_from_diffusers
+from ldm.export.diffusers import (
+    clip_tokenizer,
+    diffusers_vae,
+    save_diffusers,
+    scheduler,
+)
+from ldm.export.sd import save_sd_checkpoint
+from ldm.export.text_to_image import TextToImage, linear_projections
+from ldm.weights.io import WeightsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64  # image side: 8x8 latents, 1x1 at the UNet's last level

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import VAE
-from ldm.speed import clip_gradients, speed_up
+from ldm.training.speed import clip_gradients, speed_up
 from tests.test_guards import _batches
 from tests.test_latent_diffusion import tiny_model
 

@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from ldm.backbones.base import Backbone
 from ldm.backbones.unet import UNet
 from ldm.backbones.unet_blocks import ResBlock
-from ldm.interop.unet import unet_from_diffusers
+from ldm.convert.unet import unet_from_diffusers
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "backbone"
 TINY = yaml.safe_load((CONFIGS / "unet-tiny.yaml").read_text())["init_args"]

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
-from ldm.resume import AtomicCheckpointIO
+from ldm.training.resume import AtomicCheckpointIO
 
 
 class TinyFeatures(nn.Module):

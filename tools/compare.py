@@ -24,9 +24,9 @@ from ldm.autoencoder.vae import VAE
 from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
 from ldm.callbacks.monitor import synchronize
-from ldm.interop.diffusers_export import diffusers_unet, diffusers_vae
-from ldm.interop.dit import dit_from_diffusers
-from ldm.speed import speed_up
+from ldm.convert.dit import dit_from_diffusers
+from ldm.export.diffusers import diffusers_unet, diffusers_vae
+from ldm.training.speed import speed_up
 
 Arch = Literal["unet", "dit", "vae"]
 Step = Callable[[], Tensor]  # the training loss of one step on the fixed batch

@@ -28,11 +28,11 @@ from ldm.data import batch as B
 from ldm.data.shards import expand_shards, identify
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleTransform, SkipSample
-from ldm.interop.io import WeightsUnavailable, state_sha256
 from ldm.metrics.clip_score import CLIPScorer, try_build_clip_scorer
 from ldm.metrics.features import InceptionFeatures
 from ldm.metrics.fid import frechet_distance, kid
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
+from ldm.weights.io import WeightsUnavailable, state_sha256
 
 IMAGE_KEYS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}  # suffix -> SampleTransform key
 

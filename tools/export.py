@@ -11,34 +11,21 @@ checkpoint's, else its trained one; or our export's). A checkpoint trained in an
 configured codec's is refused. `--format diffusers` (default) writes a StableDiffusionPipeline folder that
 `DiffusionPipeline.from_pretrained(DIR)` loads offline; `--format sd` one `.safetensors` in the original
 layout (UNet, autoencoder at SD's 0.18215, text encoder), which diffusers' `from_single_file` and SD tools
-read (give them the v config for a v-prediction model). See ldm.interop.diffusers_export for what maps how.
+read (give them the v config for a v-prediction model). See ldm.export.diffusers for what maps how.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ldm.autoencoder.codec import check_same_codec
 from ldm.cli import instantiate
-from ldm.diffusion.module import CODEC_KEY, LatentDiffusion
-from ldm.interop.denoiser import load_denoiser_weights
-from ldm.interop.diffusers_export import save_diffusers
-from ldm.interop.sd_export import save_sd_checkpoint
-
-
-def recorded_codec(path: Path) -> dict[str, Any] | None:
-    """The codec fingerprint a stage-2 checkpoint or export of ours records (None if it records none)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            found = (f.metadata() or {}).get(CODEC_KEY)
-        return json.loads(found) if found else None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CODEC_KEY)
+from ldm.diffusion.module import LatentDiffusion
+from ldm.export.diffusers import save_diffusers
+from ldm.export.sd import save_sd_checkpoint
+from ldm.export.text_to_image import load_for_export
 
 
 def load_model(configs: list[str], ckpt: Path) -> tuple[LatentDiffusion, int | None]:
@@ -47,9 +34,7 @@ def load_model(configs: list[str], ckpt: Path) -> tuple[LatentDiffusion, int | N
     model, data = instantiate([*args, "--model.init_args.init_weights", "null"])
     if not isinstance(model, LatentDiffusion):
         raise TypeError(f"{configs}: the model is a {type(model).__name__}, not a LatentDiffusion")
-    check_same_codec(recorded_codec(ckpt), model.codec, str(ckpt))
-    load_denoiser_weights(model.backbone, model.conditioner, ckpt)
-    return model.eval(), (getattr(data, "hparams", None) or {}).get("resolution")
+    return load_for_export(model, ckpt), (getattr(data, "hparams", None) or {}).get("resolution")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import estimate_latent_stats
 from ldm.cli import instantiate
 from ldm.data import batch as B
-from ldm.interop.io import read_state_dict
+from ldm.weights.io import read_state_dict
 
 
 def build(configs: list[str]) -> tuple[AutoencoderKL, LightningDataModule]:

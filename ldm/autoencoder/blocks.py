@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.backbones.layers import Upsample
+from ldm.nn.layers import Upsample
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:

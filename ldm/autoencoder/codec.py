@@ -8,15 +8,17 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldm.autoencoder.posterior import sample_gaussian
 from ldm.autoencoder.vae import VAE
-from ldm.interop.autoencoder import STATS_KEYS, load_vae_weights
-from ldm.interop.io import state_sha256
+from ldm.autoencoder.weights import load_vae_weights
+from ldm.convert.vae import STATS_KEYS
+from ldm.nn.frozen import StaysInEval
+from ldm.weights.io import state_sha256
 
 
-class LatentCodec(nn.Module):
+class LatentCodec(StaysInEval):
     """Images <-> normalised latents z' = (z - mean) / std, with a frozen VAE in fp32.
 
     The mean/std come from the VAE's stored statistics (estimated at the end of its stage-1 fit by
@@ -71,9 +73,6 @@ class LatentCodec(nn.Module):
     def downsample_factor(self) -> int:
         return self.vae.downsample_factor
 
-    def train(self, mode: bool = True) -> LatentCodec:
-        """Stays in eval mode: the autoencoder is frozen."""
-        return super().train(False)
 
     def fingerprint_hash(self) -> str:
         """A short hash of ``fingerprint()``: what a latent cache records with every sample."""

@@ -14,7 +14,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ldm.autoencoder.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from ldm.autoencoder.discriminator import (
+    NLayerDiscriminator,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 from ldm.autoencoder.lpips import Net, build_lpips
 
 _D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}

@@ -11,23 +11,21 @@ import torch
 from torch import Tensor
 from torchvision.models import AlexNet_Weights, VGG16_Weights
 
-from ldm.interop.io import load_weights, read_state_dict
-from ldm.interop.pretrained import hub_weights
+from ldm.nn.frozen import StaysInEval
+from ldm.weights.io import load_weights, read_state_dict
+from ldm.weights.pretrained import hub_weights
 
 Net = Literal["alex", "vgg"]
 TRUNKS = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}  # what lpips itself loads
 LPIPS_OPTION = "lpips_weights of AutoencoderLoss"
 
 
-class PerceptualDistance(lpips.LPIPS):
+class PerceptualDistance(StaysInEval, lpips.LPIPS):
     """Frozen LPIPS, always in eval mode (its dropout stays off) and computed in fp32.
 
     Parameter names are the ``lpips`` package's (as in LDM's ``perceptual_loss``), so either's weights load.
     """
 
-    def train(self, mode: bool = True) -> PerceptualDistance:
-        """Stay in eval mode whatever the parent module does."""
-        return super().train(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
         """Distance (B,) between images (B, 3, H, W) in [-1, 1]."""

@@ -13,10 +13,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.vae import VAE
+from ldm.autoencoder.weights import load_vae_weights, save_vae_safetensors
 from ldm.data import batch as B
-from ldm.interop.autoencoder import load_vae_weights, save_vae_safetensors
-from ldm.nonfinite import NonFiniteGuard, assert_finite_state
-from ldm.speed import amp_scaler, clip_gradients, speed_up
+from ldm.training.nonfinite import NonFiniteGuard, assert_finite_state
+from ldm.training.speed import amp_scaler, clip_gradients, speed_up
 
 
 class AutoencoderKL(L.LightningModule):

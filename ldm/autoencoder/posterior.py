@@ -31,7 +31,6 @@ class DiagonalGaussian:
             self.mean = mean  # (B, C, H, W)
             self.logvar = logvar.clamp(-30.0, 20.0)  # (B, C, H, W)
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterised draw z = mean + std * eps, eps ~ N(0, I)."""
@@ -44,11 +43,4 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per sample (B,), summed over C, H, W (Kingma & Welling 2014, App. B)."""
         if self.deterministic:
             return self.mean.new_zeros(self.mean.shape[0])
-        return 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar).flatten(1).sum(1)
-
-    def nll(self, x: Tensor) -> Tensor:
-        """-log q(x) per sample (B,), summed over C, H, W."""
-        if self.deterministic:
-            raise ValueError("a deterministic posterior (double_z=False) has no density")
-        log_density = math.log(2 * math.pi) + self.logvar + (x.float() - self.mean).square() / self.var
-        return 0.5 * log_density.flatten(1).sum(1)
+        return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.backbones.base import Backbone
-from ldm.backbones.layers import Attention, FeedForward, TimestepEmbedder
+from ldm.nn.layers import Attention, FeedForward, TimestepEmbedder
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,7 +88,7 @@ class DiT(Backbone):
     def __init__(
         self,
         in_channels: int,  # latent channels, concat conditioning included
-        out_channels: int,  # predicted channels (2 * latent when a variance is learned)
+        out_channels: int,  # predicted channels: the latent's (no learned variance)
         context_dim: int | None,  # token width for cross-attention; None: no cross-attention
         vector_dim: int | None,  # width of the global conditioning vector; None: none
         patch_size: int = 2,  # side of the square latent patch that becomes one token

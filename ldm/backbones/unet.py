@@ -10,8 +10,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.backbones.base import Backbone
-from ldm.backbones.layers import TimestepEmbedder
-from ldm.backbones.unet_blocks import DownBlock, MidBlock, ResBlock, SpatialTransformer, UpBlock, VectorEmbedder
+from ldm.backbones.unet_blocks import (
+    DownBlock,
+    MidBlock,
+    ResBlock,
+    SpatialTransformer,
+    UpBlock,
+    VectorEmbedder,
+)
+from ldm.nn.layers import TimestepEmbedder
 
 
 class UNet(Backbone):

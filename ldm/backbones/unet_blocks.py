@@ -2,7 +2,7 @@
 
 Module and parameter names follow diffusers' ``UNet2DConditionModel`` (resnets, attentions,
 transformer_blocks, attn1/attn2, time_emb_proj, ...) so its weights convert by a few renames
-(``ldm/interop/unet.py``).
+(``ldm/convert/unet.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.backbones.layers import Attention, FeedForward, Upsample
+from ldm.nn.layers import Attention, FeedForward, Upsample
 
 
 class ResBlock(nn.Module):
@@ -64,7 +64,7 @@ class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, as a residual (Rombach et al. 2022, Sec. 3.3).
 
     The in/out projections are per-token linear maps; SD-1.x's 1x1 convolutions are the same map and
-    convert to them (``ldm/interop/unet.py``).
+    convert to them (``ldm/convert/unet.py``).
     """
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int | None, groups: int) -> None:

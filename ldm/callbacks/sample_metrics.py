@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ldm.data import batch as B
-from ldm.interop.io import state_sha256
 from ldm.metrics.clip_score import CLIPScorer, try_build_clip_scorer
 from ldm.metrics.features import InceptionFeatures
 from ldm.metrics.fid import frechet_distance, kid
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
+from ldm.weights.io import state_sha256
 
 log = logging.getLogger(__name__)
 

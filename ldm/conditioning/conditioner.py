@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning.conditioning import Conditioning
+from ldm.conditioning.embedder import Embedder, Kind
 from ldm.data import batch as B
 from ldm.data.latents import check_cache
-from ldm.interop.io import state_sha256
-from ldm.conditioning.embedder import Embedder, Kind
+from ldm.nn.frozen import is_frozen
+from ldm.weights.io import state_sha256
 
 
 class Conditioner(nn.Module):
@@ -70,8 +71,7 @@ class Conditioner(nn.Module):
 
     def frozen(self) -> list[int]:
         """Indices of the embedders with weights, all frozen (text towers): their outputs may be cached."""
-        return [i for i, e in enumerate(self.embedders)
-                if any(True for _ in e.parameters()) and not any(p.requires_grad for p in e.parameters())]
+        return [i for i, e in enumerate(self.embedders) if is_frozen(e)]
 
     def frozen_hash(self) -> str:
         """A short hash of the frozen embedders' weights and settings, which a latent cache records."""

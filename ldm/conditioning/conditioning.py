@@ -31,12 +31,3 @@ class Conditioning:
             **{f.name: None if getattr(self, f.name) is None else torch.cat([getattr(self, f.name), getattr(other, f.name)])
                for f in fields(self)}
         )
-
-    def where(self, keep: Tensor, other: Conditioning) -> Conditioning:
-        """Per sample: this value where ``keep`` (B,) is true, ``other``'s elsewhere (CFG dropout)."""
-        def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-            if a is None:
-                return None
-            return torch.where(keep.view(-1, *([1] * (a.ndim - 1))), a, b)
-
-        return Conditioning(**{f.name: pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})

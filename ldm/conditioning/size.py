@@ -9,9 +9,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ldm.backbones.layers import timestep_embedding
 from ldm.conditioning.embedder import Embedder
 from ldm.data import batch as B
+from ldm.nn.layers import timestep_embedding
 
 
 class SizeEmbedder(Embedder):

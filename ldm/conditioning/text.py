@@ -10,13 +10,14 @@ import torch
 from torch import Tensor
 
 from ldm.conditioning.embedder import Embedder
+from ldm.conditioning.open_clip import OpenCLIP, model_config
 from ldm.data import batch as B
-from ldm.interop.open_clip import OpenCLIP, model_config
+from ldm.nn.frozen import StaysInEval
 
 SD2_TEXT = OpenCLIP("ViT-H-14", "laion2b_s32b_b79k")
 
 
-class OpenCLIPTextEmbedder(Embedder):
+class OpenCLIPTextEmbedder(StaysInEval, Embedder):
     """OpenCLIP's text transformer, frozen and always in eval mode (SD 2 / SDXL conditioning).
 
     ``output="tokens"`` gives the (B, L, width) states of ``layer`` after the final LayerNorm
@@ -28,11 +29,13 @@ class OpenCLIPTextEmbedder(Embedder):
 
     Weights come from ``clip.pretrained``, a local weights file or an open_clip tag (from open_clip's
     cache, else its download unless ``LDM_OFFLINE=1``; ``WeightsUnavailable`` otherwise, see
-    ``ldm.interop.open_clip``). ``clip.random_init`` builds without weights from ``clip.seed``; only
+    ``ldm.conditioning.open_clip``). ``clip.random_init`` builds without weights from ``clip.seed``; only
     then may ``clip.text_cfg`` override the text tower (width, layers, heads, context_length: tiny CPU
     encoders). ``clip.pretrained`` may also be a Stable Diffusion single file: its text tower loads
-    (``ldm.interop.open_clip``), SD 1.x's as ``ViT-L-14-quickgelu`` and SD 2.x's as ``ViT-H-14``.
+    (``ldm.conditioning.open_clip``), SD 1.x's as ``ViT-L-14-quickgelu`` and SD 2.x's as ``ViT-H-14``.
     """
+
+    frozen_part = "clip"  # stays in eval mode (StaysInEval)
 
     def __init__(
         self,
@@ -59,11 +62,6 @@ class OpenCLIPTextEmbedder(Embedder):
         self.pad = pad
         self._empty: Tensor | None = None
 
-    def train(self, mode: bool = True) -> OpenCLIPTextEmbedder:
-        """Set the mode as usual, but the frozen encoder stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
 
     def forward(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
         return self._encode(batch[self.keys[0]])  # (B, L, width) or (B, embed_dim)

@@ -8,7 +8,7 @@ string literal. Extra maps named in ``WebDataModule(extra_keys=...)`` add one ke
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any
 
 from torch import Tensor
 
@@ -25,23 +25,6 @@ CROP_COORDS = "crop_coords"  # (B, 2) int64 (top, left) of the crop, in resized 
 TARGET_SIZE = "target_size"  # (B, 2) int64 (H, W) of the image to generate (prediction requests)
 INDEX = "index"  # (B,) int64: a prediction request's line number; its sample seed derives from it
 GENERATED = "images"  # in a predict_step's output: the generated images (B, 3, H, W) in [-1, 1]
-
-
-class Batch(TypedDict, total=False):
-    """What a training, evaluation or prediction batch holds (every key optional)."""
-
-    key: list[str]
-    image: Tensor
-    latent_mean: Tensor
-    latent_std: Tensor
-    cache_codec: list[str]
-    cache_text: list[str]
-    caption: list[str]
-    label: Tensor
-    original_size: Tensor
-    crop_coords: Tensor
-    target_size: Tensor
-    index: Tensor
 
 
 def map_key(entry: str) -> str:

@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data import batch as B
-from ldm.data.prompts import PromptDataset
-from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.collate import DROPPED
 from ldm.data.latents import LatentTransform, is_cache
+from ldm.data.prompts import PromptDataset
+from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
 from ldm.data.transforms import ANNOTATIONS, MapKind, SampleTransform
 

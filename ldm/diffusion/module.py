@@ -21,11 +21,12 @@ from ldm.data import batch as B
 from ldm.data.latents import check_cache
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.guidance import CFGDenoiser, predict
+from ldm.diffusion.init_weights import load_denoiser_weights
 from ldm.diffusion.objectives import DDPM, Objective
 from ldm.diffusion.samplers import Sampler, randn
-from ldm.interop.denoiser import load_denoiser_weights
-from ldm.nonfinite import NonFiniteGuard, assert_finite_state
-from ldm.speed import amp_scaler, clip_gradients, speed_up
+from ldm.nn.frozen import frozen_names
+from ldm.training.nonfinite import NonFiniteGuard, assert_finite_state
+from ldm.training.speed import amp_scaler, clip_gradients, speed_up
 
 CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
@@ -212,8 +213,7 @@ class LatentDiffusion(L.LightningModule):
     def _frozen_keys(self) -> set[str]:
         """State-dict keys rebuilt from their own weights files: codec and frozen conditioner parts."""
         keys = {f"codec.{k}" for k in self.codec.state_dict()}
-        frozen = {n for n, p in self.conditioner.named_parameters() if not p.requires_grad}
-        return keys | {f"conditioner.{k}" for k in self.conditioner.state_dict() if k in frozen}
+        return keys | {f"conditioner.{k}" for k in frozen_names(self.conditioner)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()

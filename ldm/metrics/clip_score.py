@@ -1,6 +1,6 @@
 """CLIP score: how well images match their captions under an OpenCLIP model.
 
-Weights follow the pretrained policy (``ldm.interop.open_clip``): a local file, else the tag from
+Weights follow the pretrained policy (``ldm.conditioning.open_clip``): a local file, else the tag from
 open_clip's cache, else open_clip's download; ``try_build_clip_scorer`` turns unavailable weights
 into one log line and None, so evaluation goes on without the metric.
 """
@@ -12,11 +12,12 @@ import logging
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from ldm.interop.io import WeightsUnavailable
-from ldm.interop.open_clip import OpenCLIP
+from ldm.conditioning.open_clip import OpenCLIP
+from ldm.nn.frozen import StaysInEval
+from ldm.weights.io import WeightsUnavailable
 
 log = logging.getLogger(__name__)
 CLIP_OPTION = "clip.pretrained of CLIPScorer (clip_pretrained of SampleMetrics, --clip-pretrained of tools/evaluate.py)"
@@ -32,13 +33,15 @@ def clip_score(image_feats: Tensor, text_feats: Tensor) -> Tensor:
     return (100 * F.cosine_similarity(image_feats.float(), text_feats.float(), dim=-1)).clamp(min=0)  # (B,)
 
 
-class CLIPScorer(nn.Module):
+class CLIPScorer(StaysInEval):
     """A frozen OpenCLIP model scoring (image, caption) pairs with ``clip_score``.
 
     ``clip.pretrained`` is an open_clip tag or a local weights file (for OpenAI weights in a file, name
     the ``-quickgelu`` architecture). ``clip.random_init`` builds without weights from ``clip.seed``;
     only then may ``clip.text_cfg`` / ``clip.vision_cfg`` override the towers (tiny CPU tests).
     """
+
+    frozen_part = "clip"  # stays in eval mode (StaysInEval)
 
     def __init__(self, clip: OpenCLIP = SCORER_CLIP) -> None:
         super().__init__()
@@ -49,11 +52,6 @@ class CLIPScorer(nn.Module):
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre["std"]).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> CLIPScorer:
-        """Set the mode as usual, but the frozen model stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
 
     @torch.no_grad()
     def forward(self, images: Tensor, captions: list[str]) -> Tensor:

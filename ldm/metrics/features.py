@@ -7,22 +7,28 @@ An extractor is any ``nn.Module`` mapping (B, 3, H, W) images in [-1, 1] to (B, 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch import Tensor
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
 
-from ldm.interop.io import WeightsError, error_line, read_state_dict
-from ldm.interop.pretrained import hub_weights
+from ldm.nn.frozen import StaysInEval
+from ldm.weights.io import WeightsError, error_line, read_state_dict
+from ldm.weights.pretrained import hub_weights
 
 INCEPTION_OPTION = "inception_weights of SampleMetrics or --inception-weights of tools/evaluate.py"
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(StaysInEval):
     """The 2048-d pool features of the TF-ported Inception-v3 that defines FID (torch-fidelity's).
 
     ``weights`` is a local copy of torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``;
     None finds it where torch-fidelity does (torch hub's checkpoint cache), else downloads it there
-    as torch-fidelity would, unless ``LDM_OFFLINE=1`` (see ``ldm.interop.pretrained``).
+    as torch-fidelity would, unless ``LDM_OFFLINE=1`` (see ``ldm.weights.pretrained``).
     """
+
+    frozen_part = "net"  # stays in eval mode (StaysInEval)
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__()
@@ -34,11 +40,6 @@ class InceptionFeatures(nn.Module):
         except Exception as error:  # its own torch.load (no safetensors) and strict load_state_dict
             raise WeightsError(f"{path} does not fit torch-fidelity's Inception-v3 ({error_line(error)})") from error
 
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        """Set the mode as usual, but the frozen network stays in eval mode."""
-        super().train(mode)
-        self.net.eval()
-        return self
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

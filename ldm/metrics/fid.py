@@ -14,7 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_kid import (
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_KID_STD,
+    kid_features_to_metric,
+)
 
 
 def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:

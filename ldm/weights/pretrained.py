@@ -19,7 +19,7 @@ from urllib.request import getproxies
 
 import torch
 
-from ldm.interop.io import WeightsUnavailable, error_line
+from ldm.weights.io import WeightsUnavailable, error_line
 
 OFFLINE = "LDM_OFFLINE"
 _TRUE = {"1", "ON", "YES", "TRUE"}

@@ -1,26 +1,25 @@
-"""Read and write autoencoder weights: ours, diffusers' AutoencoderKL and original Stable Diffusion (CompVis).
+"""Autoencoder state dicts between ours, diffusers' AutoencoderKL and original Stable Diffusion (CompVis).
 
 Our parameter names are diffusers' names plus the latent statistics buffers, so diffusers needs only a
-key filter; the CompVis names are translated by the rename table below.
+key filter; the CompVis names are translated by the rename table below. ``ldm.autoencoder.weights``
+reads the files.
 """
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ldm.autoencoder.vae import VAE
-from ldm.interop.io import StateDict, WeightsError, load_weights, read_state_dict
-from ldm.interop.rename import rename
+from ldm.weights.io import StateDict, WeightsError, under
+from ldm.weights.rename import rename
+from ldm.weights.sd import VAE_PREFIX
 
 Layout = Literal["auto", "ldm", "diffusers", "sd"]
 
-SD_PREFIX = "first_stage_model."
 STATS_KEYS = ("latent_mean", "latent_std", "latent_stats_estimated")
 
 # (our / diffusers name piece, CompVis name piece). {i} and {j} copy an index; {r} is a decoder level,
@@ -95,8 +94,8 @@ def vae_from_sd(state_dict: StateDict) -> StateDict:
     Takes a full SD checkpoint (only its ``first_stage_model.*`` keys are used) or a standalone VAE
     checkpoint (its training-loss ``loss.*`` weights are dropped).
     """
-    if any(k.startswith(SD_PREFIX) for k in state_dict):
-        state_dict = {k.removeprefix(SD_PREFIX): v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
+    if any(k.startswith(VAE_PREFIX) for k in state_dict):
+        state_dict = under(state_dict, VAE_PREFIX)
     else:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     levels = _decoder_levels(state_dict)
@@ -104,7 +103,7 @@ def vae_from_sd(state_dict: StateDict) -> StateDict:
     return _with_default_stats(_attn_as_linear(renamed))
 
 
-def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
+def vae_to_sd(state_dict: StateDict, prefix: str = VAE_PREFIX) -> StateDict:
     """Our state dict -> CompVis names under ``prefix`` (attention as 1x1 convs, latent statistics dropped)."""
     levels = _decoder_levels(state_dict)
     out = {}
@@ -117,7 +116,7 @@ def vae_to_sd(state_dict: StateDict, prefix: str = SD_PREFIX) -> StateDict:
     return out
 
 
-def vae_with_latent_scale(vae: VAE, mean: Tensor, std: Tensor, scale: float) -> StateDict:
+def fold_latent_scale(state_dict: Mapping[str, Tensor], mean: Tensor, std: Tensor, scale: float) -> StateDict:
     """Our VAE's weights (no statistics) changed so that its latents times ``scale`` are (z - mean) / std.
 
     For formats with one scalar scale (diffusers' ``scaling_factor``, SD's 0.18215) where our latents are
@@ -126,7 +125,7 @@ def vae_with_latent_scale(vae: VAE, mean: Tensor, std: Tensor, scale: float) -> 
     weights stay as they are where mean is 0 and std * scale is 1 up to float32 rounding, e.g. an SD
     autoencoder kept at its own 0.18215 (whose codec std is the float32 1 / 0.18215).
     """
-    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if k not in STATS_KEYS}
+    state = {k: v.detach().clone() for k, v in state_dict.items() if k not in STATS_KEYS}
     mean, a = mean.flatten().double(), std.flatten().double() * scale  # (C,), (C,): z_new = (z - mean) / a
     if not mean.any() and bool(((a - 1).abs() < 1e-6).all()):
         return state
@@ -143,35 +142,16 @@ def vae_with_latent_scale(vae: VAE, mean: Tensor, std: Tensor, scale: float) -> 
     return {**state, **{k: v.to(state[k].dtype) for k, v in folded.items()}}
 
 
-def _detect_layout(state_dict: StateDict, path: str) -> Literal["ldm", "diffusers", "sd"]:
+def detect_layout(state_dict: Mapping[str, Tensor], path: str) -> Literal["ldm", "diffusers", "sd"]:
     if "latent_mean" in state_dict:
         return "ldm"
-    if any(k.startswith((SD_PREFIX, "encoder.down.", "decoder.up.")) for k in state_dict):
+    if any(k.startswith((VAE_PREFIX, "encoder.down.", "decoder.up.")) for k in state_dict):
         return "sd"
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state_dict):
         return "diffusers"
     raise WeightsError(f"{path}: no autoencoder weights found (first keys: {sorted(state_dict)[:5]})")
 
 
-def load_vae_weights(vae: VAE, path: str | os.PathLike[str], layout: Layout = "auto") -> None:
-    """Load ours (exported or an AutoencoderKL checkpoint), diffusers or Stable Diffusion weights into ``vae`` (strict).
-
-    Foreign layouts carry no latent statistics; they are reset to mean 0, std 1, not estimated.
-    """
-    path = os.fspath(path)
-    state_dict = read_state_dict(path)
-    if "vae.latent_mean" in state_dict:  # an AutoencoderKL Lightning checkpoint: keep its VAE
-        state_dict = {k.removeprefix("vae."): v for k, v in state_dict.items() if k.startswith("vae.")}
-    if layout == "auto":
-        layout = _detect_layout(state_dict, path)
-    converters = {"ldm": dict, "diffusers": vae_from_diffusers, "sd": vae_from_sd}
-    try:
-        state_dict = converters[layout](state_dict)
-    except KeyError as err:
-        raise WeightsError(f"{path}: not a {layout!r} autoencoder checkpoint, it lacks {err}") from err
-    load_weights(vae, state_dict, path, f"this VAE ({layout} layout)")
-
-
-def save_vae_safetensors(vae: VAE, path: str | os.PathLike[str]) -> None:
-    """Export our weights, latent statistics included, to a ``.safetensors`` file."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, os.fspath(path))
+def vae_from(layout: Literal["ldm", "diffusers", "sd"], state_dict: StateDict) -> StateDict:
+    """Our autoencoder's state dict from one in ``layout`` (a KeyError names what the layout lacks)."""
+    return {"ldm": dict, "diffusers": vae_from_diffusers, "sd": vae_from_sd}[layout](state_dict)

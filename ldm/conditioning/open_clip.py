@@ -2,8 +2,8 @@
 
 ``pretrained`` is a local weights file or an open_clip tag; a tag's file comes from open_clip's cache
 (Hugging Face hub or ``~/.cache/clip``), else from open_clip's own download unless ``LDM_OFFLINE=1`` or
-``HF_HUB_OFFLINE=1`` (see ``ldm.interop.pretrained``). Either way open_clip loads the file itself, but
-for a Stable Diffusion checkpoint, whose text tower ``ldm.interop.clip_text`` converts.
+``HF_HUB_OFFLINE=1`` (see ``ldm.weights.pretrained``). Either way open_clip loads the file itself, but
+for a Stable Diffusion checkpoint, whose text tower ``ldm.convert.clip_text`` converts.
 """
 
 from __future__ import annotations
@@ -18,12 +18,20 @@ import open_clip
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transformer import QuickGELU
 from torch import nn
 
-from ldm.interop.clip_text import CLIP_HEAD, TEXT_PREFIX, text_from_sd, text_state
-from ldm.interop.io import StateDict, WeightsError, WeightsUnavailable, check_keys, error_line, read_state_dict
-from ldm.interop.pretrained import OFFLINE, resolve_weights
-from ldm.interop.sd_checkpoint import is_sd_checkpoint
+from ldm.convert.clip_text import CLIP_HEAD, text_from_sd
+from ldm.weights.io import (
+    StateDict,
+    WeightsError,
+    WeightsUnavailable,
+    check_keys,
+    error_line,
+    read_state_dict,
+)
+from ldm.weights.pretrained import OFFLINE, resolve_weights
+from ldm.weights.sd import TEXT_PREFIX, is_sd_checkpoint
 
 # The image tower of a text-only build is deleted right after construction; it is built this small first.
 _VISION_STUB = {"layers": 1, "width": 8, "head_width": 8, "patch_size": 1, "image_size": 1}
@@ -158,3 +166,13 @@ def _download(tag: Mapping[str, Any]) -> str:
     if not path:
         raise FileNotFoundError("open_clip names no download for this tag")
     return path
+
+
+def text_state(clip: nn.Module) -> StateDict:
+    """An open_clip model's text-tower state dict (everything but an image tower)."""
+    return {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    """Whether an open_clip text tower uses OpenAI's quick GELU (x * sigmoid(1.702 x))."""
+    return isinstance(clip.transformer.resblocks[0].mlp.gelu, QuickGELU)

@@ -1,4 +1,4 @@
-"""Convert diffusers' class-conditional DiT weights into our DiT's (``ldm.interop.denoiser`` loads the files).
+"""Convert diffusers' class-conditional DiT weights into our DiT's (``ldm.diffusion.init_weights`` loads the files).
 
 diffusers' ``DiTTransformer2DModel`` keeps a timestep + class embedder inside every block's
 adaLN-Zero norm (``transformer_blocks.N.norm1.emb``) and its final layer reads block 0's. The

@@ -9,50 +9,20 @@ autoencoder used at 0.18215). Nothing in the file says eps or v: load a v model 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from safetensors.torch import save_file
 
-from ldm.autoencoder.codec import LatentCodec
-from ldm.backbones.unet import UNet
+from ldm.conditioning.open_clip import text_state, uses_quick_gelu
 from ldm.conditioning.text import OpenCLIPTextEmbedder
+from ldm.convert.clip_text import hf_from_open_clip
+from ldm.convert.sd_unet import unet_to_sd
+from ldm.convert.vae import fold_latent_scale, vae_to_sd
 from ldm.diffusion.module import LatentDiffusion
-from ldm.diffusion.objectives import DDPM
-from ldm.interop.autoencoder import vae_to_sd, vae_with_latent_scale
-from ldm.interop.clip_text import HF_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, hf_from_open_clip, text_state, uses_quick_gelu
-from ldm.interop.io import StateDict
-from ldm.interop.sd_checkpoint import UNET_PREFIX
-from ldm.interop.sd_unet import unet_to_sd
-from ldm.interop.unet import linear_projections
+from ldm.export.text_to_image import TextToImage, linear_projections
+from ldm.weights.io import StateDict
+from ldm.weights.sd import HF_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX
 
 SD_LATENT_SCALE = 0.18215  # the scale_factor of every SD 1.x / 2.x config
-
-
-@dataclass(frozen=True)
-class TextToImage:
-    """The parts of a LatentDiffusion that Stable Diffusion's formats hold."""
-
-    unet: UNet
-    codec: LatentCodec
-    text: OpenCLIPTextEmbedder
-    objective: DDPM
-
-    @classmethod
-    def of(cls, model: LatentDiffusion) -> TextToImage:
-        """The parts of ``model``, or a ValueError saying what SD's formats cannot hold."""
-        embedders = list(model.conditioner.embedders)
-        text = embedders[0] if len(embedders) == 1 else None
-        problems = [
-            *([] if isinstance(model.backbone, UNet) else [f"the backbone is a {type(model.backbone).__name__}, "
-                                                           "not a UNet (a DiT has no Stable Diffusion layout)"]),
-            *([] if isinstance(text, OpenCLIPTextEmbedder) and text.output == "tokens" else
-              [f"the conditioner has {[type(e).__name__ for e in embedders]}, not one OpenCLIPTextEmbedder of tokens"]),
-            *([] if isinstance(model.objective, DDPM) else [f"the objective is {type(model.objective).__name__}, not DDPM"]),
-            *(["the UNet takes a vector (class or pooled) input"] if getattr(model.backbone, "vector_dim", None) else []),
-        ]
-        if problems:
-            raise ValueError("Stable Diffusion's formats hold a text-to-image UNet model only: " + "; ".join(problems))
-        return cls(model.backbone, model.codec, text, model.objective)
 
 
 def text_to_sd(text: OpenCLIPTextEmbedder) -> StateDict:
@@ -77,7 +47,7 @@ def sd_state_dict(model: LatentDiffusion) -> StateDict:
     """``model``'s weights as a Stable Diffusion single file: UNet, autoencoder at 0.18215, text encoder."""
     parts = TextToImage.of(model)
     unet = unet_to_sd(parts.unet.state_dict(), linear_projections(parts.unet))
-    vae = vae_with_latent_scale(parts.codec.vae, parts.codec.mean, parts.codec.std, SD_LATENT_SCALE)
+    vae = fold_latent_scale(parts.codec.vae.state_dict(), parts.codec.mean, parts.codec.std, SD_LATENT_SCALE)
     return {**{UNET_PREFIX + k: v for k, v in unet.items()}, **vae_to_sd(vae), **text_to_sd(parts.text)}
 
 

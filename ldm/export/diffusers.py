@@ -7,7 +7,7 @@
 - latents: diffusers scales them by one ``scaling_factor`` (its SD pipeline ignores ``shift_factor``).
   A codec with zero mean and one std for every channel (an SD autoencoder at ``scale``) keeps its
   weights with ``scaling_factor = 1 / std``; per-channel statistics are folded into the autoencoder's
-  weights instead (``vae_with_latent_scale``), with ``scaling_factor = 1``. Either way the pipeline's
+  weights instead (``fold_latent_scale``), with ``scaling_factor = 1``. Either way the pipeline's
   latents are ours.
 - text: the tower up to the layer the embedder reads becomes a CLIPTextModel (the penultimate layer's:
   one block fewer, as diffusers' SD 2 does); its final LayerNorm is the one applied to that layer.
@@ -42,15 +42,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.autoencoder.codec import LatentCodec
 from ldm.backbones.unet import UNet
+from ldm.conditioning.open_clip import text_state, uses_quick_gelu
 from ldm.conditioning.text import OpenCLIPTextEmbedder
+from ldm.convert.clip_text import BOS, EOS, hf_from_open_clip
+from ldm.convert.unet import unet_to_diffusers
+from ldm.convert.vae import fold_latent_scale
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.objectives import DDPM
 from ldm.diffusion.samplers import Sampler
-from ldm.interop.autoencoder import vae_with_latent_scale
-from ldm.interop.clip_text import hf_from_open_clip, hf_text_config, text_state
-from ldm.interop.io import StateDict
-from ldm.interop.sd_export import TextToImage
-from ldm.interop.unet import attention_heads, linear_projections, unet_to_diffusers
+from ldm.export.text_to_image import TextToImage, attention_heads, linear_projections
+from ldm.weights.io import StateDict
 
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {  # sampler kind -> (class, its settings)
@@ -134,7 +135,7 @@ def diffusers_vae(codec: LatentCodec, image_size: int) -> AutoencoderKL:
         "scaling_factor": scaling,
         "mid_block_add_attention": len(vae.encoder.mid_block.attentions) > 0,
     }
-    return _assigned(AutoencoderKL, config, vae_with_latent_scale(vae, mean, std, scaling))
+    return _assigned(AutoencoderKL, config, fold_latent_scale(vae.state_dict(), mean, std, scaling))
 
 
 def clip_text_model(text: OpenCLIPTextEmbedder) -> CLIPTextModel:
@@ -146,6 +147,23 @@ def clip_text_model(text: OpenCLIPTextEmbedder) -> CLIPTextModel:
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def hf_text_config(clip: nn.Module, layers: int) -> dict[str, object]:
+    """``CLIPTextConfig`` arguments for the first ``layers`` blocks of an open_clip text tower."""
+    block = clip.transformer.resblocks[0]
+    return {
+        "vocab_size": clip.token_embedding.num_embeddings,
+        "hidden_size": clip.token_embedding.embedding_dim,
+        "intermediate_size": block.mlp.c_fc.out_features,
+        "num_hidden_layers": layers,
+        "num_attention_heads": block.attn.num_heads,
+        "max_position_embeddings": clip.positional_embedding.shape[0],
+        "hidden_act": "quick_gelu" if uses_quick_gelu(clip) else "gelu",
+        "layer_norm_eps": clip.ln_final.eps,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+    }
 
 
 def clip_tokenizer(text: OpenCLIPTextEmbedder) -> CLIPTokenizer:

@@ -2,9 +2,10 @@
 
 An SD 1.x / 2.x ``.ckpt`` or ``.safetensors`` holds three parts, each loaded through its own option:
 
-- ``model.diffusion_model.*``: the UNet (``ldm.interop.sd_unet``; ``LatentDiffusion.init_weights``),
-- ``first_stage_model.*``: the autoencoder (``ldm.interop.autoencoder``; the codec's ``weights``),
-- ``cond_stage_model.*``: the text encoder (``ldm.interop.clip_text``; the embedder's ``clip.pretrained``),
+- ``model.diffusion_model.*``: the UNet (``ldm.convert.sd_unet``; ``LatentDiffusion.init_weights``),
+- ``first_stage_model.*``: the autoencoder (``ldm.convert.vae``; the codec's ``weights``),
+- ``cond_stage_model.*``: the text encoder (``ldm.convert.clip_text``; the embedder's ``clip.pretrained``):
+  SD 1.x's transformers ``CLIPTextModel`` under ``transformer.``, SD 2.x's open_clip tower under ``model.``,
 
 and keys that none of them needs, ignored by name (``IGNORED``). Any other key is unexpected: the UNet
 loader, which reads the file first, names it.
@@ -18,11 +19,13 @@ from collections.abc import Iterable, Mapping
 from safetensors import safe_open
 from torch import Tensor
 
-from ldm.interop.autoencoder import SD_PREFIX as VAE_PREFIX
-from ldm.interop.clip_text import TEXT_PREFIX
-from ldm.interop.io import StateDict, WeightsError, error_line, read_state_dict
+from ldm.weights.io import StateDict, WeightsError, error_line, read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+HF_PREFIX = "transformer."  # SD 1.x: transformers' CLIPTextModel, under TEXT_PREFIX
+OPEN_CLIP_PREFIX = "model."  # SD 2.x: open_clip's CLIP without its image tower, under TEXT_PREFIX
 PARTS = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
 # The DDPM schedule as buffers of CompVis's LatentDiffusion: our objective computes its own.
 SCHEDULE_BUFFERS = (
@@ -51,11 +54,6 @@ def is_sd_checkpoint(path: str | os.PathLike[str]) -> bool:
     else:
         keys = read_state_dict(path)  # torch zip files are memory-mapped: nothing is read but the names
     return any(k.startswith(PARTS) for k in keys)
-
-
-def part(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
-    """The keys of one part (``UNET_PREFIX`` ...), the prefix removed."""
-    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def unaccounted(state_dict: Mapping[str, Tensor]) -> StateDict:

@@ -57,6 +57,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
     return dict(state)
 
 
+def under(state: Mapping[str, Tensor], prefix: str) -> StateDict:
+    """The entries whose keys start with ``prefix``, the prefix removed (one part of a larger file)."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
 def error_line(error: BaseException) -> str:
     """``Type: message`` of an exception on one line, to quote inside another message."""
     return " ".join(f"{type(error).__name__}: {error}".split())

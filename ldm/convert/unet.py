@@ -3,7 +3,7 @@
 Our module names follow diffusers, so the conversion is a few renames plus the shape of the
 transformers' in/out projections: linear maps here, 1x1 convolutions in SD-1.x-style diffusers configs
 (``use_linear_projection=False``). Keys already in our naming pass ``unet_from_diffusers`` unchanged.
-``ldm.interop.denoiser`` loads the files; ``ldm.interop.sd_unet`` continues to the original SD layout.
+``ldm.diffusion.init_weights`` loads the files; ``ldm.convert.sd_unet`` continues to the original SD layout.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from ldm.backbones.unet import UNet
-from ldm.interop.io import StateDict
-from ldm.interop.rename import rename
+from ldm.weights.io import StateDict
+from ldm.weights.rename import rename
 
 _RENAMES = (  # (ours, diffusers)
     ("to_out.", "to_out.0."),  # to_out is Linear + Dropout there, Linear here
@@ -52,28 +51,3 @@ def unet_to_diffusers(state_dict: Mapping[str, Tensor], linear_projections: bool
             value = value[:, :, None, None]  # (C_out, C_in) linear -> (C_out, C_in, 1, 1) conv
         out[diffusers_name(key)] = value
     return out
-
-
-def attention_heads(unet: UNet) -> int | list[int]:
-    """The UNet's heads as diffusers' ``attention_head_dim`` states them.
-
-    One number when every transformer has the same heads (SD 1.x fixes the number); else heads per
-    level for a fixed head width (SD 2.x, SDXL), levels without attention counted at that width too.
-    """
-    mid = unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads
-    levels = [b.attentions[0].transformer_blocks[0].attn1.heads for b in unet.down_blocks if b.attentions is not None]
-    if set(levels) <= {mid}:
-        return mid
-    widths = [block.resnets[0].conv1.out_channels for block in unet.down_blocks]
-    head_width = widths[-1] // mid
-    return [width // head_width for width in widths]
-
-
-def linear_projections(unet: UNet) -> bool:
-    """How Stable Diffusion stores this UNet's transformer projections: linear (SD 2.x, SDXL) or 1x1 convs.
-
-    SD 1.x configs fix the number of heads and use convolutions; SD 2.x and SDXL fix the head width
-    (``use_linear_in_transformer``). Our UNet is the same function either way: the choice only names
-    the layout of the files it is written to, decided by the heads (one number: SD 1.x).
-    """
-    return isinstance(attention_heads(unet), list)

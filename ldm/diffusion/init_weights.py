@@ -7,7 +7,7 @@ The layout is told by the backbone's type and the file's keys:
 - diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x) into a ``UNet``;
 - a Stable Diffusion 1.x / 2.x single file (``.ckpt``/``.safetensors``) into a ``UNet``: its
   ``model.diffusion_model.*``, the original layout; its autoencoder and text encoder load through their
-  own options (``ldm.interop.sd_checkpoint``), and a key that belongs to no part is refused;
+  own options (``ldm.weights.sd``), and a key that belongs to no part is refused;
 - diffusers' class-conditional ``DiTTransformer2DModel`` into a ``DiT``, its class table into the
   conditioner's one ``ClassEmbedder``.
 """
@@ -15,66 +15,74 @@ The layout is told by the backbone's type and the file's keys:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
 from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
 from ldm.conditioning.label import ClassEmbedder
-from ldm.interop.dit import dit_from_diffusers
-from ldm.interop.io import StateDict, WeightsError, check_keys, read_state_dict
-from ldm.interop.sd_checkpoint import UNET_PREFIX, part, unaccounted
-from ldm.interop.sd_unet import unet_from_sd
-from ldm.interop.unet import unet_from_diffusers
+from ldm.convert.dit import dit_from_diffusers
+from ldm.convert.sd_unet import unet_from_sd
+from ldm.convert.unet import unet_from_diffusers
+from ldm.nn.frozen import frozen_names
+from ldm.weights.io import StateDict, WeightsError, check_keys, read_state_dict, under
+from ldm.weights.sd import UNET_PREFIX, unaccounted
 
 Part = tuple[nn.Module, StateDict, str]  # (module, the weights it receives, its name in messages)
+Foreign = Callable[[nn.Module, nn.Module, StateDict, str], list[Part]]  # (backbone, conditioner, file's state, path)
 
 
 def load_denoiser_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load ``path`` into ``backbone`` (and ``conditioner`` where the file has its part), strictly.
 
     From our own layout the backbone takes the EMA weights (``ema.module.*``) when the file has them,
-    since those are the ones the model samples with, else the trained ``backbone.*`` ones. Every part
-    is checked before any is loaded; a mismatch raises a ``WeightsError`` naming the file.
+    since those are the ones the model samples with, else the trained ``backbone.*`` ones. Other layouts
+    go through the converter ``FOREIGN`` names for the backbone's class. Every part is checked before any
+    is loaded; a mismatch raises a ``WeightsError`` naming the file.
     """
     path = os.fspath(path)
     state = read_state_dict(path)
     if any(k.startswith(("backbone.", "ema.module.")) for k in state):
         parts = _ours(backbone, conditioner, state)
-    elif isinstance(backbone, DiT) and any(k.startswith("transformer_blocks.") for k in state):
-        parts = _diffusers_dit(backbone, conditioner, state, path)
-    elif isinstance(backbone, UNet) and any(k.startswith(UNET_PREFIX) for k in state):
-        weights = {**unet_from_sd(part(state, UNET_PREFIX), backbone.state_dict()), **unaccounted(state)}
-        parts = [(backbone, weights, f"this UNet (the file's {UNET_PREFIX}*)")]
-    elif isinstance(backbone, UNet):
-        parts = [(backbone, unet_from_diffusers(state), "this UNet")]  # our own names pass unchanged
     else:
-        parts = [(backbone, state, f"this {type(backbone).__name__}")]
+        foreign = next((FOREIGN[c] for c in type(backbone).__mro__ if c in FOREIGN), _bare)
+        parts = foreign(backbone, conditioner, state, path)
     for module, weights, what in parts:
         check_keys(weights, module.state_dict(), path, what)
     for module, weights, _ in parts:
         module.load_state_dict(weights)
 
 
-def _under(state: Mapping[str, Tensor], prefix: str) -> StateDict:
-    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _ours(backbone: nn.Module, conditioner: nn.Module, state: Mapping[str, Tensor]) -> list[Part]:
     """Backbone from the EMA (else the trained weights); conditioner from its keys, frozen parts kept."""
     prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "backbone."
-    parts = [(backbone, _under(state, prefix), f"this {type(backbone).__name__} (the file's {prefix}* keys)")]
-    trained = _under(state, "conditioner.")
+    parts = [(backbone, under(state, prefix), f"this {type(backbone).__name__} (the file's {prefix}* keys)")]
+    trained = under(state, "conditioner.")
     if trained:  # a checkpoint leaves frozen parameters out (they load from their own files): keep ours
         current = conditioner.state_dict()
-        frozen = {name: current[name] for name, p in conditioner.named_parameters() if not p.requires_grad}
-        parts.append((conditioner, {**frozen, **trained}, "this conditioner"))
+        parts.append((conditioner, {**{k: current[k] for k in frozen_names(conditioner)}, **trained}, "this conditioner"))
     return parts
 
 
-def _diffusers_dit(backbone: DiT, conditioner: nn.Module, state: Mapping[str, Tensor], path: str) -> list[Part]:
-    """Our DiT's weights and the class table for the conditioner's single ClassEmbedder."""
+def _bare(backbone: nn.Module, conditioner: nn.Module, state: StateDict, path: str) -> list[Part]:
+    """A backbone's own state dict, as it is."""
+    return [(backbone, state, f"this {type(backbone).__name__}")]
+
+
+def _unet(backbone: nn.Module, conditioner: nn.Module, state: StateDict, path: str) -> list[Part]:
+    """A Stable Diffusion single file's UNet (refusing keys of no part), else diffusers' (or our own names)."""
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        weights = {**unet_from_sd(under(state, UNET_PREFIX), backbone.state_dict()), **unaccounted(state)}
+        return [(backbone, weights, f"this UNet (the file's {UNET_PREFIX}*)")]
+    return [(backbone, unet_from_diffusers(state), "this UNet")]  # our own names pass unchanged
+
+
+def _dit(backbone: nn.Module, conditioner: nn.Module, state: StateDict, path: str) -> list[Part]:
+    """diffusers' class-conditional DiT: our DiT's weights and the class table for the conditioner's one
+    ClassEmbedder; else a DiT state dict of ours."""
+    if not any(k.startswith("transformer_blocks.") for k in state):
+        return _bare(backbone, conditioner, state, path)
     try:
         weights, table = dit_from_diffusers(state)
     except (KeyError, ValueError) as error:
@@ -97,3 +105,9 @@ def _eps_rows(weights: StateDict, backbone: DiT) -> StateDict:
     keep = {k: weights[k].unflatten(0, (patches, -1))[:, : ours // patches].flatten(0, 1)
             for k in ("final.linear.weight", "final.linear.bias")}  # the first C of each patch position's 2C
     return {**weights, **keep}
+
+
+FOREIGN: dict[type[nn.Module], Foreign] = {  # backbone class -> reader of the other layouts it loads from
+    UNet: _unet,  # Stable Diffusion single files, diffusers' UNet2DConditionModel
+    DiT: _dit,  # diffusers' DiTTransformer2DModel (class-conditional)
+}

@@ -13,15 +13,12 @@ import re
 from collections.abc import Mapping
 
 import torch
-from open_clip.transformer import QuickGELU
-from torch import Tensor, nn
+from torch import Tensor
 
-from ldm.interop.io import StateDict
-from ldm.interop.rename import rename
+from ldm.weights.io import StateDict, under
+from ldm.weights.rename import rename
+from ldm.weights.sd import HF_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX
 
-TEXT_PREFIX = "cond_stage_model."  # an SD file's text encoder
-HF_PREFIX = "transformer."  # SD 1.x: transformers' CLIPTextModel, under TEXT_PREFIX
-OPEN_CLIP_PREFIX = "model."  # SD 2.x: open_clip's CLIP without its image tower, under TEXT_PREFIX
 CLIP_HEAD = ("text_projection", "logit_scale")  # CLIP's contrastive head: not part of a CLIPTextModel
 HF_BUFFERS = ("embeddings.position_ids",)  # a buffer older transformers saved: 0..L-1, nothing to load
 OPEN_CLIP_BUFFERS = ("attn_mask",)  # the causal mask, should an older open_clip have saved it: rebuilt, not loaded
@@ -90,36 +87,8 @@ def text_from_sd(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, bool]:
     (``HF_BUFFERS``, ``OPEN_CLIP_BUFFERS``); keys under neither SD layout keep their full names, for
     ``check_keys`` to report.
     """
-    text = {k.removeprefix(TEXT_PREFIX): v for k, v in state_dict.items() if k.startswith(TEXT_PREFIX)}
-    hf = {k.removeprefix(HF_PREFIX): v for k, v in text.items() if k.startswith(HF_PREFIX)}
-    ours = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in text.items()
-            if k.startswith(OPEN_CLIP_PREFIX) and k.removeprefix(OPEN_CLIP_PREFIX) not in OPEN_CLIP_BUFFERS}
+    text = under(state_dict, TEXT_PREFIX)
+    hf = under(text, HF_PREFIX)
+    ours = {k: v for k, v in under(text, OPEN_CLIP_PREFIX).items() if k not in OPEN_CLIP_BUFFERS}
     other = {TEXT_PREFIX + k: v for k, v in text.items() if not k.startswith((HF_PREFIX, OPEN_CLIP_PREFIX))}
     return {**open_clip_from_hf(hf), **ours, **other}, bool(hf)
-
-
-def text_state(clip: nn.Module) -> StateDict:
-    """An open_clip model's text-tower state dict (everything but an image tower)."""
-    return {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
-
-
-def uses_quick_gelu(clip: nn.Module) -> bool:
-    """Whether an open_clip text tower uses OpenAI's quick GELU (x * sigmoid(1.702 x))."""
-    return isinstance(clip.transformer.resblocks[0].mlp.gelu, QuickGELU)
-
-
-def hf_text_config(clip: nn.Module, layers: int) -> dict[str, object]:
-    """``CLIPTextConfig`` arguments for the first ``layers`` blocks of an open_clip text tower."""
-    block = clip.transformer.resblocks[0]
-    return {
-        "vocab_size": clip.token_embedding.num_embeddings,
-        "hidden_size": clip.token_embedding.embedding_dim,
-        "intermediate_size": block.mlp.c_fc.out_features,
-        "num_hidden_layers": layers,
-        "num_attention_heads": block.attn.num_heads,
-        "max_position_embeddings": clip.positional_embedding.shape[0],
-        "hidden_act": "quick_gelu" if uses_quick_gelu(clip) else "gelu",
-        "layer_norm_eps": clip.ln_final.eps,
-        "bos_token_id": BOS,
-        "eos_token_id": EOS,
-    }

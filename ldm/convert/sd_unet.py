@@ -5,7 +5,7 @@ The original UNet numbers its blocks flat: ``input_blocks.0`` is conv_in, then e
 ``middle_block.0/1/2`` are ResBlock, transformer, ResBlock; ``output_blocks`` hold each level's
 ``num_res_blocks + 1`` [ResBlock, transformer] pairs with the upsampler as their last module (index 1
 without a transformer, 2 with one). Inside the transformers the names are diffusers' own, so we go
-through diffusers' names (``ldm.interop.unet``) and only renumber the blocks and rename the ResBlocks.
+through diffusers' names (``ldm.convert.unet``) and only renumber the blocks and rename the ResBlocks.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Collection, Iterable, Mapping
 
 from torch import Tensor
 
-from ldm.interop.io import StateDict
-from ldm.interop.rename import rename
-from ldm.interop.unet import diffusers_name, unet_from_diffusers, unet_to_diffusers
+from ldm.convert.unet import diffusers_name, unet_from_diffusers, unet_to_diffusers
+from ldm.weights.io import StateDict
+from ldm.weights.rename import rename
 
 _TOP_LEVEL = {  # diffusers prefix -> original prefix
     "time_embedding.linear_1.": "time_embed.0.",

@@ -1,0 +1,1 @@
+"""The training plumbing both LightningModules and the CLI share: non-finite guard, fast paths, exact resume."""
