@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ldm.weights.io import StateDict, under
-from ldm.weights.rename import rename
+from ldm.weights.rename import rename, table
 from ldm.weights.sd import HF_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX
 
 CLIP_HEAD = ("text_projection", "logit_scale")  # CLIP's contrastive head: not part of a CLIPTextModel
@@ -24,17 +24,18 @@ HF_BUFFERS = ("embeddings.position_ids",)  # a buffer older transformers saved: 
 OPEN_CLIP_BUFFERS = ("attn_mask",)  # the causal mask, should an older open_clip have saved it: rebuilt, not loaded
 BOS, EOS = 49406, 49407  # CLIP's start- and end-of-text token ids
 
-_RENAMES = (  # (open_clip, transformers' CLIPTextModel without its "text_model." prefix)
-    ("token_embedding.", "embeddings.token_embedding."),
-    ("positional_embedding", "embeddings.position_embedding.weight"),
-    ("transformer.resblocks.{i}.", "encoder.layers.{i}."),
-    ("ln_1.", "layer_norm1."),
-    ("ln_2.", "layer_norm2."),
-    ("attn.out_proj.", "self_attn.out_proj."),
-    ("mlp.c_fc.", "mlp.fc1."),
-    ("mlp.c_proj.", "mlp.fc2."),
-    ("ln_final.", "final_layer_norm."),
-)
+# (open_clip, transformers' CLIPTextModel without its "text_model." prefix)
+_RENAMES = table("""
+    token_embedding.            embeddings.token_embedding.
+    positional_embedding        embeddings.position_embedding.weight
+    transformer.resblocks.{i}.  encoder.layers.{i}.
+    ln_1.                       layer_norm1.
+    ln_2.                       layer_norm2.
+    attn.out_proj.              self_attn.out_proj.
+    mlp.c_fc.                   mlp.fc1.
+    mlp.c_proj.                 mlp.fc2.
+    ln_final.                   final_layer_norm.
+""")
 _QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 _IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
 _LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.")

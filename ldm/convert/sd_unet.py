@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ldm.convert.unet import diffusers_name, unet_from_diffusers, unet_to_diffusers
 from ldm.weights.io import StateDict
-from ldm.weights.rename import rename
+from ldm.weights.rename import rename, table
 
 _TOP_LEVEL = {  # diffusers prefix -> original prefix
     "time_embedding.linear_1.": "time_embed.0.",
@@ -31,14 +31,15 @@ _TOP_LEVEL = {  # diffusers prefix -> original prefix
     "mid_block.attentions.0.": "middle_block.1.",
     "mid_block.resnets.1.": "middle_block.2.",
 }
-_RESNET = (  # (diffusers, original) inside a ResBlock
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("conv_shortcut.", "skip_connection."),
-)
+# (diffusers, original) inside a ResBlock
+_RESNET = table("""
+    norm1.          in_layers.0.
+    conv1.          in_layers.2.
+    time_emb_proj.  emb_layers.1.
+    norm2.          out_layers.0.
+    conv2.          out_layers.3.
+    conv_shortcut.  skip_connection.
+""")
 _LEVEL = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _ATTENTION_LEVEL = re.compile(r"up_blocks\.(\d+)\.attentions\.")
 

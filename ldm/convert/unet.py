@@ -14,16 +14,17 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from ldm.weights.io import StateDict
-from ldm.weights.rename import rename
+from ldm.weights.rename import rename, table
 
-_RENAMES = (  # (ours, diffusers)
-    ("to_out.", "to_out.0."),  # to_out is Linear + Dropout there, Linear here
-    ("ff.proj_in.", "ff.net.0.proj."),  # GEGLU's projection
-    ("ff.proj_out.", "ff.net.2."),
-    ("downsample.", "downsamplers.0.conv."),
-    ("upsample.", "upsamplers.0."),
-    ("vector_embedding.", "class_embedding."),  # class_embed_type="projection"
-)
+# (ours, diffusers)
+_RENAMES = table("""
+    to_out.             to_out.0.               # to_out is Linear + Dropout there, Linear here
+    ff.proj_in.         ff.net.0.proj.          # GEGLU's projection
+    ff.proj_out.        ff.net.2.
+    downsample.         downsamplers.0.conv.
+    upsample.           upsamplers.0.
+    vector_embedding.   class_embedding.        # class_embed_type="projection"
+""")
 _PROJECTION = re.compile(r"attentions\.\d+\.proj_(in|out)\.weight$")
 
 

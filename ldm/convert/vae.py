@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ldm.weights.io import StateDict, WeightsError, under
-from ldm.weights.rename import rename
+from ldm.weights.rename import rename, table
 from ldm.weights.sd import VAE_PREFIX
 
 Layout = Literal["auto", "ldm", "diffusers", "sd"]
@@ -24,28 +24,28 @@ STATS_KEYS = ("latent_mean", "latent_std", "latent_stats_estimated")
 
 # (our / diffusers name piece, CompVis name piece). {i} and {j} copy an index; {r} is a decoder level,
 # which diffusers counts from the coarsest resolution and CompVis from the finest.
-_SD_RENAMES = (
-    ("down_blocks.{i}.resnets.{j}.", "down.{i}.block.{j}."),
-    ("down_blocks.{i}.downsamplers.0.", "down.{i}.downsample."),
-    ("up_blocks.{r}.resnets.{j}.", "up.{r}.block.{j}."),
-    ("up_blocks.{r}.upsamplers.0.", "up.{r}.upsample."),
-    ("mid_block.resnets.0.", "mid.block_1."),
-    ("mid_block.resnets.1.", "mid.block_2."),
-    ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."),
-    ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
-    ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
-    ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
-    ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."),
-    ("conv_shortcut.", "nin_shortcut."),
-    ("conv_norm_out.", "norm_out."),
-)
+_SD_RENAMES = table("""
+    down_blocks.{i}.resnets.{j}.            down.{i}.block.{j}.
+    down_blocks.{i}.downsamplers.0.         down.{i}.downsample.
+    up_blocks.{r}.resnets.{j}.              up.{r}.block.{j}.
+    up_blocks.{r}.upsamplers.0.             up.{r}.upsample.
+    mid_block.resnets.0.                    mid.block_1.
+    mid_block.resnets.1.                    mid.block_2.
+    mid_block.attentions.0.group_norm.      mid.attn_1.norm.
+    mid_block.attentions.0.to_q.            mid.attn_1.q.
+    mid_block.attentions.0.to_k.            mid.attn_1.k.
+    mid_block.attentions.0.to_v.            mid.attn_1.v.
+    mid_block.attentions.0.to_out.0.        mid.attn_1.proj_out.
+    conv_shortcut.                          nin_shortcut.
+    conv_norm_out.                          norm_out.
+""")
 # (our name piece, the attention name piece of diffusers checkpoints written before diffusers 0.14)
-_LEGACY_DIFFUSERS_RENAMES = (
-    ("attentions.0.to_q.", "attentions.0.query."),
-    ("attentions.0.to_k.", "attentions.0.key."),
-    ("attentions.0.to_v.", "attentions.0.value."),
-    ("attentions.0.to_out.0.", "attentions.0.proj_attn."),
-)
+_LEGACY_DIFFUSERS_RENAMES = table("""
+    attentions.0.to_q.      attentions.0.query.
+    attentions.0.to_k.      attentions.0.key.
+    attentions.0.to_v.      attentions.0.value.
+    attentions.0.to_out.0.  attentions.0.proj_attn.
+""")
 _ATTN_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 _DECODER_LEVEL = re.compile(r"^decoder\.(?:up_blocks|up)\.(\d+)\.")
 

@@ -14,6 +14,15 @@ Pairs = tuple[tuple[str, str], ...]  # (our name piece, their name piece)
 Fields = Callable[[dict[str, int]], dict[str, int]]  # the matched integer fields -> those to write
 
 
+def table(text: str) -> Pairs:
+    """A rename table written as two columns, ours then theirs, one pair a line; ``#`` starts a comment."""
+    rows = [row for line in text.splitlines() if (row := line.split("#", 1)[0].split())]
+    bad = [row for row in rows if len(row) != 2]
+    if bad:
+        raise ValueError(f"a rename table row has two name pieces, got {bad[0]}")
+    return tuple((ours, theirs) for ours, theirs in rows)
+
+
 @functools.cache
 def _pattern(template: str) -> re.Pattern[str]:
     """Regex for a name piece starting at a dot boundary, with {i}/{j}/... as named integer groups."""
