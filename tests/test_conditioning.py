@@ -190,9 +190,9 @@ def test_jsonargparse_builds_conditioner():
         "  embedders:\n"
         "    - class_path: ldm.conditioning.label.ClassEmbedder\n"
         "      init_args: {num_classes: 4, dim: 8}\n"
-        "    - class_path: ldm.conditioning.SpatialEmbedder\n"
+        "    - class_path: ldm.conditioning.spatial.SpatialEmbedder\n"
         "      init_args: {channels: 3, key: low}\n"
-        "    - class_path: ldm.conditioning.SizeEmbedder\n"
+        "    - class_path: ldm.conditioning.size.SizeEmbedder\n"
         "      init_args: {keys: [original_size], features_per_value: 4}\n"
     )
     cond = parser.instantiate(cfg).c
