@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dis
 import json
+import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning: with DataLoader workers on a few CPU cores, spinning
@@ -24,6 +28,16 @@ from ldm.callbacks.export import ExportWeights  # noqa: E402
 from ldm.training.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
 
 CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
+OWN_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tools")  # where refusals come from
+# Lightning's warnings that nobody can act on in an `ldm` run, each harmless here for the reason above it
+HARMLESS_WARNINGS = (
+    # our stream deals each rank and loader worker its own batches (ldm.data.stream): its length is exact
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning's own pytree helper calls an API that torch deprecates: nothing of ours, nothing to change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the frozen autoencoder and text encoders stay in eval mode on purpose (ldm.nn.frozen)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
 
 
 class LdmCLI(LightningCLI):
@@ -69,7 +83,7 @@ class LdmCLI(LightningCLI):
     def _check_resolution(self) -> None:
         """Refuse data whose side the model cannot take (autoencoder downsampling x backbone multiple) before training."""
         multiple = getattr(self.model, "size_multiple", None)
-        resolution = (getattr(self.datamodule, "hparams", None) or {}).get("resolution")
+        resolution = getattr(self.datamodule, "resolution", None)  # WebDataModule's image side
         if multiple and resolution and resolution % multiple:
             below = resolution // multiple * multiple
             raise ValueError(
@@ -131,9 +145,59 @@ def compose(args: list[str]) -> dict[str, Any]:
     return json.loads(cli.parser.dump(cli.config, format="json", skip_check=True))
 
 
+def refusal(error: BaseException) -> BaseException | None:
+    """The refusal that ``error`` is, or was raised from (``raise ... from``: jsonargparse wraps what a
+    constructor raises), else None. A refusal is raised by a `raise` statement of ldm's or the tools' own
+    code (a file, checkpoint or setting that cannot work, a run of non-finite steps): its message is
+    written for the user. What a library raises, or Python itself in our code (a failed unpacking,
+    ``int('x')``), and an unimplemented method are bugs: they keep their traceback."""
+    while error is not None and not _raised_by_us(error):
+        error = error.__cause__
+    return error
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the frame that raised
+    if tb is None or not isinstance(error, Exception) or isinstance(error, NotImplementedError):
+        return False
+    code = tb.tb_frame.f_code
+    ours = any(Path(code.co_filename).resolve().is_relative_to(folder) for folder in OWN_CODE)
+    return ours and code.co_code[tb.tb_lasti] == dis.opmap["RAISE_VARARGS"]
+
+
+@contextmanager
+def refusals(program: str) -> Iterator[None]:
+    """End a refusal raised inside (see ``refusal``) in its one line, ``<program>: error: <message>``, and
+    exit status 1, without a traceback; any other error propagates with its traceback."""
+    try:
+        yield
+    except Exception as error:
+        reason = refusal(error)
+        if reason is None:
+            raise
+        raise SystemExit(f"{program}: error: {reason}") from None
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's messages that a user cannot act on (HARMLESS_WARNINGS, and its logger advertisement)."""
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
+
+
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    """Lightning's tip to install its cloud logger, printed by every run: nothing to do with ours."""
+    return "litlogger" not in record.getMessage()
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `ldm fit|validate|test|predict --config ...` (exit status 0 on success)."""
-    build_cli(args)
+    """Entry point of `ldm fit|validate|test|predict --config ...`: exit status 0 on success; a refusal
+    ends in its one-line message and status 1."""
+    quiet_lightning()
+    with refusals("ldm"):
+        build_cli(args)
 
 
 if __name__ == "__main__":

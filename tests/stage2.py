@@ -61,7 +61,7 @@ def cli_args(experiment: Path, shards: Path, out: Path, codec_weights: str | Non
         "model": {"init_args": {
             "codec": {"init_args": {"weights": codec_weights}},
             "init_weights": None,  # a pretrained starting point (a user's SD checkpoint) is not on a test machine
-            "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}},
+            "sampler": {"class_path": "ldm.diffusion.samplers.DPMSolverPP2M", "init_args": {"steps": 2}},
         }},
         "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(out / "runs"), "name": "test"}}},

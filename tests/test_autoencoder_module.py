@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -109,6 +110,21 @@ def test_each_optimizer_steps_only_its_parameters_and_gan_starts_at_disc_start()
     before, after = recorder.logs[:2], recorder.logs[2:]
     assert all(logs["train/g"] == 0 and logs["train/d_weight"] == 0 for logs in before)
     assert all(logs["train/g"] != 0 and logs["train/d_weight"] > 0 and logs["train/d"] > 0 for logs in after)
+
+
+def test_each_learning_rate_schedule_follows_its_own_optimizers_steps(recwarn):
+    """The autoencoder's schedule steps with every batch, a skipped (NaN) first step included; the
+    discriminator's only from its first step (disc_start): no schedule runs ahead of its optimizer."""
+    module = _module(disc_start=2)
+    module.lr_scheduler = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    images[0, 0, 0, 0] = float("nan")  # the first batch's step is skipped
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader([{"image": x} for x in images], batch_size=2))
+    assert module.guard.skipped == 1
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers] == [1e-3 * 0.5**3, 1e-3 * 0.5]  # 3 batches; 1 GAN step
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]  # torch's check of the order
 
 
 # ---- the experiments through the CLI ---------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Bad input: every corrupt sample or shard is skipped and counted, every unusable setting refused by name.
 
-The corruption table below serves twice: each case on its own against the transform, and all of them
+The corruption table below serves twice: each case on its own against the image decoder, and all of them
 planted at random in shards read whole through WebDataModule (the fuzz test at the end).
 """
 
@@ -16,15 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 from PIL import Image
 
 from ldm.data import batch as B
 from ldm.data.collate import collate
 from ldm.data.datamodule import WebDataModule
+from ldm.data.decoder import SkipSample
+from ldm.data.images import ImageDecoder
 from ldm.data.shards import count_samples
-from ldm.data.transforms import SampleTransform, SkipSample
+from ldm.data.stream import MAX_SKIP_WARNINGS, SKIPPED, ShardStream
 from tests.shardutil import png_bytes, sample, write_shards, write_tar
 
 EXTRA = {"seg.png": "class"}
@@ -93,34 +97,39 @@ def test_each_corruption_skips_with_its_reason(name: str) -> None:
     raw = _raw()
     expected = _corrupt(raw, name, random.Random(0))
     with pytest.raises(SkipSample) as err:
-        SampleTransform(8, extra_keys=EXTRA, require=REQUIRE)(raw, random.Random(0))
+        ImageDecoder(8, extra_keys=EXTRA, require=REQUIRE)(raw, random.Random(0))
     assert _reason(str(err.value)) == expected
 
 
 def test_annotations_from_txt_cls_or_json() -> None:
-    transform = SampleTransform(8, require=REQUIRE)
+    decoder = ImageDecoder(8, require=REQUIRE)
     raw = _raw(3)
     raw["cls"] = b" 4\n"
-    out = transform(raw, random.Random(0))
+    out = decoder(raw, random.Random(0))
     assert out[B.CAPTION] == "sample 3" and out[B.LABEL] == 4
     _json_only(raw, {"caption": " from json ", "label": 0})
-    out = transform(raw, random.Random(0))
+    out = decoder(raw, random.Random(0))
     assert out[B.CAPTION] == "from json" and out[B.LABEL] == 0
     _json_only(raw, {"caption": None})  # null: no caption, fine where none is required
-    out = SampleTransform(8, require=())(raw, random.Random(0))
+    out = ImageDecoder(8, require=())(raw, random.Random(0))
     assert out[B.CAPTION] == "" and B.LABEL not in out
 
 
 def test_map_kinds_decode_as_declared() -> None:
     raw = _raw(size=(12, 10))
     _seg(raw, Image.new("L", (12, 10), 200))  # a grey picture, say an edge map
-    image = SampleTransform(8, extra_keys={"seg.png": "image"}, require=())(raw, random.Random(0))[SEG]
+    image = ImageDecoder(8, extra_keys={"seg.png": "image"}, require=())(raw, random.Random(0))[SEG]
     assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and torch.allclose(image, torch.tensor(200 / 127.5 - 1))
     _seg(raw, Image.new("I;16", (12, 10), 1000))  # 16-bit class ids: a class map, never a picture
-    classes = SampleTransform(8, extra_keys=EXTRA, require=())(raw, random.Random(0))[SEG]
+    classes = ImageDecoder(8, extra_keys=EXTRA, require=())(raw, random.Random(0))[SEG]
     assert classes.shape == (1, 8, 8) and classes.dtype == torch.int64 and (classes == 1000).all()
     with pytest.raises(SkipSample, match=r"seg.png is I(;16)?, expected an image"):
-        SampleTransform(8, extra_keys={"seg.png": "image"}, require=())(raw, random.Random(0))
+        ImageDecoder(8, extra_keys={"seg.png": "image"}, require=())(raw, random.Random(0))
+    depth = ImageDecoder(8, extra_keys={"seg.png": "depth16"}, require=())(raw, random.Random(0))[SEG]  # 16-bit values
+    assert depth.shape == (1, 8, 8) and depth.dtype == torch.float32 and torch.allclose(depth, torch.tensor(1000 / 32767.5 - 1))
+    _seg(raw, Image.new("L", (12, 10), 200))
+    with pytest.raises(SkipSample, match=r"seg.png is L, expected a 16-bit map"):
+        ImageDecoder(8, extra_keys={"seg.png": "depth16"}, require=())(raw, random.Random(0))
 
 
 def test_collate_drops_an_optional_key_only_some_samples_carry() -> None:
@@ -147,6 +156,68 @@ def test_label_in_some_samples_optional_or_required(tmp_path: Path) -> None:
     batches = list(required.val_dataloader())
     assert [b[B.LABEL].tolist() for b in batches] == [[0, 2], [3, 0]]
     assert required.skipped == Counter({"no label": 2})
+
+
+class _Scalars(Logger):
+    """Keeps the scalars a run logs: {name: [(step, value), ...]}."""
+
+    name, version = "scalars", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for name, value in metrics.items():
+            self.scalars.setdefault(name, []).append((step, value))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _Steps(L.LightningModule):
+    """One parameter, a loss from the batch's images: a fit that only streams the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return (self.weight * batch[B.IMAGE].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_skips_are_logged_as_data_skipped_and_warned_naming_key_and_shard(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """README "Bad data": counted by reason, the `data/skipped` scalar, a warning naming the key and the shard."""
+    samples = [sample(n, (12, 10)) for n in range(7)]
+    samples[1]["jpg"] = b"not an image"
+    samples[4]["txt"] = ""
+    shard = write_tar(tmp_path / "a.tar", samples)
+    data = WebDataModule(train=shard, batch_size=2, num_workers=0, resolution=8, shuffle_buffer=0)
+    logger = _Scalars()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.WARNING, logger="ldm.data"):
+        trainer.fit(_Steps(), datamodule=data)
+    assert Counter(_reason(r) for r in data.skipped.elements()) == Counter({"undecodable jpg": 1, "no caption": 1})
+    assert logger.scalars["data/skipped"][-1][1] == 2  # logged when the count grows (the loader reads ahead)
+    warned = [r.getMessage() for r in caplog.records if r.name == "ldm.data.stream"]
+    assert warned == [f"skipped sample 000001 in {shard}: undecodable jpg: UnidentifiedImageError",
+                      f"skipped sample 000004 in {shard}: no caption"]
+
+
+def test_skip_warnings_stop_after_ten_per_worker_and_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    samples = [sample(n, (12, 10)) for n in range(40)]
+    for raw in samples[::2]:
+        raw["txt"] = ""
+    stream = ShardStream([write_tar(tmp_path / "a.tar", samples)], ImageDecoder(8), 2)
+    with caplog.at_level(logging.WARNING, logger="ldm.data.stream"):
+        batches = list(stream.batches(0))
+    assert sum(n for batch in batches for n in batch[SKIPPED].values()) == 20  # every skip counted
+    assert len([r for r in caplog.records if r.name == "ldm.data.stream"]) == MAX_SKIP_WARNINGS
 
 
 def test_unreadable_shards_are_left_out_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,43 +1,34 @@
-"""tools/benchmark.py train and sample on CPU, for both stages: every number in the table and the JSON line."""
+"""tools/benchmark.py train and sample on CPU for both stages, and compare: every number in the table and JSON line."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from ldm.data.synthetic import write_shapes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import benchmark  # noqa: E402
-import compare  # noqa: E402
+from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
+from tools.bench import cli, compare, experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = str(ROOT / "experiments" / "shapes" / "autoencoder.yaml")
 CLASS2IMG = str(ROOT / "experiments" / "shapes" / "class2img_unet.yaml")
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
-    pytest.mark.usefixtures("one_thread"),  # tiny models run fastest on one thread
-]
+pytestmark = CLI_MARKS
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    write_shapes(root, train=4, val=2, test=0, size=16)
-    return root
+    return tiny_shapes(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def options(data: Path) -> list[str]:
     """Tool and ldm options running an experiment on the tiny 16 px shards."""
     return ["--device", "cpu", "--batch-size", "2", "--data.init_args.train", str(data / "train" / "shard-*.tar"),
-            "--data.init_args.val", str(data / "val" / "shard-*.tar"), "--data.init_args.resolution", "16"]
+            "--data.init_args.val", str(data / "val" / "shard-*.tar"), "--data.init_args.resolution", str(TINY_SIZE)]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def random_codec(data: Path) -> list[str]:
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, dict]:
-    benchmark.main(argv)
+    cli.main(argv)
     out = capsys.readouterr().out.strip()
     return out, json.loads(out.splitlines()[-1])
 
@@ -57,7 +48,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, dict]
 def check_table(out: str, result: dict, unit: str) -> None:
     for key in ("samples_per_s", "ms_per_call", "flops_per_sample", "peak_memory_gib"):
         assert math.isfinite(result[key]) and result[key] > 0
-    assert result["batch_size"] == 2 and result["image_size"] == [16, 16] and result["device"] == "cpu"
+    assert result["batch_size"] == 2 and result["image_size"] == [TINY_SIZE] * 2 and result["device"] == "cpu"
     assert result["mfu"] is None and result["peak_memory_kind"] == "CPU peak RSS"
     rows = {"samples/s": f"{result['samples_per_s']:.2f}", f"ms/{unit}": f"{result['ms_per_call']:.1f}",
             "peak memory": f"{result['peak_memory_gib']:.2f} GiB (CPU peak RSS)",
@@ -67,15 +58,15 @@ def check_table(out: str, result: dict, unit: str) -> None:
         assert f"  {name:<13} {value}" in lines
 
 
-
 def test_mfu_divides_by_lightnings_peak_for_the_compute_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     asked = []
-    monkeypatch.setattr(benchmark, "get_available_flops", lambda device, dtype: asked.append(dtype) or 8e9)
+    monkeypatch.setattr(experiment, "get_available_flops", lambda device, dtype: asked.append(dtype) or 8e9)
     batch = {"image": torch.zeros(2, 3, 4, 4)}
-    result = benchmark._measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "bf16-mixed", 1e9, 2.0, 4)
+    result = experiment.measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "bf16-mixed", 1e9, 2.0, 4)
     assert asked == [torch.bfloat16] and result["mfu"] == pytest.approx(0.25)  # 4 calls x 1 GFLOP / 2 s / 8 GFLOP/s
-    benchmark._measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "32-true", 1e9, 2.0, 4)
+    experiment.measurements(torch.nn.Linear(1, 1), batch, torch.device("cpu"), "32-true", 1e9, 2.0, 4)
     assert asked[-1] is torch.float32
+
 
 def test_train_and_sample_of_the_autoencoder(options: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     out, train = run(["train", "--config", AUTOENCODER, *options, "--steps", "2", "--warmup", "1"], capsys)
@@ -102,13 +93,15 @@ def test_train_and_sample_of_latent_diffusion_with_a_swapped_backbone(options: l
 
 def test_options_the_data_benchmark_does_not_know_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        benchmark.main(["data", "--model.init_args.backbone", "x.yaml"])
+        cli.main(["data", "--model.init_args.backbone", "x.yaml"])
     assert "unrecognized arguments: --model.init_args.backbone x.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit", "vae"])
-def test_compare_builds_the_same_function_twice_and_times_both(arch: str, capsys: pytest.CaptureFixture[str]) -> None:
-    ours, ours_step, theirs, theirs_step = compare.build(arch, ROOT, batch_size=1, size=8, device=torch.device("cpu"))
+def test_compare_builds_the_same_function_twice_and_times_both(arch: str, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    pair = compare.build(arch, compare.ROOT, batch_size=1, size=8, device=torch.device("cpu"))
+    ours, ours_step, theirs, theirs_step = pair
     ours.eval(), theirs.eval()  # diffusers' DiT drops class labels at random in training
     with torch.random.fork_rng():  # the VAE draws its posterior sample: the same draw for both
         torch.manual_seed(0)
@@ -116,11 +109,13 @@ def test_compare_builds_the_same_function_twice_and_times_both(arch: str, capsys
         torch.manual_seed(0)
         b = theirs_step()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # the same weights, the same loss
-    benchmark.main(["compare", "--arch", arch, "--batch-size", "1", "--size", "8", "--steps", "1", "--warmup", "0",
-                    "--device", "cpu", "--fast"])
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+
+    ours.train(), theirs.train()  # as built: the command times training steps
+    monkeypatch.setattr(compare, "build", lambda *args: pair)  # DiT-S/2 and kl-f8 take seconds to build: once
+    out, result = run(["compare", "--arch", arch, "--batch-size", "1", "--size", "8", "--steps", "1", "--warmup", "0",
+                       "--device", "cpu", "--fast"], capsys)
     ms = result["ms_per_step"]
+    assert (result["arch"], result["batch_size"], result["size"], result["steps"]) == (arch, 1, 8, 1)
     assert set(ms) == {"ldm", "diffusers"} and all(v > 0 for v in ms.values())
     assert result["median_ratio_ldm_over_diffusers"] == pytest.approx(ms["ldm"] / ms["diffusers"])  # one step: one pair
     assert "median of paired ratios" in out and result["channels_last"] == (arch != "dit")

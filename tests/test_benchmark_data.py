@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.shardutil import write_shards
+from tools.bench import cli
+from tools.bench import data as benchmark_data
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import benchmark  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["data", "--resolution", "32", "--batch-size", "4", "--batches", "2"]  # the command, on tiny batches
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[list[str], dict]:
-    benchmark.main(["data", "--resolution", "32", "--batch-size", "4", "--batches", "2", *argv])
-    lines = capsys.readouterr().out.strip().splitlines()
+def _lines_and_result(out: str) -> tuple[list[str], dict]:
+    lines = out.strip().splitlines()
     return lines, json.loads(lines[-1])
 
 
@@ -25,9 +27,14 @@ def _positive(rate: float) -> bool:
     return math.isfinite(rate) and rate > 0
 
 
-def test_data_benchmark_on_given_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_benchmark_on_given_shards(tmp_path: Path) -> None:
+    """Run as the README runs it: `python tools/benchmark.py`, whose commands are in tools/bench/."""
     write_shards(tmp_path, [12, 9])
-    lines, result = _run(["--shards", str(tmp_path / "shard-{0000..0001}.tar"), "--workers", "0", "2"], capsys)
+    shards = ["--shards", str(tmp_path / "shard-{0000..0001}.tar"), "--workers", "0", "2"]
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", *DATA, *shards], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines, result = _lines_and_result(proc.stdout)
     assert list(result["loader_images_per_s"]) == ["0", "2"]
     assert all(_positive(rate) for rate in result["loader_images_per_s"].values())
     for workers, rate in result["loader_images_per_s"].items():  # the table row of each worker count
@@ -39,9 +46,10 @@ def test_data_benchmark_on_given_shards(tmp_path: Path, capsys: pytest.CaptureFi
 def test_data_benchmark_writes_a_synthetic_set_without_shards(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(benchmark, "SYNTHETIC_SAMPLES", 24)
-    monkeypatch.setattr(benchmark, "SYNTHETIC_SIZE", 48)
-    lines, result = _run(["--workers", "0"], capsys)
+    monkeypatch.setattr(benchmark_data, "SYNTHETIC_SAMPLES", 24)
+    monkeypatch.setattr(benchmark_data, "SYNTHETIC_SIZE", 48)
+    cli.main([*DATA, "--workers", "0"])
+    lines, result = _lines_and_result(capsys.readouterr().out)
     assert result["shards"] == "synthetic shapes, 24 x 48 px" and result["shards"] in lines[0]
     assert list(result["loader_images_per_s"]) == ["0"] and _positive(result["loader_images_per_s"]["0"])
     assert result["decode_images"] == 24 and _positive(result["decode_images_per_s_per_core"])

@@ -1,21 +1,33 @@
-"""The `ldm` console script: help, config printing and composition, run folders, exit status."""
+"""The `ldm` console script: help, config printing and composition, run folders, exit status, and refusals
+that end in one line (the file or option and the fix) while bugs keep their traceback."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import lightning as L
+import pytest
+import torch
 import yaml
 
+from ldm.autoencoder.weights import save_vae_safetensors
+from ldm.cli import build_cli, instantiate, refusal
 from ldm.data.synthetic import write_shapes
+from ldm.training.nonfinite import NonFiniteGuard
+from tests.stage2 import cli_args, write_stage2_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 LDM = shutil.which("ldm") or "ldm"
+TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
 
 
-def ldm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([LDM, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def ldm(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LDM, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_help_lists_the_subcommands_and_fit_help_the_components() -> None:
@@ -55,3 +67,93 @@ def test_fit_exits_0_and_saves_config_and_last_checkpoint_twice(tmp_path: Path) 
     assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "autoencoder.safetensors").is_file()  # the fit ends with its export
     assert list(folder.glob("events.out.tfevents.*"))
+
+
+# --- refusals: one line, no traceback; bugs keep theirs ------------------------------------------------
+def assert_refused(run: subprocess.CompletedProcess, program: str, *says: str) -> None:
+    """The command ended with status 1 in one line, ``<program>: error: ...`` saying each of ``says``, and no traceback."""
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{program}: error: ") and all(s in last for s in says), last
+    assert "Traceback" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Tiny shards, a stage-2 checkpoint (one step, a random-init codec) and the weights of another autoencoder."""
+    root = tmp_path_factory.mktemp("stage2")
+    shards = write_stage2_shards(root / "shards")
+    args = cli_args(TXT2IMG, shards, root / "fit")
+    with pytest.MonkeyPatch.context() as patch, pytest.warns():  # LightningCLI: pytest's own argv goes unread
+        patch.setattr(sys, "argv", ["ldm"])
+        build_cli(["fit", *args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+        model, _ = instantiate(args)
+    with torch.no_grad():
+        next(model.codec.vae.parameters()).add_(0.1)
+    save_vae_safetensors(model.codec.vae, root / "other-vae.safetensors")
+    return shards, root / "fit" / "checkpoints" / "last.ckpt", root / "other-vae.safetensors"
+
+
+def test_ldm_test_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, tmp_path: Path) -> None:
+    shards, ckpt, other = stage2
+    run = ldm("test", *cli_args(TXT2IMG, shards, tmp_path, codec_weights=str(other)), "--ckpt_path", str(ckpt))
+    assert_refused(run, "ldm", f"checkpoint {ckpt} was made with another autoencoder",
+                   "set the codec's weights to the autoencoder it was made with")
+
+
+def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, tmp_path: Path) -> None:
+    _, ckpt, other = stage2
+    overlay = tmp_path / "codec.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"codec": {"init_args": {"weights": str(other)}}}}}))
+    run = subprocess.run([sys.executable, "tools/export.py", "--config", str(TXT2IMG), "--config", str(overlay),
+                          "--ckpt", str(ckpt), "--out", str(tmp_path / "diffusers")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_refused(run, "export.py", f"{ckpt} was made with another autoencoder")
+    assert not (tmp_path / "diffusers").exists()
+
+
+def test_an_option_a_constructor_refuses_ends_in_its_own_line(stage2, tmp_path: Path) -> None:
+    """jsonargparse wraps what a constructor raises in its own long error: the refusal under it is what prints."""
+    shards, _, _ = stage2
+    run = ldm("fit", *cli_args(TXT2IMG, shards, tmp_path), "--model.init_args.max_nonfinite_steps", "0")
+    assert_refused(run, "ldm", "max_nonfinite_steps must be at least 1, got 0")
+
+
+def test_a_bug_keeps_its_traceback(stage2, tmp_path: Path) -> None:
+    """The same exception type raised by code that is not ldm's own refusals (here a test's callback) is a bug."""
+    shards, _, _ = stage2
+    run = ldm("fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.max_steps", "1",
+              "--trainer.callbacks+", "tests.test_cli.Broken", env={"PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1 and "Traceback" in run.stderr and "ValueError: a bug" in run.stderr
+
+
+class Broken(L.Callback):
+    """Raises at the start of training, as a bug would."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise ValueError("a bug")
+
+
+def _caught(call) -> BaseException:
+    try:
+        call()
+    except Exception as error:
+        return error
+    raise AssertionError("nothing raised")
+
+
+def _wrapped_by_a_library() -> None:
+    try:
+        NonFiniteGuard(0)
+    except ValueError as error:
+        raise RuntimeError("Does not validate against any of the Union subtypes") from error
+
+
+def test_refusals_are_our_raise_statements_and_nothing_else() -> None:
+    ours = _caught(lambda: NonFiniteGuard(0))  # `raise ValueError(...)` in ldm
+    assert refusal(ours) is ours
+    wrapped = _caught(_wrapped_by_a_library)  # as jsonargparse wraps a constructor's error
+    assert str(refusal(wrapped)) == "max_nonfinite_steps must be at least 1, got 0"
+    assert refusal(_caught(lambda: NonFiniteGuard("3"))) is None  # Python's TypeError ('<' on a str), in ldm
+    assert refusal(_caught(lambda: torch.nn.Linear(2, 1)(torch.zeros(3)))) is None  # torch's
+    assert refusal(_caught(lambda: int("x"))) is None  # Python's, here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 import tarfile
 from collections import Counter
@@ -13,9 +14,9 @@ import torch
 import webdataset as wds
 
 from ldm.data.datamodule import WebDataModule
+from ldm.data.images import ImageDecoder
 from ldm.data.shards import count_samples, expand_shards, plan_epoch
 from ldm.data.stream import SKIPPED, ShardStream
-from ldm.data.transforms import SampleTransform
 from tests.shardutil import jpeg_bytes, write_shards
 
 
@@ -58,7 +59,7 @@ def test_random_crop_and_flip_keep_maps_aligned(tmp_path: Path) -> None:
     with wds.TarWriter(str(folder / "a.tar")) as sink:
         for k in range(8):
             sink.write({"__key__": f"{k}", "png": buf.getvalue(), "txt": "x", "seg.png": sbuf.getvalue()})
-    stream = ShardStream([str(folder / "a.tar")], SampleTransform(16, "random", True, {"seg.png": "class"}), batch_size=8)
+    stream = ShardStream([str(folder / "a.tar")], ImageDecoder(16, "random", True, {"seg.png": "class"}), batch_size=8)
     batch = next(stream.batches(0))
     white = batch["image"][:, 0] > 0
     assert torch.equal(white, batch["seg"][:, 0] == 1)
@@ -76,7 +77,7 @@ def test_every_sample_once_and_equal_batches_per_rank(tmp_path: Path, counts, wo
     seen: Counter[str] = Counter()
     per_rank = []
     for rank in range(world):
-        stream = ShardStream(urls, SampleTransform(8), batch, rank=rank, world_size=world, workers=workers)
+        stream = ShardStream(urls, ImageDecoder(8), batch, rank=rank, world_size=world, workers=workers)
         batches = [b for w in range(max(workers, 1)) for b in stream.batches(w)]
         assert len(batches) == len(stream)
         per_rank.append(len(batches))
@@ -128,14 +129,14 @@ def test_plan_property_over_random_layouts() -> None:
 
 def test_resampled_mode_yields_epoch_length_per_rank(tmp_path: Path) -> None:
     urls = write_shards(tmp_path, [3, 2])
-    stream = ShardStream(urls, SampleTransform(8), 2, workers=2, resampled=True, epoch_length=5, shuffle_buffer=4)
+    stream = ShardStream(urls, ImageDecoder(8), 2, workers=2, resampled=True, epoch_length=5, shuffle_buffer=4)
     batches = [b for w in range(2) for b in stream.batches(w)]
     assert len(batches) == len(stream) == 5 and all(len(b["caption"]) == 2 for b in batches)
 
 
 def test_epochs_reshuffle(tmp_path: Path) -> None:
     urls = write_shards(tmp_path, [10, 10])
-    stream = ShardStream(urls, SampleTransform(8), 20, shuffle_buffer=8)
+    stream = ShardStream(urls, ImageDecoder(8), 20, shuffle_buffer=8)
     orders = []
     for epoch in (1, 2):
         stream.epoch = epoch
@@ -171,7 +172,7 @@ def test_skips_under_ddp_repeat_a_sample_to_keep_ranks_in_step(tmp_path: Path) -
     urls = [str(tmp_path / "bad.tar")] * 2  # two ranks each read a share of the same samples
     counts = []
     for rank in range(2):
-        stream = ShardStream(urls, SampleTransform(8), 1, rank=rank, world_size=2)
+        stream = ShardStream(urls, ImageDecoder(8), 1, rank=rank, world_size=2)
         batches = list(stream.batches(0))
         counts.append(len(batches))
         assert len(batches) == len(stream)
@@ -182,7 +183,7 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path: Path) -> None:
     urls = write_shards(tmp_path, [6])
     data = Path(urls[0]).read_bytes()
     Path(urls[0]).write_bytes(data[: len(data) * 2 // 3])
-    stream = ShardStream(urls, SampleTransform(8), 2)
+    stream = ShardStream(urls, ImageDecoder(8), 2)
     batches = list(stream.batches(0))
     assert 1 <= len(batches) <= len(stream)
     assert any(k.startswith("unreadable tar") for b in batches for k in b[SKIPPED])
@@ -205,8 +206,6 @@ def test_count_samples_reads_headers(tmp_path: Path) -> None:
 
 
 def test_shard_index_gives_counts_without_scanning(tmp_path: Path) -> None:
-    import json
-
     from ldm.data.shards import INDEX_NAME, write_shard_index
 
     urls = write_shards(tmp_path, [3, 4])
@@ -216,3 +215,18 @@ def test_shard_index_gives_counts_without_scanning(tmp_path: Path) -> None:
     data["shardlist"][0]["nsamples"] = 99  # the index, not the tar, is what is read
     index.write_text(json.dumps(data))
     assert count_samples(urls) == [99, 4]
+
+
+def test_prediction_requests_decode_maps_as_their_extra_keys_declare(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "maps").mkdir()
+    Image.new("L", (12, 10), 3).save(tmp_path / "maps" / "0.png")  # an 8-bit map: class ids or a picture, as declared
+    (tmp_path / "requests.jsonl").write_text(json.dumps({"caption": "a", "seg": "maps/0.png", "edge": "maps/0.png"}) + "\n")
+    dm = WebDataModule(predict=str(tmp_path / "requests.jsonl"), batch_size=1, resolution=8,
+                       extra_keys={"seg.png": "class", "edge.png": "image"})
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["seg"].shape == (1, 1, 8, 8) and batch["seg"].dtype == torch.int64 and (batch["seg"] == 3).all()
+    assert batch["edge"].shape == (1, 3, 8, 8) and torch.allclose(batch["edge"], torch.tensor(3 / 127.5 - 1))
+    assert batch["caption"] == ["a"] and batch["target_size"].tolist() == [[8, 8]]

@@ -1,4 +1,4 @@
-"""load_denoiser_weights: our stage-2 layout (EMA first, frozen parts kept), diffusers' UNet and class DiT."""
+"""load_init_weights: our stage-2 layout (EMA first, frozen parts kept), diffusers' UNet and class DiT."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ldm.conditioning.label import ClassEmbedder
 from ldm.conditioning.open_clip import OpenCLIP
 from ldm.conditioning.text import OpenCLIPTextEmbedder
 from ldm.convert.unet import unet_from_diffusers
-from ldm.diffusion.init_weights import load_denoiser_weights
+from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.module import LatentDiffusion
 from ldm.weights.io import WeightsError
 from tests.test_dit import diffusers_dit, inputs, randomize, tiny_dit
@@ -60,7 +60,7 @@ def test_stage2_checkpoint_gives_the_ema_backbone_and_the_trained_conditioner(tm
     source, target = stage2(0), stage2(1)
     path = lightning_checkpoint(source, tmp_path / "last.ckpt")
     text = clone(target.conditioner.embedders[0])
-    load_denoiser_weights(target.backbone, target.conditioner, path)
+    load_init_weights(target.backbone, target.conditioner, path)
     assert_same(clone(target.backbone), clone(source.ema.module))  # the weights that are sampled from
     assert_same(clone(target.conditioner.embedders[1]), clone(source.conditioner.embedders[1]))
     assert_same(clone(target.conditioner.embedders[0]), text)  # frozen: not in the checkpoint, kept as built
@@ -71,7 +71,7 @@ def test_trained_backbone_without_ema_and_no_conditioner_part(tmp_path):
     path = tmp_path / "backbone.safetensors"
     save_file({f"backbone.{k}": v.contiguous() for k, v in source.backbone.state_dict().items()}, path)
     conditioner = clone(target.conditioner)
-    load_denoiser_weights(target.backbone, target.conditioner, path)
+    load_init_weights(target.backbone, target.conditioner, path)
     assert_same(clone(target.backbone), clone(source.backbone))
     assert_same(clone(target.conditioner), conditioner)
 
@@ -82,7 +82,7 @@ def test_everything_is_checked_before_anything_loads(tmp_path):
     backbone = clone(target.backbone)
     with pytest.raises(WeightsError, match=r"three-classes\.ckpt does not fit this conditioner; mis-shaped keys: "
                                            r"embedders\.1\.embedding\.weight \(4, 8\) in file vs \(5, 8\) in model"):
-        load_denoiser_weights(target.backbone, target.conditioner, path)
+        load_init_weights(target.backbone, target.conditioner, path)
     assert_same(clone(target.backbone), backbone)
 
 
@@ -94,7 +94,7 @@ def test_diffusers_unet_file(tmp_path, name):
     else:
         torch.save(state, tmp_path / name)
     unet = UNet(4, 4, 32, None, **TINY)
-    load_denoiser_weights(unet, Conditioner([]), tmp_path / name)
+    load_init_weights(unet, Conditioner([]), tmp_path / name)
     assert_same(clone(unet), unet_from_diffusers(state))
 
 
@@ -107,7 +107,7 @@ def test_unet_mismatch_names_the_file_and_the_keys(tmp_path):
     with pytest.raises(WeightsError, match=r"broken\.safetensors does not fit this UNet; missing keys: conv_in\.bias; "
                                            r"unexpected keys: extra\.weight; mis-shaped keys: conv_out\.weight "
                                            r"\(3, 32, 3, 3\) in file vs \(4, 32, 3, 3\) in model"):
-        load_denoiser_weights(UNet(4, 4, 32, None, **TINY), Conditioner([]), tmp_path / "broken.safetensors")
+        load_init_weights(UNet(4, 4, 32, None, **TINY), Conditioner([]), tmp_path / "broken.safetensors")
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -120,12 +120,12 @@ def test_bare_dit_weights_round_trip(tmp_path, suffix):
     else:
         torch.save(state_dict, path)
     restored = tiny_dit().eval()
-    load_denoiser_weights(restored, Conditioner([]), path)
+    load_init_weights(restored, Conditioner([]), path)
     batch = inputs()
     with torch.no_grad():
         assert torch.equal(restored(**batch), model(**batch))
     with pytest.raises(WeightsError, match=re.escape(f"{path} does not fit this DiT; unexpected keys: blocks.0.cross")):
-        load_denoiser_weights(tiny_dit(context_dim=None), Conditioner([]), path)
+        load_init_weights(tiny_dit(context_dim=None), Conditioner([]), path)
 
 
 def save_diffusers_dit(path: Path, tie_embedders: bool = True) -> torch.nn.Module:
@@ -142,7 +142,7 @@ def diffusers_sized_dit() -> DiT:
 def test_diffusers_dit_fills_the_backbone_and_the_class_embedder(tmp_path):
     reference = save_diffusers_dit(tmp_path / "dit.safetensors")
     ours, conditioner = diffusers_sized_dit(), Conditioner([ClassEmbedder(10, 32)])
-    load_denoiser_weights(ours, conditioner, tmp_path / "dit.safetensors")
+    load_init_weights(ours, conditioner, tmp_path / "dit.safetensors")
     x, t, labels = torch.randn(3, 4, 8, 8), torch.tensor([0, 250, 999]), torch.tensor([1, 7, 10])  # 10: null class
     with torch.no_grad():
         expected = reference(x, t, labels).sample[:, :4]  # the eps half; the learned variance is dropped
@@ -161,11 +161,11 @@ def test_diffusers_dit_fills_the_backbone_and_the_class_embedder(tmp_path):
 def test_diffusers_dit_class_table_must_fit_one_class_embedder(tmp_path, embedders, message):
     save_diffusers_dit(tmp_path / "dit.safetensors")
     with pytest.raises(WeightsError, match=re.escape(str(tmp_path / "dit.safetensors")) + ".*" + message):
-        load_denoiser_weights(diffusers_sized_dit(), Conditioner(embedders), tmp_path / "dit.safetensors")
+        load_init_weights(diffusers_sized_dit(), Conditioner(embedders), tmp_path / "dit.safetensors")
 
 
 def test_diffusers_dit_with_untied_embedders_names_the_file(tmp_path):
     save_diffusers_dit(tmp_path / "untied.safetensors", tie_embedders=False)
     path = tmp_path / "untied.safetensors"
     with pytest.raises(WeightsError, match=r"untied\.safetensors: per-block timestep/class embedders differ"):
-        load_denoiser_weights(diffusers_sized_dit(), Conditioner([ClassEmbedder(10, 32)]), path)
+        load_init_weights(diffusers_sized_dit(), Conditioner([ClassEmbedder(10, 32)]), path)

@@ -10,22 +10,23 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.autoencoder.vae import VAE
 from ldm.cli import build_cli
-from ldm.training.nonfinite import NonFiniteTraining
+from ldm.training.nonfinite import NonFiniteGuard, NonFiniteTraining
 from tests.stage2 import ROOT, cli_args, write_stage2_shards
 from tests.test_latent_diffusion import assert_same_state, state, tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 
 
-def _trainer(tmp_path: Path, steps: int) -> L.Trainer:
+def _trainer(tmp_path: Path, steps: int, **options) -> L.Trainer:
     return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=tmp_path,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **options)
 
 
 def _batches(n: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -39,15 +40,16 @@ def _batches(n: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]
 
 
 class _Snapshot(L.Callback):
-    """Weights, EMA and optimizer state just before and just after training batch ``index``."""
+    """The module's whole state (weights, EMA, buffers), every optimizer's state and the logged loss, just
+    before and just after training batch ``index``."""
 
     def __init__(self, index: int) -> None:
         self.index, self.taken = index, {}
 
     def _take(self, trainer: L.Trainer, model: L.LightningModule) -> dict:
-        adam = trainer.optimizers[0].state_dict()["state"]
-        return {"weights": state(model.backbone), "ema": state(model.ema),
-                "adam": {f"{i}.{k}": v.clone() for i, s in adam.items() for k, v in s.items()}}
+        moments = {f"{n}.{i}.{k}": v.clone() for n, optimizer in enumerate(trainer.optimizers)
+                   for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+        return {"module": state(model), "optimizers": moments, "loss": trainer.callback_metrics.get("train/loss")}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.index:
@@ -57,21 +59,71 @@ class _Snapshot(L.Callback):
         if batch_idx == self.index:
             self.taken["after"] = self._take(trainer, pl_module)
 
+    def assert_untouched(self) -> None:
+        """The skipped batch changed no weight, EMA weight, buffer or optimizer moment."""
+        before, after = self.taken["before"], self.taken["after"]
+        assert_same_state(before["module"], after["module"])
+        assert before["optimizers"].keys() == after["optimizers"].keys()
+        assert all(torch.equal(before["optimizers"][k], after["optimizers"][k]) for k in before["optimizers"])
 
-@pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused AdamW, on the device"])
-def test_a_nan_batch_skips_its_step_and_leaves_weights_optimizer_and_ema_untouched(fused: bool, tmp_path: Path) -> None:
+
+class _InfGradient(L.Callback):
+    """Makes a backbone gradient inf in training batch ``index``; the loss stays finite."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.hook = index, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.index:
+            self.hook = next(pl_module.backbone.parameters()).register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.index:
+            self.hook.remove()
+
+
+PRECISIONS = {  # the guard's three ways to skip: drop the gradients, the fused kernel's found_inf, the GradScaler
+    "host check": lambda: dict(fused=False),
+    "fused AdamW, on the device": lambda: dict(fused=True),
+    "fp16 with a GradScaler": lambda: dict(fused=True, plugins=[MixedPrecision("16-mixed", "cpu")]),  # CPU scaler
+}
+
+
+@pytest.mark.parametrize("fault", ["NaN pixel", "inf gradient, finite loss"])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_a_non_finite_step_is_skipped_leaving_weights_optimizer_and_ema_untouched(fault: str, precision: str,
+                                                                                   tmp_path: Path) -> None:
+    options = PRECISIONS[precision]()
     model, snapshot = tiny_model().train(), _Snapshot(1)
-    model.optimizer = partial(torch.optim.AdamW, fused=fused)
-    trainer = _trainer(tmp_path, 3)
+    model.optimizer = partial(torch.optim.AdamW, fused=options.pop("fused"))
+    trainer = _trainer(tmp_path, 3, **options)
     trainer.callbacks.append(snapshot)
-    trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))  # batch 1 has a NaN pixel
-    before, after = snapshot.taken["before"], snapshot.taken["after"]
-    assert_same_state(before["weights"], after["weights"])
-    assert_same_state(before["ema"], after["ema"])
-    assert before["adam"].keys() == after["adam"].keys() and all(torch.equal(before["adam"][k], after["adam"][k]) for k in before["adam"])
+    if fault == "NaN pixel":
+        batches = _batches(3, nan_at=1)
+    else:
+        batches = _batches(3)
+        trainer.callbacks.append(_InfGradient(1))
+    trainer.fit(model, DataLoader(batches, batch_size=None))
+    snapshot.assert_untouched()
+    assert torch.isfinite(snapshot.taken["after"]["loss"]) == (fault != "NaN pixel")
     assert model.guard.skipped == 1 and trainer.callback_metrics["train/nonfinite_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert trainer.global_step == 3 and int(model.ema.num_updates) == 2  # the other two steps trained
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    assert scaler is None or scaler.get_scale() == 2.0**15  # the scaler saw the inf too: it halved its scale once
+
+
+def test_the_in_a_row_count_restarts_after_a_finite_step() -> None:
+    """Non-finite steps interrupted by finite ones never stop a run, however many; a run of them does."""
+    guard, weight = NonFiniteGuard(max_consecutive=3), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    pattern = [False, False, True] * 2 + [False] * 3  # finite?; the host reads the run after steps 2, 5 and 8
+    with pytest.raises(NonFiniteTraining, match="3 optimizer steps in a row, up to step 8"):
+        for step, finite in enumerate(pattern):
+            weight.grad = torch.full((2,), 1.0 if finite else float("nan"))
+            guard.check(step, torch.tensor(1.0), optimizer)
+            optimizer.step()
+    assert step == 8 and guard.skipped == 7 and torch.equal(weight, torch.full((2,), -0.2))  # the 2 finite steps
 
 
 def test_a_run_of_nan_steps_stops_naming_the_step_and_the_last_finite_loss(tmp_path: Path) -> None:
@@ -86,24 +138,47 @@ def test_a_run_of_nan_steps_stops_naming_the_step_and_the_last_finite_loss(tmp_p
     assert all(torch.isfinite(p).all() for p in [*model.backbone.parameters(), *model.ema.parameters()])
 
 
-def test_a_checkpoint_or_export_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+def _autoencoder(**options) -> AutoencoderKL:
+    """A tiny autoencoder whose discriminator trains from the first batch."""
+    torch.manual_seed(0)
+    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
+    return AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8), **options)
+
+
+def _poison_diffusion() -> L.LightningModule:
     model = tiny_model()
     with torch.no_grad():
         for weights in (model.backbone, model.ema.module):  # the trained and the EMA weights (which export)
             next(weights.parameters()).view(-1)[0] = float("inf")
-    with pytest.raises(NonFiniteTraining, match="refusing to write a checkpoint: non-finite values in .*backbone"):
+    return model
+
+
+def _poison_autoencoder() -> L.LightningModule:
+    model = _autoencoder()
+    with torch.no_grad():
+        model.vae.decoder.conv_out.weight.view(-1)[0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize("poisoned, where", [(_poison_diffusion, "backbone"), (_poison_autoencoder, "vae.decoder")],
+                         ids=["latent diffusion", "autoencoder"])
+def test_a_checkpoint_or_export_with_non_finite_weights_is_refused(poisoned, where: str, tmp_path: Path) -> None:
+    model = poisoned()
+    with pytest.raises(NonFiniteTraining, match=f"refusing to write a checkpoint: non-finite values in .*{where}"):
         model.on_save_checkpoint({"state_dict": model.state_dict()})
     with pytest.raises(NonFiniteTraining, match="refusing to write .*export.safetensors"):
         model.export(str(tmp_path / "export.safetensors"))
     assert not (tmp_path / "export.safetensors").exists()
 
 
-def test_the_autoencoder_skips_a_nan_batch(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    model = AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8))
+@pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused Adam, on the device"])
+def test_the_autoencoder_skips_a_nan_batch_leaving_both_optimizers_untouched(fused: bool, tmp_path: Path) -> None:
+    adam = partial(torch.optim.Adam, fused=fused)
+    model, snapshot = _autoencoder(optimizer=adam, disc_optimizer=adam), _Snapshot(1)
     trainer = _trainer(tmp_path, 6)
+    trainer.callbacks.append(snapshot)
     trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))
+    snapshot.assert_untouched()  # the VAE, discriminator and both Adams' moments
     assert model.guard.skipped == 2  # the autoencoder's and the discriminator's step of the NaN batch
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

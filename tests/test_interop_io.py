@@ -15,7 +15,7 @@ from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
 from ldm.conditioning.conditioner import Conditioner
 from ldm.conditioning.open_clip import create_clip
-from ldm.diffusion.init_weights import load_denoiser_weights
+from ldm.diffusion.init_weights import load_init_weights
 from ldm.metrics.features import InceptionFeatures
 from ldm.weights.io import WeightsError
 from tests.test_unet import TINY
@@ -25,8 +25,8 @@ TINY_CLIP = "ldm-io-tiny-clip"
 LOADERS: dict[str, Callable[[str], object]] = {
     "vae": lambda path: load_vae_weights(VAE(base_channels=8, channel_mult=(1,), num_res_blocks=1, latent_channels=4,
                                              norm_groups=4), path),
-    "unet": lambda path: load_denoiser_weights(UNet(4, 4, None, None, **TINY), Conditioner([]), path),
-    "dit": lambda path: load_denoiser_weights(DiT(4, 4, None, None, width=32, depth=1, num_heads=2), Conditioner([]),
+    "unet": lambda path: load_init_weights(UNet(4, 4, None, None, **TINY), Conditioner([]), path),
+    "dit": lambda path: load_init_weights(DiT(4, 4, None, None, width=32, depth=1, num_heads=2), Conditioner([]),
                                               path),
     "lpips": lambda path: build_lpips("alex", path),
     "inception": InceptionFeatures,

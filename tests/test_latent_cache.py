@@ -1,5 +1,6 @@
-"""tools/cache_latents.py: a cached-latent run trains like the run that encodes images, a stale cache is
-refused, and the tool resumes and splits across processes."""
+"""tools/cache_latents.py: a cached-latent run trains like the run that encodes images, the default cache
+(bfloat16 moments, flipped copies) gives the latents encoding the images would, a stale cache is refused,
+and the tool resumes and splits across processes."""
 
 from __future__ import annotations
 
@@ -9,18 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import save_vae_safetensors
-from ldm.cli import build_cli, compose
+from ldm.cli import build_cli, compose, instantiate
 from ldm.data import batch as B
-from ldm.data.latents import CACHE_INFO
+from ldm.data.entries import resize_map
+from ldm.data.latents import CACHE_INFO, MEAN, TENSORS
+from ldm.data.shards import expand_shards
+from ldm.data.stream import ShardStream
 from ldm.data.synthetic import write_shapes
 from tests.stage2 import ROOT, cli_args
-from tools import benchmark, cache_latents
+from tools import cache_latents
+from tools.bench import cli as benchmark  # tools/benchmark.py runs it
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 SEG2IMG = ROOT / "experiments" / "shapes" / "seg2img_unet.yaml"
@@ -52,36 +58,84 @@ def cache(shards: Path, weights: Path, out: Path, *extra: str) -> dict:
     return cache_latents.main(["--config", configs[1], *configs[2:], "--out", str(out), "--text", "--dtype", "float32", *extra])
 
 
+@pytest.fixture(scope="module")
+def float_cache(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The train split cached once for the tests that only read it: float32 moments and the text embeddings."""
+    shards, weights = setup
+    out = tmp_path_factory.mktemp("float-cache") / "latents"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["ldm"])
+        return out, cache(shards, weights, out)
+
+
 def losses(out: Path) -> list[float]:
     events = EventAccumulator(str(next((out / "runs" / "test").glob("version_*")))).Reload()
     return [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
 
 
-def test_cached_latents_train_like_encoded_images(setup: tuple[Path, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_latents_train_like_encoded_images(setup: tuple[Path, Path], float_cache: tuple[Path, dict],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shards, weights = setup
+    latents, info = float_cache
     monkeypatch.setattr(sys, "argv", ["ldm"])
-    info = cache(shards, weights, tmp_path / "latents")
     assert info["flips"] is False and info["text_embedders"] == [0]  # the caption tower; the seg map is computed
     fit = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"]
     build_cli(["fit", *args(shards, tmp_path / "images", weights), *fit])
     build_cli(["fit", *args(shards, tmp_path / "cached", weights), *fit,
-               "--data.init_args.train", str(tmp_path / "latents" / "shard-*.tar")])
+               "--data.init_args.train", str(latents / "shard-*.tar")])
     encoded, cached = losses(tmp_path / "images"), losses(tmp_path / "cached")
     assert len(encoded) == 4 and cached == pytest.approx(encoded, rel=1e-5, abs=1e-6)
 
 
-def test_a_cache_of_another_codec_or_text_encoder_is_refused(setup: tuple[Path, Path], tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_cache_gives_the_latents_encoding_the_images_would(setup: tuple[Path, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 moments, z drawn from them and flipped copies: batch for batch the same keys, flips and maps
+    as the image loader's, and the same z up to the rounding of the stored moments: with eps the shared
+    generator's draw, |z_cached - z_images| <= 2^-8 (|mean| + |std eps|) / latent std (bfloat16 keeps 8
+    significant bits), plus 1e-5 for float32 convolutions run over other batch sizes."""
     shards, weights = setup
     monkeypatch.setattr(sys, "argv", ["ldm"])
-    cache(shards, weights, tmp_path / "latents")
+    options = [*cli_args(SEG2IMG, shards, tmp_path / "run", codec_weights=str(weights)), "--model.init_args.backbone",
+               TINY, "--data.init_args.batch_size", "3", "--data.init_args.hflip", "true"]  # the experiment's own codec
+    out = tmp_path / "latents"
+    info = cache_latents.main(["--config", options[1], *options[2:], "--out", str(out)])  # every default kept
+    assert info["flips"] is True and info["dtype"] == "bfloat16"
+    stored = load(next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)))[TENSORS])
+    assert stored[MEAN].dtype == torch.bfloat16
+    model, images = instantiate(options)
+    assert model.codec.sample_posterior  # z is drawn, not the mean
+    settings = {k: v for k, v in images.hparams.items() if not k.startswith("_")}  # less jsonargparse's class path
+    cached = type(images)(**{**settings, "train": str(out / "shard-*.tar")})
+    unflipped = {b[B.KEY][i]: b[B.IMAGE][i] for b in ShardStream(expand_shards(images.patterns["train"]),
+                                                                 images.image_decoder(train=False), 4).batches(0)
+                 for i in range(len(b[B.KEY]))}
+    images.setup("fit")
+    cached.setup("fit")
+    flips = []
+    for step, (a, b) in enumerate(zip(images.train_dataloader(), cached.train_dataloader(), strict=True)):
+        assert a[B.KEY] == b[B.KEY]
+        flips += [not torch.equal(image, unflipped[key]) for key, image in zip(a[B.KEY], a[B.IMAGE])]
+        assert torch.equal(resize_map(a["seg"], b["seg"].shape[-2:]), b["seg"].long())  # maps flipped alike
+        mean, std = model.codec.moments(a[B.IMAGE])
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(step))  # what from_moments draws first
+        z_images = model.latents(a, torch.Generator().manual_seed(step))
+        z_cached = model.latents(b, torch.Generator().manual_seed(step))
+        bound = 2**-8 * (mean.abs() + (std * eps).abs()) / model.codec.std + 1e-5
+        assert ((z_cached - z_images).abs() <= bound).all()
+        assert not torch.allclose(z_images, (mean - model.codec.mean) / model.codec.std)  # drawn, not the mean
+    assert len(flips) == 12 and any(flips) and not all(flips)
+
+
+def test_a_cache_of_another_codec_or_text_encoder_is_refused(setup: tuple[Path, Path], float_cache: tuple[Path, dict],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards, weights = setup
+    monkeypatch.setattr(sys, "argv", ["ldm"])
     other = tmp_path / "other.safetensors"
     state = load_file(weights)
     state["latent_mean"] = state["latent_mean"] + 1  # the same autoencoder, other statistics
     save_file(state, other)
     fit = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-           "--data.init_args.train", str(tmp_path / "latents" / "shard-*.tar")]
+           "--data.init_args.train", str(float_cache[0] / "shard-*.tar")]
     with pytest.raises(ValueError, match="were made with another autoencoder or latent statistics"):
         build_cli(["fit", *args(shards, tmp_path / "stale", other), *fit])
     text = yaml.safe_load((ROOT / "configs" / "embedder" / "text-tiny.yaml").read_text())
@@ -111,13 +165,13 @@ def test_the_tool_resumes_and_splits_shards_over_processes(setup: tuple[Path, Pa
     assert B.cached_embedding(0) == "embedding.0"
 
 
-def test_the_train_benchmark_times_a_cache_with_its_loader(setup: tuple[Path, Path], tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_train_benchmark_times_a_cache_with_its_loader(setup: tuple[Path, Path], float_cache: tuple[Path, dict],
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shards, weights = setup
-    cache(shards, weights, tmp_path / "latents")
+    latents = float_cache[0]
     options = args(shards, tmp_path / "bench", weights)
     benchmark.main(["train", "--config", options[1], "--steps", "2", "--warmup", "1", "--cached",
-                    str(tmp_path / "latents" / "shard-*.tar"), *options[2:]])
+                    str(latents / "shard-*.tar"), *options[2:]])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loader_workers"] == 1 and result["steps"] == 2 and result["samples_per_s"] > 0
-    assert str(tmp_path / "latents") in " ".join(result["ldm_options"])
+    assert str(latents) in " ".join(result["ldm_options"])

@@ -30,7 +30,14 @@ from ldm.conditioning.conditioner import Conditioner
 from ldm.conditioning.label import ClassEmbedder
 from ldm.data.synthetic import SHAPES, render_sample
 from ldm.diffusion.module import LatentDiffusion
-from ldm.diffusion.samplers import Sampler
+from ldm.diffusion.samplers import (
+    DDIM,
+    DDPMAncestral,
+    DPMSolverPP2M,
+    Euler,
+    Heun,
+    Sampler,
+)
 from tests.processes import run_isolated
 from tests.stage2 import RESOLUTION, cli_args, write_stage2_shards
 
@@ -245,7 +252,7 @@ def tiny_model() -> LatentDiffusion:
     backbone = partial(UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        num_heads=2, norm_groups=8)
     model = LatentDiffusion(backbone, codec, Conditioner([ClassEmbedder(len(SHAPES), 32)]),
-                            sampler=Sampler(steps=2), ema_decay=0.9, cfg_scale=2.0)
+                            sampler=DPMSolverPP2M(steps=2), ema_decay=0.9, cfg_scale=2.0)
     with torch.no_grad():  # the UNet starts zeroed at its outputs (predicts 0): give it a real function
         for p in model.backbone.parameters():
             if not p.any():
@@ -286,12 +293,12 @@ def test_validation_and_predict_use_the_ema_and_restore_the_trained_weights() ->
     assert not torch.allclose(predicted, model.generate(prompts, indices=prompts["index"]), atol=1e-4)
 
 
-@pytest.mark.parametrize("kind, eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("dpmpp_2m", 0.0),
-                                       ("euler", 0.0), ("heun", 0.0)])
-def test_sample_depends_only_on_seed_and_index_for_every_sampler(kind: str, eta: float) -> None:
+@pytest.mark.parametrize("sampler", [DDPMAncestral(3), DDIM(3, eta=1.0), DDIM(3), DPMSolverPP2M(3), Euler(3), Heun(3)],
+                         ids=["ddpm", "ddim1", "ddim0", "dpmpp_2m", "euler", "heun"])
+def test_sample_depends_only_on_seed_and_index_for_every_sampler(sampler: Sampler) -> None:
     """Each sample draws its initial and per-step noise from its own stream, so batching cannot change it."""
     model = tiny_model()
-    model.sampler = Sampler(kind, steps=3, eta=eta)
+    model.sampler = sampler
     everything = model.generate(requests([0, 1, 2, 3]))  # indices 0..3 in one batch
     parts = [model.generate(requests([2]), indices=torch.tensor([2])),
              model.generate(requests([3, 1]), indices=torch.tensor([3, 1]))]

@@ -5,7 +5,6 @@ import csv
 import gzip
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.images import ImageDecoder
 from ldm.data.stream import ShardStream
-from ldm.data.transforms import SampleTransform
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import make_shards as ms  # noqa: E402
+from tests.assets import ASSETS
+from tools import make_shards as ms
 
 
 def _image_bytes(seed: int, fmt: str, size: int = 8) -> bytes:
@@ -108,12 +106,12 @@ def test_shard_limits_whichever_comes_first(tmp_path):
     image.write_bytes(_image_bytes(0, "PNG"))
     specs = [ms.SampleSpec(image, f"caption {i}") for i in range(7)]
     one = sum(map(len, ms.load_sample(specs[0]).values()))  # entry bytes: what ShardWriter's maxsize counts
-    single = ms.make_shards(specs[:1], tmp_path / "single")
+    single = ms.make_shards(ms.Input(specs[:1]), tmp_path / "single")
     with tarfile.open(single.shards[0]) as tar:
         assert all(member.mtime == 0 for member in tar)
 
     def shard_sizes(**limits):
-        report = ms.make_shards(specs, tmp_path / str(sorted(limits.items())), **limits)
+        report = ms.make_shards(ms.Input(specs), tmp_path / str(sorted(limits.items())), **limits)
         assert report.written == 7
         return [len(_read([shard])) for shard in report.shards]
 
@@ -162,12 +160,9 @@ def test_cli_lists_skips_and_fails_when_nothing_is_usable(folder, tmp_path, caps
     assert "wrote 0 samples in 0 shards; skipped 1: missing caption: 1" in capsys.readouterr().out
 
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"  # ../shared/assets from the repo root
-
-
 def _stream(shards, resolution: int) -> list[dict]:
     """Every sample of `shards` through the project's reader, one batch each."""
-    stream = ShardStream([str(p) for p in shards], SampleTransform(resolution), batch_size=1)
+    stream = ShardStream([str(p) for p in shards], ImageDecoder(resolution), batch_size=1)
     return list(stream.batches(0))
 
 

@@ -1,7 +1,9 @@
-"""FID / KID against torch-fidelity, Inception and OpenCLIP loading, the reference-stats cache, tools/evaluate.py."""
+"""FID / KID against torch-fidelity, PSNR / SSIM against torchmetrics, Inception and OpenCLIP loading, the
+reference-stats cache, the metric protocol's loading and discovery, tools/evaluate.py."""
 
 import json
 import logging
+import math
 import sys
 import tarfile
 from pathlib import Path
@@ -18,20 +20,43 @@ from torch_fidelity.metric_fid import (
     fid_statistics_to_metric,
 )
 from torch_fidelity.metric_kid import kid_features_to_metric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.conditioning.open_clip import OpenCLIP
-from ldm.metrics.clip_score import CLIPScorer, clip_score, try_build_clip_scorer
+from ldm.metrics.base import metric_classes
+from ldm.metrics.clip_score import CLIPScore, clip_score
+from ldm.metrics.evaluation import load_metrics
 from ldm.metrics.features import InceptionFeatures
-from ldm.metrics.fid import fid, kid
+from ldm.metrics.fid import FID, KID, kid
+from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
 from tests.assets import asset
 from tests.shardutil import write_shards
 from tests.tiny_clip import register_tiny_clip
+from tests.tiny_modules import TinyFeatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as ev  # noqa: E402
 
-TINY_CLIP = dict(clip=OpenCLIP(random_init=True, text_cfg={"width": 32, "layers": 1, "heads": 2}, vision_cfg={"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}))
+TINY_CLIP = OpenCLIP(random_init=True, text_cfg={"width": 32, "layers": 1, "heads": 2}, vision_cfg={"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16})
+
+
+def ready(*metrics):
+    """The metrics, their pretrained parts built (random ones in these tests)."""
+    for metric in metrics:
+        metric.load()
+    return metrics[0] if len(metrics) == 1 else metrics
+
+
+def fid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The FID metric of two (N, D) feature sets."""
+    return FID().compute(*(as_set(f) for f in (x, y)))["fid"]
+
+
+def as_set(features: torch.Tensor, keep: bool = False) -> FeatureSet:
+    out = FeatureSet(keep)
+    out.add(features)
+    return out
 
 
 def feature_sets(dim: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,21 +129,6 @@ def test_feature_sets_merged_across_ranks_equal_the_whole_set():
     torch.testing.assert_close(whole.features, x[order.argsort()].float())  # sorted by the samples' order keys
 
 
-class TinyFeatures(nn.Module):
-    """A small random conv net standing in for Inception; counts its calls."""
-
-    def __init__(self):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.calls = 0
-
-    def forward(self, images):
-        self.calls += 1
-        return self.net(images)  # (B, 8)
-
-
 def write_images(folder: Path, seed: int, n: int, size: int = 16, captions: bool = False) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -173,8 +183,8 @@ def test_inception_features_load_the_weights_and_see_uint8_pixels(random_incepti
         path = path.rename(cached)
     pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
     ours = InceptionFeatures(str(path) if where == "path" else None)(pixels.float() / 127.5 - 1)
-    assert ours.shape == (1, 2048)
-    torch.testing.assert_close(ours, net(pixels)[0], rtol=0, atol=0)
+    assert list(ours) == ["pool3"] and ours["pool3"].shape == (1, 2048)
+    torch.testing.assert_close(ours["pool3"], net(pixels)[0], rtol=0, atol=0)
 
 
 def cifar_folder(folder: Path, members: list[str]) -> Path:
@@ -202,7 +212,7 @@ def test_fid_with_real_inception_matches_torch_fidelity(tmp_path):
     n = 40
     cats = cifar_folder(tmp_path / "cats", [f"test/cat/{i:04d}.jpg" for i in range(n)])
     trucks = cifar_folder(tmp_path / "trucks", [f"test/truck/{i:04d}.jpg" for i in range(n)])
-    ours = ev.evaluate(str(cats), str(trucks), InceptionFeatures(weights), resolution=32, batch_size=n)
+    ours = ev.evaluate(str(cats), str(trucks), [FID()], InceptionFeatures(weights), resolution=32, batch_size=n)
     theirs = calculate_metrics(input1=str(cats), input2=str(trucks), fid=True, cuda=False, batch_size=n,
                                save_cpu_ram=True, feature_extractor_weights_path=weights, verbose=False)
     assert ours["generated_count"] == ours["reference_count"] == n
@@ -218,84 +228,119 @@ def test_clip_score_is_clamped_scaled_cosine():
     assert clip_score(image, text)[0] == 0 and clip_score(image, 3 * image).tolist() == pytest.approx([100.0] * 6)
 
 
-def test_clip_scorer_random_init_end_to_end(offline):
-    scores = CLIPScorer(**TINY_CLIP)(torch.rand(3, 3, 20, 24) * 2 - 1, ["a cat", "a red cube", ""])
+def test_clip_score_random_init_end_to_end(offline):
+    scores = ready(CLIPScore(TINY_CLIP))(torch.rand(3, 3, 20, 24) * 2 - 1, ["a cat", "a red cube", ""])
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 100)).all()
 
 
-def test_clip_scorer_loads_a_local_weights_file(tmp_path, offline):
+def test_clip_score_loads_a_local_weights_file(tmp_path, offline):
     register_tiny_clip(tmp_path)
-    trained = CLIPScorer(OpenCLIP("tiny-test-clip", random_init=True, seed=3))
+    trained = ready(CLIPScore(OpenCLIP("tiny-test-clip", random_init=True, seed=3)))
     torch.save(trained.clip.state_dict(), tmp_path / "tiny.pt")
-    loaded = CLIPScorer(OpenCLIP("tiny-test-clip", pretrained=str(tmp_path / "tiny.pt")))
-    other = CLIPScorer(OpenCLIP("tiny-test-clip", random_init=True, seed=4))
+    loaded = ready(CLIPScore(OpenCLIP("tiny-test-clip", pretrained=str(tmp_path / "tiny.pt"))))
+    other = ready(CLIPScore(OpenCLIP("tiny-test-clip", random_init=True, seed=4)))
     images, captions = torch.rand(2, 3, 32, 32) * 2 - 1, ["a cat", "a dog"]
     torch.testing.assert_close(loaded(images, captions), trained(images, captions))
     assert not torch.allclose(other.clip.visual.conv1.weight, trained.clip.visual.conv1.weight)
 
 
 @pytest.mark.parametrize("pretrained", ["laion2b_s34b_b79k", "/no/such/weights.bin"])
-def test_clip_scorer_without_weights_is_disabled_in_one_line(pretrained, caplog, offline):
-    with caplog.at_level(logging.WARNING, logger="ldm.metrics.clip_score"):
-        assert try_build_clip_scorer("ViT-B-32", pretrained) is None
-    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.clip_score"]
+def test_a_metric_without_weights_is_left_out_in_one_line(pretrained, caplog, offline):
+    metrics = [PSNR(), CLIPScore(OpenCLIP("ViT-B-32", pretrained))]
+    with caplog.at_level(logging.WARNING, logger="ldm.metrics.evaluation"):
+        assert load_metrics(metrics) == (metrics[:1], None)  # PSNR runs on, with no feature extractor to build
+    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.evaluation"]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert lines[0].startswith("CLIP score disabled: OpenCLIP ViT-B-32 weights") and "clip_pretrained" in lines[0]
+    assert lines[0].startswith("CLIP score disabled: OpenCLIP ViT-B-32 weights") and "clip.pretrained of CLIPScore" in lines[0]
+
+
+def test_every_metric_is_found_by_the_name_it_reports():
+    classes = metric_classes()
+    for cls in (FID, KID, CLIPScore, PSNR, SSIM, LPIPS):
+        assert classes[cls.names[0]] is cls
+
+
+def test_psnr_and_ssim_are_torchmetrics_over_the_whole_set():
+    """PSNR of the set's mean squared error and the mean SSIM, as AutoencoderKL's torchmetrics log them over its batches."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    fake = (real + 0.3 * torch.randn(6, 3, 16, 16, generator=g)).clamp(-1, 1)
+    psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
+    for batch in (slice(0, 4), slice(4, 6)):
+        psnr.update((fake[batch] + 1) / 2, (real[batch] + 1) / 2)
+        ssim.update((fake[batch] + 1) / 2, (real[batch] + 1) / 2)
+    assert PSNR().finish(float(PSNR()(fake, real).mean())) == pytest.approx(float(psnr.compute()), rel=1e-5)
+    assert float(SSIM()(fake, real).mean()) == pytest.approx(float(ssim.compute()), rel=1e-5)
+    assert PSNR().finish(0.0) == math.inf
 
 
 def test_evaluate_folders_with_an_injected_extractor(tmp_path, offline):
     gen = write_images(tmp_path / "gen", 0, 7, captions=True)
     ref = write_images(tmp_path / "ref", 1, 9)
-    extractor = TinyFeatures()
-    scorer = CLIPScorer(**TINY_CLIP)
-    report = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16, batch_size=4,
-                         with_kid=True, kid_subsets=3, clip_scorer=scorer)
+    extractor, scorer = TinyFeatures(), ready(CLIPScore(TINY_CLIP))
+    report = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID(), KID(subsets=3), scorer], extractor,
+                         resolution=16, batch_size=4)
     with torch.no_grad():
         gen_feats, ref_feats = (extractor.net(as_tensor(p).float() / 127.5 - 1) for p in (gen, ref))
     assert report["generated_count"] == 7 and report["reference_count"] == 9
     assert report["fid"] == pytest.approx(fid(gen_feats, ref_feats), rel=1e-6)
-    assert (report["kid_mean"], report["kid_std"]) == pytest.approx(kid(gen_feats, ref_feats, 3), rel=1e-6)
+    assert (report["kid"], report["kid_std"]) == pytest.approx(kid(gen_feats, ref_feats, 3), rel=1e-6)
     captions = [f"image number {int(p.stem)}" for p in gen]
     expected = scorer(as_tensor(gen).float() / 127.5 - 1, captions).mean()
-    assert report["clip_score_count"] == 7 and report["clip_score"] == pytest.approx(float(expected), rel=1e-5)
+    assert report["clip_score"] == pytest.approx(float(expected), rel=1e-5)
 
-    ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16, reference_cache=str(tmp_path / "c"))
-    calls = extractor.calls
-    cached = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16,
+    ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID()], extractor, resolution=16,
+                reference_cache=str(tmp_path / "c"))
+    seen = extractor.images_seen
+    cached = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID()], extractor, resolution=16,
                          reference_cache=str(tmp_path / "c"))
-    assert extractor.calls == calls + 1 and cached["fid"] == pytest.approx(report["fid"], rel=1e-6)  # generated only
+    assert extractor.images_seen == seen + 7 and cached["fid"] == pytest.approx(report["fid"], rel=1e-6)  # generated only
     write_images(tmp_path / "ref", 2, 1)  # the reference is edited: its cached features are stale
-    edited = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16,
+    edited = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID()], extractor, resolution=16,
                          reference_cache=str(tmp_path / "c"))
-    assert extractor.calls > calls + 2 and edited["reference_count"] == 9 and edited["fid"] != cached["fid"]
+    assert extractor.images_seen == seen + 7 + 7 + 9 and edited["reference_count"] == 9 and edited["fid"] != cached["fid"]
     with pytest.raises(ValueError, match="fewer captions"):
-        ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), extractor, resolution=16, captions=["one"])
+        ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID()], extractor, resolution=16, captions=["one"])
+
+
+def test_evaluate_pairs_the_ith_generated_image_with_the_ith_reference(tmp_path, offline):
+    gen, ref = write_images(tmp_path / "gen", 0, 5), write_images(tmp_path / "ref", 1, 5)
+    report = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [PSNR(), SSIM()], resolution=16, batch_size=2)
+    fake, real = (as_tensor(p).float() / 255 for p in (gen, ref))  # [0, 1]
+    assert report["generated_count"] == 5 and "reference_count" not in report  # no reference features were made
+    assert report["psnr"] == pytest.approx(float(PeakSignalNoiseRatio(data_range=1.0)(fake, real)), rel=1e-5)
+    assert report["ssim"] == pytest.approx(float(StructuralSimilarityIndexMeasure(data_range=1.0)(fake, real)), rel=1e-5)
+    write_images(tmp_path / "ref", 2, 6)  # one more reference image than generated
+    with pytest.raises(ValueError, match="as many reference images as generated ones"):
+        ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [PSNR()], resolution=16, batch_size=2)
 
 
 def test_evaluate_reads_shards_and_crops_like_training(tmp_path, offline):
     write_shards(tmp_path / "shards", [3, 2], size=(24, 16))  # captioned, resized to 16 x 24, cropped
     write_images(tmp_path / "ref", 1, 6)
-    scorer = CLIPScorer(**TINY_CLIP)
-    report = ev.evaluate(str(tmp_path / "shards" / "shard-{0000..0001}.tar"), str(tmp_path / "ref"), TinyFeatures(),
-                         resolution=16, batch_size=2, clip_scorer=scorer)
-    assert report["generated_count"] == 5 and report["clip_score_count"] == 5
+    scorer = ready(CLIPScore(TINY_CLIP))
+    report = ev.evaluate(str(tmp_path / "shards" / "shard-{0000..0001}.tar"), str(tmp_path / "ref"), [FID(), scorer],
+                         TinyFeatures(), resolution=16, batch_size=2)
+    assert report["generated_count"] == 5 and 0 <= report["clip_score"] <= 100
     assert np.isfinite(report["fid"])
 
 
-def test_cli_end_to_end(tmp_path, monkeypatch, caplog, offline):
+def test_cli_end_to_end(tmp_path, monkeypatch, caplog, capsys, offline):
     write_images(tmp_path / "gen", 0, 5, captions=True)
     write_images(tmp_path / "ref", 1, 6)
     (tmp_path / "captions.txt").write_text("".join(f"caption {i}\n" for i in range(5)))
     weights = []
-    monkeypatch.setattr(ev, "InceptionFeatures", lambda path: weights.append(path) or TinyFeatures())
+    monkeypatch.setattr(ev, "inception_for", lambda metrics, path: weights.append(path) or TinyFeatures())
     out = tmp_path / "report" / "out.json"
     report = ev.main(["--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"), "--resolution", "16",
                       "--captions", str(tmp_path / "captions.txt"), "--inception-weights", "inception.pth",
                       "--clip-pretrained", str(tmp_path / "none.pt"), "--kid", "--out", str(out)])
     assert weights == ["inception.pth"] and json.loads(out.read_text()) == report
-    expected = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), TinyFeatures(), resolution=16, with_kid=True)
+    expected = ev.evaluate(str(tmp_path / "gen"), str(tmp_path / "ref"), [FID(), KID()], TinyFeatures(), resolution=16)
     assert report == pytest.approx(expected) and "clip_score" not in report
     assert any(r.getMessage().startswith("CLIP score disabled") for r in caplog.records)
+    printed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {"fid", "kid", "kid_std"} <= printed
 
 
 def test_cli_stops_naming_the_option_without_inception_weights(tmp_path, monkeypatch, capsys, offline):
@@ -312,5 +357,6 @@ def test_cli_help(capsys):
         ev.main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    for option in ("--generated", "--reference", "--captions", "--inception-weights", "--clip-pretrained", "--kid", "--out"):
+    for option in ("--generated", "--reference", "--metrics", "--captions", "--inception-weights", "--clip-pretrained",
+                   "--kid", "--out", "fid", "kid", "clip_score", "psnr", "ssim", "lpips"):
         assert option in out

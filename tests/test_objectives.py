@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 
+from ldm.diffusion import prediction
+from ldm.diffusion import schedules as S
 from ldm.diffusion.objectives import DDPM, FlowMatching
-from ldm.diffusion.schedules import (
-    cosine_betas,
-    linear_betas,
-    rescale_zero_terminal_snr,
-    scaled_linear_betas,
-    shift_time,
-)
+from ldm.diffusion.prediction import X0, Eps, Prediction, V, Velocity
 from ldm.diffusion.weighting import MinSNR
 
 
 def test_linear_schedules():
-    b = linear_betas(1000, 1e-4, 0.02)
+    b = S.linear_betas(1000, 1e-4, 0.02)
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
-    s = scaled_linear_betas(1000, 0.00085, 0.012)
+    s = S.scaled_linear_betas(1000, 0.00085, 0.012)
     assert s[0].item() == pytest.approx(0.00085) and s[-1].item() == pytest.approx(0.012)
     step = s.sqrt().diff()
     torch.testing.assert_close(step, step[:1].expand_as(step))  # linear in sqrt(beta)
 
 
 def test_cosine_schedule_matches_closed_form():
-    betas = cosine_betas(1000)
+    betas = S.cosine_betas(1000)
     abar = torch.cumprod(1 - betas, 0)
     t = torch.arange(1, 1001, dtype=torch.float64)
     f = lambda t: torch.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
@@ -36,10 +34,10 @@ def test_cosine_schedule_matches_closed_form():
     assert betas.max().item() == pytest.approx(0.999)  # the last betas are clipped
 
 
-@pytest.mark.parametrize("betas", [scaled_linear_betas(1000), linear_betas(1000), cosine_betas(1000)])
+@pytest.mark.parametrize("betas", [S.scaled_linear_betas(1000), S.linear_betas(1000), S.cosine_betas(1000)])
 def test_zero_terminal_snr(betas):
     abar = torch.cumprod(1 - betas, 0)
-    rescaled = rescale_zero_terminal_snr(abar)
+    rescaled = S.rescale_zero_terminal_snr(abar)
     assert rescaled[-1].item() == 0.0
     assert rescaled[0].item() == pytest.approx(abar[0].item(), rel=1e-12)
     assert (rescaled.diff() < 0).all()
@@ -56,11 +54,17 @@ def test_eps_with_zero_terminal_snr_is_refused():
         DDPM("eps", zero_terminal_snr=True)
 
 
+def test_time_spacings():
+    assert S.trailing_timesteps(10, 3).tolist() == [9, 6, 2, -1]  # starts at the last step whatever the steps
+    torch.testing.assert_close(S.shifted_linear_times(4), torch.linspace(1, 0, 5))
+    torch.testing.assert_close(S.shifted_linear_times(4, 3.0), S.shift_time(torch.linspace(1, 0, 5), 3.0))
+
+
 def test_shift_time():
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
-    torch.testing.assert_close(shift_time(t, 1.0), t)
-    torch.testing.assert_close(shift_time(t, 3.0), 3 * t / (1 + 2 * t))
-    assert shift_time(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
+    torch.testing.assert_close(S.shift_time(t, 1.0), t)
+    torch.testing.assert_close(S.shift_time(t, 3.0), 3 * t / (1 + 2 * t))
+    assert S.shift_time(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
 
 
 def test_prediction_round_trip(objective):
@@ -112,7 +116,7 @@ def test_flow_times():
     obj = FlowMatching(shift=2.0)
     t = torch.rand(5)
     torch.testing.assert_close(obj.model_time(t), 1000 * t)
-    torch.testing.assert_close(obj.sampling_times(4), shift_time(torch.linspace(1, 0, 5), 2.0))
+    torch.testing.assert_close(obj.sampling_times(4), S.shift_time(torch.linspace(1, 0, 5), 2.0))
 
 
 def test_logit_normal_times():
@@ -139,7 +143,7 @@ def test_min_snr_weight(prediction, formula):
     g = torch.Generator().manual_seed(0)
     x0, noise, pred = torch.randn(3, 64, 2, 4, 4, generator=g)
     t = torch.linspace(0, 999, 64).round()
-    abar = torch.cumprod(1 - scaled_linear_betas(1000), 0)[t.long()]
+    abar = torch.cumprod(1 - S.scaled_linear_betas(1000), 0)[t.long()]
     snr = (abar / (1 - abar)).float()
     mse = (pred - obj.target(x0, noise, t)).pow(2).mean((1, 2, 3))
     torch.testing.assert_close(obj.loss(pred, x0, noise, t), mse * formula(snr))
@@ -153,3 +157,49 @@ def test_min_snr_on_flow_weights_the_x0_error():
     x0_hat, _ = obj.to_x0_eps(pred, obj.add_noise(x0, noise, t), t)
     snr = ((1 - t) / t) ** 2
     torch.testing.assert_close(obj.loss(pred, x0, noise, t), snr.clamp(max=5) * (x0_hat - x0).pow(2).mean((1, 2, 3)))
+
+
+PREDICTIONS = [cls for cls in Prediction.__subclasses__() if cls.__module__ == prediction.__name__]  # the shipped ones
+
+
+@pytest.mark.parametrize("cls", PREDICTIONS, ids=lambda cls: cls.name)
+@pytest.mark.parametrize("path", ["variance-preserving", "flow"])
+def test_prediction_inverts_on_any_path(cls, path):
+    """Each parameterisation is exact on both path families, which is what lets DDPM and flow share it."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 8, 3, 4, 4, dtype=torch.float64, generator=g)
+    u = torch.rand(8, 1, 1, 1, dtype=torch.float64, generator=g) * 0.98 + 0.01
+    alpha, sigma = ((1 - u).sqrt(), u.sqrt()) if path == "variance-preserving" else (1 - u, u)
+    x0_hat, eps_hat = cls().to_x0_eps(cls().target(x0, noise, alpha, sigma), alpha * x0 + sigma * noise, alpha, sigma)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+
+
+def test_predictions_by_name_instance_or_class_path():
+    assert [type(DDPM(name).prediction) for name in ("eps", "v", "x0", "velocity")] == [Eps, V, X0, Velocity]
+    assert type(FlowMatching().prediction) is Velocity and type(DDPM(V()).prediction) is V
+    with pytest.raises(ValueError, match="unknown prediction 'vee': one of .*'v'"):
+        DDPM("vee")
+    parser = ArgumentParser()
+    parser.add_class_arguments(DDPM, "objective")
+    config = parser.parse_args(["--objective.prediction", json.dumps({"class_path": "ldm.diffusion.prediction.V"})])
+    assert type(parser.instantiate(config).objective.prediction) is V  # jsonargparse sees DDPM's keyword
+    assert parser.parse_args(["--objective.prediction", "v"]).objective.prediction == "v"  # YAML's `prediction: v`
+
+
+def test_eps_is_refused_where_the_path_starts_from_pure_noise():
+    with pytest.raises(ValueError, match="prediction='v'"):
+        FlowMatching(prediction="eps")
+    FlowMatching(prediction="x0")  # x0 and v are defined at alpha = 0
+
+
+def test_flow_matching_with_another_prediction_keeps_its_path():
+    """x0-prediction on the rectified flow path: same times and noisy samples, another target."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g)
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    velocity, x0_pred = FlowMatching("uniform"), FlowMatching("uniform", prediction="x0")
+    torch.testing.assert_close(x0_pred.add_noise(x0, noise, t), velocity.add_noise(x0, noise, t))
+    torch.testing.assert_close(x0_pred.target(x0, noise, t), x0)
+    torch.testing.assert_close(velocity.target(x0, noise, t), noise - x0)
+    torch.testing.assert_close(x0_pred.to_x0_eps(x0, x0_pred.add_noise(x0, noise, t), t)[1], noise)

@@ -14,10 +14,12 @@ from torchvision.models import alexnet
 import ldm.conditioning.open_clip as ldm_open_clip
 from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.callbacks.sample_metrics import SampleMetrics
-from ldm.conditioning.open_clip import create_clip
+from ldm.conditioning.open_clip import OpenCLIP, create_clip
 from ldm.conditioning.text import OpenCLIPTextEmbedder
-from ldm.metrics.clip_score import CLIPScorer
+from ldm.metrics.clip_score import CLIPScore
 from ldm.metrics.features import InceptionFeatures
+from ldm.metrics.fid import FID
+from ldm.metrics.paired import LPIPS
 from ldm.weights.pretrained import WeightsUnavailable, resolve_weights
 
 # Every pretrained family, built from its defaults (no path): (build, the option its message must name)
@@ -26,7 +28,8 @@ FAMILIES = {
     "lpips-vgg": (lambda: AutoencoderLoss(perceptual_weight=1.0), "lpips_weights"),
     "lpips-alex": (lambda: AutoencoderLoss(perceptual_weight=1.0, lpips_net="alex"), "lpips_weights"),
     "openclip-text": (OpenCLIPTextEmbedder, "clip.pretrained of OpenCLIPTextEmbedder"),
-    "clip-score": (CLIPScorer, "clip_pretrained"),
+    "clip-score": (lambda: CLIPScore().load(), "clip.pretrained of CLIPScore"),
+    "lpips-metric": (lambda: LPIPS().load(), "weights of LPIPS"),
 }
 
 
@@ -176,14 +179,15 @@ def test_a_download_lands_in_torch_hubs_cache_and_is_found_there_next_time(empty
 
 
 def test_metric_callbacks_disable_in_one_line_each(empty_caches, offline, caplog):
-    callback = SampleMetrics(fid=True, clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
+    callback = SampleMetrics([FID(), CLIPScore(OpenCLIP("ViT-B-32", "laion2b_s34b_b79k")), LPIPS()])
     with caplog.at_level(logging.WARNING):
         callback.setup(None, None, "fit")  # type: ignore[arg-type]  # setup reads neither
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and not any("\n" in line for line in lines)
+    assert len(lines) == 3 and not any("\n" in line for line in lines)
     assert lines[0].startswith("FID disabled: FID Inception-v3 weights not found") and "inception_weights" in lines[0]
-    assert lines[1].startswith("CLIP score disabled: OpenCLIP ViT-B-32 weights") and "clip_pretrained" in lines[1]
-    assert not callback.fid and callback.scorer is None
+    assert lines[1].startswith("CLIP score disabled: OpenCLIP ViT-B-32 weights") and "clip.pretrained" in lines[1]
+    assert lines[2].startswith("LPIPS disabled: LPIPS vgg trunk") and "weights of LPIPS" in lines[2]
+    assert callback.metrics == [] and callback.extractor is None
 
 
 def test_open_clip_tag_from_the_cache_or_open_clip_download_keeps_the_tag_config(downloads_allowed, offline,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ def test_fast_quickstart_end_to_end(tmp_path: Path) -> None:
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "done in"):
         assert f"=== quickstart: {stage}" in proc.stdout
     assert "tensorboard --logdir" in proc.stdout
+    # a clean first run: no warning with its source location (Python's or Lightning's), no traceback, no
+    # advertisement, no model summary counting 0 FLOPs
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if re.match(r"\S+\.py:\d+: ", line) or any(s in line for s in ("Traceback", "litlogger", "FLOPs"))]
+    assert not noise, noise
     # the stage-1 fit exports the autoencoder with its latent statistics for stage 2
     assert bool(load_file(out / "autoencoder.safetensors")["latent_stats_estimated"])
     for stage in ("autoencoder", "txt2img_unet"):

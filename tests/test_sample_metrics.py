@@ -1,8 +1,9 @@
-"""Evaluation callbacks: SampleMetrics (FID against the exact feature statistics, the reference cache,
-CLIP score, seeds that make FID independent of the world size), EvaluationReport and TrainingMonitor.
+"""Evaluation callbacks: SampleMetrics (its metric list: FID against the exact feature statistics, KID, CLIP
+score, PSNR / SSIM / LPIPS, a metric defined here; the reference cache, seeds that make FID independent of the
+world size), the names shared with EvaluationReport and tools/evaluate.py, and TrainingMonitor.
 
 CLI runs use the shapes experiments on tiny 16 px shards with a tiny feature extractor
-(tests/tiny_modules.py) in place of Inception and a random-init OpenCLIP scorer.
+(tests/tiny_modules.py) in place of Inception and a random-init OpenCLIP model.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ldm.autoencoder.loss import AutoencoderLoss
-from ldm.autoencoder.module import AutoencoderKL
-from ldm.autoencoder.vae import VAE
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
 from ldm.cli import LdmCLI, build_cli
 from ldm.conditioning.open_clip import OpenCLIP
+from ldm.data import batch as B
 from ldm.data.synthetic import write_shapes
-from ldm.metrics.clip_score import CLIPScorer
-from ldm.metrics.fid import fid, kid
+from ldm.metrics.base import DistributionMetric
+from ldm.metrics.clip_score import CLIPScore
+from ldm.metrics.fid import FID, KID, frechet_distance, kid
+from ldm.metrics.paired import LPIPS, PSNR, SSIM
+from ldm.metrics.statistics import FeatureSet
 from tests.processes import run_isolated
 from tests.tiny_modules import TinyFeatures
-from tools import sampler_table
+from tools import evaluate, sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
@@ -56,6 +58,25 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, train=4, val=2, test=TEST_SAMPLES, size=RESOLUTION)
     return root
+
+
+class MeanGap(DistributionMetric):
+    """A metric defined outside ldm: the squared distance between the two sets' mean features (FID without
+    the covariance term); it plugs in by its class path, reading the pool3 features FID and KID share."""
+
+    names = ("mean_gap",)
+    label = "mean gap"
+
+    def compute(self, generated: FeatureSet, reference: FeatureSet) -> dict[str, float]:
+        return {"mean_gap": float((generated.mu_sigma()[0] - reference.mu_sigma()[0]).square().sum())}
+
+
+def metric(class_path: str, **init_args: Any) -> dict[str, Any]:
+    """A SampleMetrics ``metrics`` entry."""
+    return {"class_path": class_path, "init_args": init_args}
+
+
+FID_ENTRY = metric("ldm.metrics.fid.FID")
 
 
 def metrics_callback(cache: Path, **init_args: Any) -> dict[str, Any]:
@@ -106,8 +127,7 @@ def test_autoencoder_test_run_logs_rfid_and_clip_score_caches_the_reference_and_
     fit_args = cli_args(AUTOENCODER, shards, tmp_path / "fit", [])
     run("fit", [*fit_args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
-    scorer = {"class_path": "ldm.metrics.clip_score.CLIPScorer", "init_args": TINY_CLIP}
-    callbacks = [metrics_callback(tmp_path / "cache", clip_scorer=scorer)]
+    callbacks = [metrics_callback(tmp_path / "cache", metrics=[FID_ENTRY, metric("ldm.metrics.clip_score.CLIPScore", **TINY_CLIP)])]
 
     first = run("test", [*cli_args(AUTOENCODER, shards, tmp_path / "first", callbacks), "--ckpt_path", str(ckpt)])
     assert sample_metrics(first).extractor.images_seen == 2 * TEST_SAMPLES  # reconstructions and real images
@@ -115,7 +135,7 @@ def test_autoencoder_test_run_logs_rfid_and_clip_score_caches_the_reference_and_
     result = report(tmp_path / "first")
     metrics = result["metrics"]
     assert math.isfinite(metrics["test/fid"]) and metrics["test/fid"] > 0
-    assert metrics["test/fid_samples"] == TEST_SAMPLES
+    assert metrics["test/samples"] == TEST_SAMPLES
     assert 0 <= metrics["test/clip_score"] <= 100 and "test/psnr" in metrics and "test/l1" in metrics
     assert metrics == pytest.approx({k: float(v) for k, v in first.trainer.callback_metrics.items()})
     assert result == {"metrics": metrics, "num_samples": TEST_SAMPLES, "sampler": None, "steps": None, "guidance": None,
@@ -137,45 +157,82 @@ def test_autoencoder_test_run_logs_rfid_and_clip_score_caches_the_reference_and_
 def test_clip_score_without_weights_is_one_log_line_and_the_run_completes(pretrained: str, shards: Path, tmp_path: Path,
                                                                           caplog: pytest.LogCaptureFixture,
                                                                           offline: None) -> None:
-    callbacks = [metrics_callback(tmp_path / "cache", clip_model="ViT-B-32", clip_pretrained=pretrained)]
-    with caplog.at_level(logging.WARNING, logger="ldm.metrics.clip_score"):
+    clip = metric("ldm.metrics.clip_score.CLIPScore", clip={"model": "ViT-B-32", "pretrained": pretrained})
+    callbacks = [metrics_callback(tmp_path / "cache", metrics=[FID_ENTRY, clip])]
+    with caplog.at_level(logging.WARNING, logger="ldm.metrics.evaluation"):
         cli = run("test", cli_args(AUTOENCODER, shards, tmp_path, callbacks))
-    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.clip_score"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.metrics.evaluation"]
     assert len(lines) == 1 and "\n" not in lines[0] and lines[0].startswith("CLIP score disabled")
     metrics = report(tmp_path)["metrics"]
     assert "test/clip_score" not in metrics and "test/clip_score" not in cli.trainer.callback_metrics
     assert math.isfinite(metrics["test/fid"]) and "test/psnr" in metrics
 
 
-# --- FID and CLIP score equal their definitions on the same images ---------------------------------
-def tiny_autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    return AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_layers=1, disc_channels=8)).eval()
+# --- every metric equals its definition on the same images; a metric from here plugs in by name ----
+class Blur(L.LightningModule):
+    """Makes each evaluation image from its original (a 3x3 box blur), as an autoencoder reconstructs; logs nothing."""
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pass
+
+    def evaluation_images(self, batch: dict[str, Any], draw: int = 0) -> Tensor:
+        return nn.functional.avg_pool2d(batch[B.IMAGE], 3, stride=1, padding=1, count_include_pad=False)
 
 
-def test_fid_and_clip_score_equal_their_values_on_the_same_images(tmp_path: Path, offline: None) -> None:
-    model, extractor, scorer = tiny_autoencoder(), TinyFeatures(), CLIPScorer(OpenCLIP(**TINY_CLIP["clip"]))
+def test_every_metric_equals_its_definition_on_the_same_images(tmp_path: Path, offline: None) -> None:
+    extractor = TinyFeatures()
+    clip, lpips = CLIPScore(OpenCLIP(**TINY_CLIP["clip"])), LPIPS("alex", random_init=True)
+    metrics = [FID(), KID(subsets=7, subset_size=4), clip, PSNR(), SSIM(), lpips, MeanGap()]
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(12, 3, 16, 16, generator=g) * 2 - 1
-    captions = [f"shape number {i}" for i in range(12)]
-    batches = [{"image": images[i : i + 4], "caption": captions[i : i + 4]} for i in range(0, 12, 4)]
-    callback = SampleMetrics(feature_extractor=extractor, clip_scorer=scorer, max_samples=6, cache_dir=str(tmp_path),
-                             kid=True, kid_subsets=7, kid_subset_size=4)
+    images = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1  # 32 px: the least AlexNet's LPIPS takes
+    captions = [f"shape number {i}" if i != 4 else "" for i in range(12)]  # sample 4 has no caption: not scored
+    batches = [{B.IMAGE: images[i : i + 4], B.CAPTION: captions[i : i + 4]} for i in range(0, 12, 4)]
+    callback = SampleMetrics(metrics, feature_extractor=extractor, max_samples=6, cache_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    logged = trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)[0]
+    logged = trainer.validate(Blur(), DataLoader(batches, batch_size=None), verbose=False)[0]
 
     real = images[:6]  # the cap: all of the first batch, half of the second
     with torch.no_grad():
-        fake = model.evaluation_images({"image": real})
-        expected_fid = fid(extractor.net(fake), extractor.net(real))
-        expected_kid = kid(extractor.net(fake), extractor.net(real), subsets=7, subset_size=4)
-        expected_clip = scorer(fake, captions[:6]).mean().item()
-    assert logged["val/fid_samples"] == 6
-    assert logged["val/fid"] == pytest.approx(expected_fid, rel=1e-6)
-    assert (logged["val/kid"], logged["val/kid_std"]) == pytest.approx(expected_kid, rel=1e-5)
-    assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-5)
+        fake = Blur().evaluation_images({B.IMAGE: real})
+        fake_feats, real_feats = extractor.net(fake), extractor.net(real)
+        mu_sigma = [(f.double().mean(0), torch.cov(f.double().T)) for f in (fake_feats, real_feats)]
+        unit_fake, unit_real = (fake + 1) / 2, (real + 1) / 2
+        expected = {
+            "val/samples": 6,
+            "val/fid": frechet_distance(*mu_sigma[0], *mu_sigma[1]),
+            "val/kid": kid(fake_feats, real_feats, subsets=7, subset_size=4)[0],
+            "val/kid_std": kid(fake_feats, real_feats, subsets=7, subset_size=4)[1],
+            "val/clip_score": clip(fake[[0, 1, 2, 3, 5]], captions[:4] + captions[5:6]).mean().item(),
+            "val/psnr": 10 * math.log10(1 / (unit_fake - unit_real).square().mean().item()),
+            "val/ssim": SSIM()(fake, real).mean().item(),
+            "val/lpips": lpips.distance(fake, real).mean().item(),
+            "val/mean_gap": (fake_feats.mean(0) - real_feats.mean(0)).square().sum().item(),
+        }
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert extractor.images_seen == 12  # 6 generated, 6 real: one extraction per batch serves FID, KID and MeanGap
+
+
+def test_a_metric_defined_outside_ldm_plugs_in_and_keeps_its_name_everywhere(shards: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback logs ``test/<name>`` for every name of every metric, the report writes those keys, and
+    tools/evaluate.py prints and writes the bare names for the same metrics asked by name."""
+    entries = [metric(f"{__name__}.MeanGap"), FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=3)]
+    cli = run("test", cli_args(AUTOENCODER, shards, tmp_path / "run", [metrics_callback(tmp_path / "cache", metrics=entries)]))
+    names = [name for m in sample_metrics(cli).metrics for name in m.names]
+    assert names == ["mean_gap", "fid", "kid", "kid_std"]
+    reported = report(tmp_path / "run")["metrics"]
+    assert all(math.isfinite(reported[f"test/{name}"]) for name in names) and reported["test/mean_gap"] > 0
+    assert reported == pytest.approx({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
+
+    monkeypatch.setattr(evaluate, "inception_for", lambda metrics, weights: TinyFeatures())
+    test_shards = str(shards / "test" / "shard-*.tar")
+    out = evaluate.main(["--generated", test_shards, "--reference", test_shards, "--resolution", str(RESOLUTION),
+                         "--metrics", "mean_gap", "fid", "kid", "--kid-subset-size", "3", "--out", str(tmp_path / "ev.json")])
+    assert [k for k in out if k in names] == names and out["mean_gap"] == 0  # the same images: no gap
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [name for name in printed if name in names] == names
 
 
 def test_full_reference_scores_a_capped_sample_against_the_whole_split(shards: Path, tmp_path: Path) -> None:
@@ -183,13 +240,13 @@ def test_full_reference_scores_a_capped_sample_against_the_whole_split(shards: P
     first = run("test", cli_args(AUTOENCODER, shards, tmp_path / "a", [metrics_callback(tmp_path / "cache", max_samples=2,
                                                                                         full_reference=True)]))
     assert sample_metrics(first).extractor.images_seen == 2 + TEST_SAMPLES
-    assert report(tmp_path / "a")["metrics"]["test/fid_samples"] == 2
+    assert report(tmp_path / "a")["metrics"]["test/samples"] == 2
     second = run("test", cli_args(AUTOENCODER, shards, tmp_path / "b", [metrics_callback(tmp_path / "cache", max_samples=3,
                                                                                          full_reference=True)]))
     assert sample_metrics(second).extractor.images_seen == 3  # the whole split's features: from the cache
     third = run("test", cli_args(AUTOENCODER, shards, tmp_path / "c", [metrics_callback(tmp_path / "cache", max_samples=2,
                                                                                         draws=3, full_reference=True)]))
-    assert sample_metrics(third).extractor.images_seen == 6 and report(tmp_path / "c")["metrics"]["test/fid_samples"] == 6
+    assert sample_metrics(third).extractor.images_seen == 6 and report(tmp_path / "c")["metrics"]["test/samples"] == 6
 
 
 def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_path: Path) -> None:
@@ -206,7 +263,7 @@ def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_pa
                                    "--out", str(tmp_path / "rows.json"), *options,
                                    "--model.init_args.backbone", str(TINY_UNET)])
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("heun", 2, 3)]
-    assert all(math.isfinite(r["fid"]) and r["fid_samples"] == TEST_SAMPLES for r in rows)
+    assert all(math.isfinite(r["fid"]) and r["samples"] == TEST_SAMPLES for r in rows)
     assert rows[0]["fid"] != rows[1]["fid"]  # the sampler changed, and with it the samples
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
@@ -215,10 +272,11 @@ def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_pa
 def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_path: Path) -> None:
     """The whole test split (5 samples, dealt 3 + 2 to two ranks) generated under 1 and 2 ranks gives one FID and KID."""
     model = {"codec": {"init_args": {"weights": None}},
-             "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"steps": 2}}}
+             "sampler": {"class_path": "ldm.diffusion.samplers.DPMSolverPP2M", "init_args": {"steps": 2}}}
 
     def args(out: Path) -> list[str]:
-        callbacks = [metrics_callback(tmp_path / f"cache-{out.name}", kid=True, kid_subset_size=3)]  # a cache each: both compute their reference
+        metrics = [FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=3)]
+        callbacks = [metrics_callback(tmp_path / f"cache-{out.name}", metrics=metrics)]  # a cache each: both compute their reference
         return [*cli_args(CLASS2IMG, shards, out, callbacks, model), "--model.init_args.backbone", str(TINY_UNET)]
 
     run("test", args(tmp_path / "one"))
@@ -228,7 +286,7 @@ def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_pat
 
     one, two = report(tmp_path / "one"), report(tmp_path / "two")
     for result in (one, two):
-        assert result["metrics"]["test/fid_samples"] == TEST_SAMPLES  # every test sample once
+        assert result["metrics"]["test/samples"] == TEST_SAMPLES  # every test sample once
         assert math.isfinite(result["metrics"]["test/loss"])
         expected = {"num_samples": TEST_SAMPLES, "sampler": "dpmpp_2m", "steps": 2, "guidance": 3.0, "seed": 0,
                     "checkpoint": None, "model": "LatentDiffusion"}

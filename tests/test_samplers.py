@@ -1,26 +1,37 @@
-"""Oracle tests: with data whose exact denoiser is closed-form, samplers must produce that data."""
+"""Oracle tests: with data whose exact denoiser is closed-form, samplers must produce that data.
+
+Also what each solver states about itself: its evaluations per sample and its options."""
 
 from __future__ import annotations
 
+import inspect
+import json
+
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from ldm.diffusion import samplers
 from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
 from ldm.diffusion.samplers import (
-    SAMPLERS,
+    DDIM,
+    AlphaSigma,
+    DDPMAncestral,
     Denoiser,
+    DPMSolverPP2M,
+    Euler,
+    Generators,
+    Heun,
     Sampler,
-    sample_ddim,
-    sample_ddpm,
-    sample_euler,
-    sample_heun,
 )
 from tests.conftest import OBJECTIVES
 
-DETERMINISTIC = [("ddim", 0.0), ("dpmpp_2m", 0.0), ("euler", 0.0), ("heun", 0.0)]
+SAMPLERS = [cls for cls in Sampler.__subclasses__() if cls.__module__ == samplers.__name__]  # the shipped ones
+DETERMINISTIC = [(DDIM, {}), (DPMSolverPP2M, {}), (Euler, {}), (Heun, {})]
 ODE_TOLERANCE = {"ddim": 0.1, "euler": 0.1, "dpmpp_2m": 0.05, "heun": 0.05}  # max error at 100 steps, by order
-STOCHASTIC = [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.5)]
+STOCHASTIC = [(DDPMAncestral, {}), (DDIM, {"eta": 1.0}), (DDIM, {"eta": 0.5})]
+IDS = lambda case: f"{case[0].kind}{case[1].get('eta', '')}"  # noqa: E731
 
 
 def gaussian_denoiser(objective: Objective, mean: Tensor | float, var: float) -> Denoiser:
@@ -46,34 +57,35 @@ def noise(seed: int = 0, shape: tuple[int, ...] = (64, 1, 16, 16)) -> Tensor:
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind, eta", DETERMINISTIC + STOCHASTIC)
-def test_recovers_a_single_point(objective, kind, eta):
+@pytest.mark.parametrize("case", DETERMINISTIC + STOCHASTIC, ids=IDS)
+def test_recovers_a_single_point(objective, case):
     x0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    sampler = Sampler(kind, steps=10, eta=eta)
+    sampler = case[0](steps=10, **case[1])
     denoise = gaussian_denoiser(objective, x0, 0.0)
     out = sampler(denoise, torch.randn(4, 3, 8, 8), objective, torch.Generator().manual_seed(2))
     torch.testing.assert_close(out, x0.expand_as(out), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind, eta", DETERMINISTIC)
-def test_ode_samplers_follow_the_exact_gaussian_flow(objective, kind, eta):
+@pytest.mark.parametrize("case", DETERMINISTIC, ids=IDS)
+def test_ode_samplers_follow_the_exact_gaussian_flow(objective, case):
     """For N(mu, s^2) data the probability-flow ODE maps the start's noise n to mu + s n exactly."""
     mean, var, n = 1.0, 0.25, noise()
     times = objective.sampling_times(100)
     x = start(objective, times, mean, var, n)
-    out = SAMPLERS[kind](gaussian_denoiser(objective, mean, var), x, times, objective.alpha_sigma)
+    sampler = case[0](**case[1])
+    out = sampler.solve(gaussian_denoiser(objective, mean, var), x, times, objective.alpha_sigma)
     assert torch.isfinite(out).all()
-    assert (out - (mean + var**0.5 * n)).abs().max().item() < ODE_TOLERANCE[kind]
+    assert (out - (mean + var**0.5 * n)).abs().max().item() < ODE_TOLERANCE[sampler.kind]
     assert abs(out.std().item() - var**0.5 * n.std().item()) < 0.03
 
 
-@pytest.mark.parametrize("kind, eta", STOCHASTIC)
-def test_stochastic_samplers_reach_the_gaussian(objective, kind, eta):
+@pytest.mark.parametrize("case", STOCHASTIC, ids=IDS)
+def test_stochastic_samplers_reach_the_gaussian(objective, case):
     mean, var = 1.0, 0.25
     times = objective.sampling_times(250)
     x = start(objective, times, mean, var, noise())
     generator = torch.Generator().manual_seed(3)
-    out = SAMPLERS[kind](gaussian_denoiser(objective, mean, var), x, times, objective.alpha_sigma, generator, eta)
+    out = case[0](**case[1]).solve(gaussian_denoiser(objective, mean, var), x, times, objective.alpha_sigma, generator)
     assert out.mean().item() == pytest.approx(mean, abs=0.02)
     assert out.std().item() == pytest.approx(var**0.5, abs=0.03)
 
@@ -83,8 +95,8 @@ def test_second_order_solvers_beat_first_order(objective_name):
     obj, mean, var, n = OBJECTIVES[objective_name](), 1.0, 0.25, noise()
     times = obj.sampling_times(40)
     x, exact = start(obj, times, mean, var, n), mean + var**0.5 * n
-    err = {k: (SAMPLERS[k](gaussian_denoiser(obj, mean, var), x, times, obj.alpha_sigma) - exact).abs().max().item()
-           for k in ("euler", "dpmpp_2m", "heun")}
+    err = {c.kind: (c().solve(gaussian_denoiser(obj, mean, var), x, times, obj.alpha_sigma) - exact).abs().max().item()
+           for c in (Euler, DPMSolverPP2M, Heun)}
     assert err["dpmpp_2m"] < err["euler"] / 4 and err["heun"] < err["euler"] / 4
 
 
@@ -94,7 +106,7 @@ def test_heun_converges_at_second_order():
     for steps in (20, 40):
         times = obj.sampling_times(steps)
         x = start(obj, times, mean, var, n)
-        out = sample_heun(gaussian_denoiser(obj, mean, var), x, times, obj.alpha_sigma)
+        out = Heun().solve(gaussian_denoiser(obj, mean, var), x, times, obj.alpha_sigma)
         errs.append((out - (mean + var**0.5 * n)).abs().max().item())
     assert errs[0] / errs[1] > 3.5  # halving the step divides the error by ~4
 
@@ -114,22 +126,22 @@ def test_flow_euler_and_heun_are_the_usual_ones_in_t():
         d = velocity(heun, t)
         pred = heun + (t_n - t) * d
         heun = heun + (t_n - t) * (d + velocity(pred, t_n)) / 2 if t_n > 0 else pred
-    torch.testing.assert_close(sample_euler(denoise, x, times, obj.alpha_sigma), euler)
-    torch.testing.assert_close(sample_heun(denoise, x, times, obj.alpha_sigma), heun)
+    torch.testing.assert_close(Euler().solve(denoise, x, times, obj.alpha_sigma), euler)
+    torch.testing.assert_close(Heun().solve(denoise, x, times, obj.alpha_sigma), heun)
 
 
 def test_ddim_limits(objective):
     """DDIM with eta = 1 is ancestral DDPM (same draws), with eta = 0 it is Euler on the flow ODE."""
     denoise, times, x = gaussian_denoiser(objective, 1.0, 0.25), objective.sampling_times(8), noise(shape=(4, 1, 4, 4))
-    run = lambda f, eta: f(denoise, x, times, objective.alpha_sigma, torch.Generator().manual_seed(0), eta)  # noqa: E731
-    torch.testing.assert_close(run(sample_ddim, 1.0), run(sample_ddpm, 0.0))
-    torch.testing.assert_close(run(sample_ddim, 0.0), run(sample_euler, 0.0))
+    run = lambda sampler: sampler.solve(denoise, x, times, objective.alpha_sigma, torch.Generator().manual_seed(0))  # noqa: E731
+    torch.testing.assert_close(run(DDIM(eta=1.0)), run(DDPMAncestral()))
+    torch.testing.assert_close(run(DDIM(eta=0.0)), run(Euler()))
 
 
-@pytest.mark.parametrize("kind, eta", STOCHASTIC)
-def test_seeded_samples_are_reproducible(kind, eta):
+@pytest.mark.parametrize("case", STOCHASTIC, ids=IDS)
+def test_seeded_samples_are_reproducible(case):
     obj = DDPM("v")
-    sampler, x = Sampler(kind, steps=5, eta=eta), torch.randn(2, 3, 8, 8)
+    sampler, x = case[0](steps=5, **case[1]), torch.randn(2, 3, 8, 8)
     denoise = gaussian_denoiser(obj, 0.0, 1.0)
     draw = lambda seed: sampler(denoise, x, obj, torch.Generator().manual_seed(seed))  # noqa: E731
     assert torch.equal(draw(0), draw(0))
@@ -143,6 +155,60 @@ def test_denoiser_never_sees_the_clean_end(objective):
         seen.append(t)
         return gaussian_denoiser(objective, 0.0, 1.0)(x, t)
 
-    for kind in SAMPLERS:
-        Sampler(kind, steps=4)(denoise, torch.randn(2, 1, 4, 4), objective)
+    for cls in SAMPLERS:
+        cls(steps=4)(denoise, torch.randn(2, 1, 4, 4), objective)
     assert all(t.shape == (2,) and objective.alpha_sigma(t)[1].min() > 0 for t in seen)
+
+
+@pytest.mark.parametrize("objective_name", ["ddpm-v-ztsnr", "flow-logit_normal-shift3"])
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda cls: cls.kind)
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_each_solver_states_its_evaluations(cls, steps, objective_name):
+    """NFE as tools/sampler_table.py reports it: the denoiser calls of one run, whatever the batch."""
+    objective, calls = OBJECTIVES[objective_name](), []
+
+    def denoise(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        calls.append(t)
+        return gaussian_denoiser(objective, 0.0, 1.0)(x, t)
+
+    sampler = cls(steps=steps)
+    sampler(denoise, torch.randn(3, 1, 4, 4), objective, torch.Generator().manual_seed(0))
+    assert len(calls) == sampler.evaluations()
+
+
+class OneJump(Sampler):
+    """A sampler written outside ldm, as a user adds one: one class, no diffusers counterpart."""
+
+    kind = "one_jump"
+
+    def solve(self, denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+              generator: Generators = None) -> Tensor:
+        return denoise(x, times[0].expand(x.shape[0]))[0]  # x0_hat at the noise end
+
+    def evaluations(self) -> int:
+        return 1
+
+
+def test_a_new_sampler_is_one_class_chosen_by_class_path():
+    """LatentDiffusion's ``sampler: Sampler | None``: jsonargparse builds any subclass from its class_path."""
+    parser = ArgumentParser()
+    parser.add_argument("--sampler", type=Sampler | None)
+    config = parser.parse_args(["--sampler", json.dumps({"class_path": f"{__name__}.OneJump", "init_args": {"steps": 3}})])
+    sampler = parser.instantiate(config).sampler
+    assert type(sampler) is OneJump and sampler.steps == 3
+    x0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = sampler(gaussian_denoiser(DDPM("v"), x0, 0.0), torch.randn(2, 3, 8, 8), DDPM("v"))
+    torch.testing.assert_close(out, x0.expand_as(out), atol=1e-5, rtol=1e-5)
+
+
+def test_kinds_name_one_sampler_each():
+    """tools/sampler_table.py and the test report name a sampler by its kind."""
+    assert {DDPMAncestral, DDIM, DPMSolverPP2M, Euler, Heun} <= set(SAMPLERS)
+    assert len({cls.kind for cls in SAMPLERS}) == len(SAMPLERS)
+
+
+def test_eta_belongs_to_ddim_alone():
+    """Ancestral DDPM is DDIM at eta = 1 (test_ddim_limits); the ODE solvers are deterministic."""
+    assert [cls for cls in SAMPLERS if "eta" in inspect.signature(cls).parameters] == [DDIM]
+    with pytest.raises(TypeError, match="eta"):
+        DPMSolverPP2M(steps=2, eta=0.5)

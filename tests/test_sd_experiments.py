@@ -79,7 +79,7 @@ def finetuned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         "model": {"init_args": {
             "backbone": {"class_path": "ldm.backbones.unet.UNet", "init_args": REDUCED[version]["unet"]},
             "codec": {"init_args": {"vae": {"class_path": "ldm.autoencoder.vae.VAE", "init_args": REDUCED[version]["vae"]}}},
-            "sampler": {"class_path": "ldm.diffusion.samplers.Sampler", "init_args": {"kind": "ddim", "steps": 2}},
+            "sampler": {"class_path": "ldm.diffusion.samplers.DDIM", "init_args": {"steps": 2}},
         }},
         "data": {"init_args": {"train": str(shards / "train" / "shard-*.tar"), "val": str(shards / "val" / "shard-*.tar"),
                                "resolution": SIZE, "batch_size": 2, "num_workers": 0, "pin_memory": False}},

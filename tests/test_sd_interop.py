@@ -27,10 +27,10 @@ from ldm.conditioning.text import OpenCLIPTextEmbedder
 from ldm.convert.clip_text import CLIP_HEAD, EOS
 from ldm.convert.sd_unet import unet_to_sd
 from ldm.convert.unet import unet_from_diffusers
-from ldm.diffusion.init_weights import load_denoiser_weights
+from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.module import LatentDiffusion
 from ldm.diffusion.objectives import DDPM
-from ldm.diffusion.samplers import SAMPLERS, Sampler
+from ldm.diffusion.samplers import DDIM, Sampler
 from ldm.export.diffusers import (
     clip_tokenizer,
     diffusers_vae,
@@ -40,6 +40,7 @@ from ldm.export.diffusers import (
 from ldm.export.sd import save_sd_checkpoint
 from ldm.export.text_to_image import TextToImage, linear_projections
 from ldm.weights.io import WeightsError
+from tests.test_samplers import SAMPLERS, OneJump
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64  # image side: 8x8 latents, 1x1 at the UNet's last level
@@ -68,7 +69,7 @@ def sd_model(version: str, sizes: dict, weights: str | None = None, seed: int = 
     clip = OpenCLIP(v["clip"], weights, random_init=weights is None, seed=seed, text_cfg=sizes["text"])
     text = OpenCLIPTextEmbedder(clip, layer=v["layer"], pad=v["pad"])
     model = LatentDiffusion(partial(UNet, **sizes["unet"]), LatentCodec(vae, weights, scale=0.18215), Conditioner([text]),
-                            DDPM(v["prediction"]), Sampler("ddim", 20), ema_decay=None, cfg_scale=5.0, init_weights=weights)
+                            DDPM(v["prediction"]), DDIM(20), ema_decay=None, cfg_scale=5.0, init_weights=weights)
     if weights is None:  # the UNet's zero-initialised output layers would make every prediction 0
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -136,7 +137,7 @@ def test_sd_file_keys_are_all_accounted_for(exported: tuple, tmp_path: Path) -> 
     del broken["model.diffusion_model.out.2.bias"]
     save_file(broken, tmp_path / "broken.safetensors")
     with pytest.raises(WeightsError, match=r"broken\.safetensors .*missing keys: conv_out\.bias; unexpected keys: stray\.weight"):
-        load_denoiser_weights(fresh.backbone, fresh.conditioner, tmp_path / "broken.safetensors")
+        load_init_weights(fresh.backbone, fresh.conditioner, tmp_path / "broken.safetensors")
 
     text = {k: v for k, v in state.items() if k.startswith("cond_stage_model.")}
     dropped = next(k for k in text if k.endswith(("k_proj.weight", "in_proj_weight")))
@@ -243,13 +244,36 @@ def test_vae_folds_per_channel_statistics_into_its_weights() -> None:
 @pytest.mark.parametrize("objective, schedule", [(DDPM("eps"), "scaled_linear"), (DDPM("v", "cosine"), "squaredcos_cap_v2"),
                                                  (DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02), "linear"),
                                                  (DDPM("v", zero_terminal_snr=True), None)])
-@pytest.mark.parametrize("kind", list(SAMPLERS))
-def test_scheduler_has_the_objectives_alphas(objective: DDPM, schedule: str | None, kind: str) -> None:
-    made = scheduler(objective, Sampler(kind))
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda cls: cls.kind)
+def test_scheduler_has_the_objectives_alphas(objective: DDPM, schedule: str | None, sampler: type[Sampler]) -> None:
+    made = scheduler(objective, sampler())
     assert made.config.beta_schedule == schedule if schedule else made.config.trained_betas is not None
     assert made.config.timestep_spacing == "trailing"
     alpha = objective.alpha_sigma(torch.arange(objective.num_timesteps).float())[0]
     torch.testing.assert_close(made.alphas_cumprod.sqrt(), alpha, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective", [DDPM("eps"), DDPM("v"), DDPM("x0"), DDPM("velocity")], ids=lambda o: o.prediction.name)
+def test_scheduler_takes_the_objectives_prediction(objective: DDPM) -> None:
+    expected = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "velocity": None}[objective.prediction.name]
+    if expected is None:  # diffusers' flow_prediction assumes flow sigmas: not this path
+        with pytest.raises(ValueError, match="the prediction 'velocity' has no diffusers prediction_type"):
+            scheduler(objective, DDIM())
+    else:
+        assert scheduler(objective, DDIM()).config.prediction_type == expected
+
+
+def test_a_sampler_without_a_diffusers_scheduler_is_refused_in_a_sentence(exported: tuple) -> None:
+    _, model, out = exported
+    with pytest.raises(ValueError, match="^the sampler OneJump has no diffusers scheduler: export the model with"):
+        scheduler(DDPM("eps"), OneJump())
+    sampler, model.sampler = model.sampler, OneJump()
+    try:
+        with pytest.raises(ValueError, match="the sampler OneJump has no diffusers scheduler"):
+            save_diffusers(model, out / "refused", SIZE)
+        assert not (out / "refused").exists()
+    finally:
+        model.sampler = sampler
 
 
 def test_only_text_to_image_unets_export() -> None:

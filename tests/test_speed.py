@@ -1,20 +1,34 @@
-"""The fast paths give the eager results: channels-last weights and torch.compile, in both modules."""
+"""The fast paths give the eager results: channels-last weights and torch.compile, in both modules; a new
+input shape recompiles once, then the changing size is dynamic; gradient clipping with fused optimizers."""
 
 from __future__ import annotations
 
+import shutil
+
+import lightning as L
 import pytest
 import torch
+import torch._inductor.config
+from lightning.pytorch.callbacks import LambdaCallback
+from torch._dynamo.testing import CompileCounter
 from torch.utils.data import DataLoader
 
-from ldm.autoencoder.loss import AutoencoderLoss
 from ldm.autoencoder.module import AutoencoderKL
-from ldm.autoencoder.vae import VAE
+from ldm.training import module as training_module
 from ldm.training.speed import clip_gradients, speed_up
-from tests.test_guards import _batches
+from tests.test_guards import _autoencoder, _batches
 from tests.test_latent_diffusion import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-COMPILE = {"backend": "aot_eager"}  # the graph capture and autograd of torch.compile; inductor's codegen is benchmarked
+COMPILE = {"backend": "aot_eager"}  # the graph capture and autograd of torch.compile (inductor's codegen: slow test)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from scratch: no code cached by an earlier test's compile."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _loss_and_grads(model: torch.nn.Module, loss_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -39,16 +53,57 @@ def test_latent_diffusion_fast_paths_agree_with_eager(fast: dict) -> None:
     assert list(model.backbone.state_dict()) == list(tiny_model().backbone.state_dict())  # names unchanged
 
 
-def test_autoencoder_options_build_the_fast_paths() -> None:
-    torch.manual_seed(0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    loss = AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8)
+def test_autoencoder_options_build_the_fast_paths(fresh_dynamo) -> None:
     x = _batches(1)[0]["image"]
     with torch.no_grad():
-        eager = vae(x, sample=False)[0]
-        model = AutoencoderKL(vae, loss, channels_last=True, compile=COMPILE)
+        eager = _autoencoder().vae(x, sample=False)[0]
+        model = _autoencoder(channels_last=True, compile=COMPILE)
         assert model.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model.vae(x, sample=False)[0], eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic", [None, False], ids=["default: dynamic after a recompile", "dynamic: false"])
+def test_a_new_batch_size_recompiles_once_then_the_size_is_dynamic(dynamic: bool | None, fresh_dynamo) -> None:
+    """README: a new input shape recompiles once, after which torch marks the changing size dynamic;
+    ``dynamic: false`` keeps static kernels, one compile per shape. Counted through the module's own option."""
+    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them eagerly
+    model = _autoencoder(compile={"backend": counter} | ({} if dynamic is None else {"dynamic": dynamic}))
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    compiles = []
+    with torch.no_grad():
+        for batch in (4, 3, 2, 5):  # the first batch, then smaller and larger ones
+            model.vae(images[:batch], sample=False)
+            compiles.append(counter.frame_count)
+    first = compiles[0]
+    assert first > 0
+    assert compiles == ([first, 2 * first, 2 * first, 2 * first] if dynamic is None else [first * n for n in (1, 2, 3, 4)])
+
+
+@pytest.mark.slow  # inductor generates and compiles C++ for every kernel: minutes on 2 CPU cores
+@pytest.mark.skipif(shutil.which("cc") is None, reason="inductor needs a C compiler (cc) on the CPU")
+def test_inductor_trains_the_autoencoder_with_its_discriminator_as_eager(fresh_dynamo, monkeypatch) -> None:
+    """``compile: true`` (the default inductor backend) with ``channels_last``: a fit of the autoencoder and its
+    discriminator (two optimizers) runs compiled graphs and logs the eager run's losses."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the posterior draws eager's noise
+
+    def fit(model: AutoencoderKL) -> list[dict[str, float]]:
+        logs = []
+        trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.callbacks.append(LambdaCallback(on_train_batch_end=lambda t, *_: logs.append(
+            {k: v.item() for k, v in t.callback_metrics.items() if k.startswith("train/")})))
+        trainer.fit(model, DataLoader(_batches(2), batch_size=None))
+        return logs
+
+    eager = fit(_autoencoder())
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = fit(_autoencoder(compile=True, channels_last=True))
+    assert counts["stats"]["unique_graphs"] >= 2 and counts["frames"]["ok"] >= 2  # the VAE's and the discriminator's
+    assert [list(s) for s in compiled] == [list(s) for s in eager] and "train/d" in eager[0]
+    for ours, theirs in zip(compiled, eager):
+        for name in ours:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=2e-3, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
@@ -76,20 +131,13 @@ def test_clip_gradients_unscales_for_a_fused_optimizer(algorithm: str) -> None:
 def test_both_modules_clip_with_the_fused_default_optimizers(precision: str, monkeypatch) -> None:
     """The autoencoder's ``grad_clip`` (each of its two optimizers) and the trainer's ``gradient_clip_val`` for
     stage 2 reach ``clip_gradients``, fused AdamW and bf16 included."""
-    import lightning as L
-
-    from ldm import speed
-
     calls = []
-    clip = speed.clip_gradients
-    for module in ("ldm.autoencoder.module", "ldm.diffusion.module"):
-        monkeypatch.setattr(f"{module}.clip_gradients", lambda o, v, a, s: calls.append((type(o), v)) or clip(o, v, a, s))
+    monkeypatch.setattr(training_module, "clip_gradients",
+                        lambda o, v, a, s: calls.append((type(o), v)) or clip_gradients(o, v, a, s))
     trainer = dict(max_steps=2, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_val_batches=0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    loss = AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8)
     fused = lambda params: torch.optim.Adam(params, lr=1e-4, fused=True)  # noqa: E731
-    L.Trainer(**trainer).fit(AutoencoderKL(vae, loss, optimizer=fused, disc_optimizer=fused, grad_clip=0.25),
+    L.Trainer(**trainer).fit(_autoencoder(optimizer=fused, disc_optimizer=fused, grad_clip=0.25),
                              DataLoader(_batches(1), batch_size=None))
     assert calls == [(torch.optim.Adam, 0.25)] * 2
     calls.clear()

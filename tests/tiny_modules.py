@@ -14,7 +14,7 @@ from ldm.training.resume import AtomicCheckpointIO
 
 
 class TinyFeatures(nn.Module):
-    """A small random conv net standing in for Inception (B, 3, H, W) -> (B, 8); counts the images it sees."""
+    """A small random conv net standing in for Inception: (B, 3, H, W) -> {"pool3": (B, 8)}; counts the images it sees."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -23,9 +23,9 @@ class TinyFeatures(nn.Module):
             self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.images_seen = 0
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
         self.images_seen += len(images)
-        return self.net(images)  # (B, 8)
+        return {"pool3": self.net(images)}  # (B, 8)
 
 
 class KillAt(Callback):

@@ -25,67 +25,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 
 from ldm.cli import instantiate
 from ldm.data import batch as B
-from ldm.data.latents import CACHE_INFO, FLIP, encode_sample
-from ldm.data.shards import INDEX_NAME, expand_shards, identify
+from ldm.data.images import ImageDecoder
+from ldm.data.latents import cached_samples, view_tensors, write_info
+from ldm.data.shards import expand_shards, identify, write_shard_index
 from ldm.data.stream import ShardStream
-from ldm.data.transforms import SampleTransform
 from ldm.diffusion.module import LatentDiffusion
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _to_latent_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class maps (integers) resized nearest, float maps bilinear with antialiasing, as SpatialEmbedder resizes."""
-    if maps.is_floating_point():
-        return F.interpolate(maps, size=size, mode="bilinear", antialias=True)
-    return F.interpolate(maps.float(), size=size, mode="nearest-exact").to(torch.int16)
-
-
 @torch.no_grad()
-def cache_shard(model: LatentDiffusion, source: str, target: Path, transform: SampleTransform, flips: bool,
+def cache_shard(model: LatentDiffusion, source: str, target: Path, decoder: ImageDecoder, flips: bool,
                 text: bool, dtype: torch.dtype, batch_size: int, device: torch.device) -> int:
     """Encode one source shard into ``target`` (written whole, then renamed); the number of samples cached."""
     codec_hash, text_hash = model.codec.fingerprint_hash(), model.conditioner.frozen_hash() if text else ""
-    maps = [B.map_key(k) for k in transform.extra_keys]
     count, partial = 0, target.with_suffix(".partial")
     with wds.TarWriter(str(partial)) as sink:
-        for batch in ShardStream([source], transform, batch_size).batches(worker=0):
+        for batch in ShardStream([source], decoder, batch_size).batches(worker=0):
             images = batch[B.IMAGE].to(device)
-            variants = {"": images, **({FLIP: images.flip(-1)} if flips else {})}
+            maps = {name: batch[name].to(device) for name in map(B.map_key, decoder.extra_keys)}
+            views = [(False, images, maps)]
+            if flips:
+                views.append((True, images.flip(-1), {k: v.flip(-1) for k, v in maps.items()}))
             tensors: dict[str, torch.Tensor] = {}
-            for prefix, x in variants.items():
+            for flipped, x, view_maps in views:
                 mean, std = model.codec.moments(x)
-                tensors |= {f"{prefix}mean": mean.to(dtype), f"{prefix}std": std.to(dtype)}
-                for name in maps:
-                    pixels = batch[name].to(device)
-                    tensors[f"{prefix}{name}"] = _to_latent_size(pixels.flip(-1) if prefix else pixels, mean.shape[-2:])
+                tensors |= view_tensors(mean.to(dtype), std.to(dtype), view_maps, flipped)
             if text:
                 for index in model.conditioner.frozen():
                     tensors[B.cached_embedding(index)] = model.conditioner.embedders[index](batch, mean.shape[-2:]).to(dtype)
-            for i, key in enumerate(batch[B.KEY]):
-                meta = {B.CAPTION: batch[B.CAPTION][i], B.LABEL: int(batch[B.LABEL][i]) if B.LABEL in batch else None,
-                        B.ORIGINAL_SIZE: batch[B.ORIGINAL_SIZE][i].tolist(), B.CROP_COORDS: batch[B.CROP_COORDS][i].tolist(),
-                        B.CACHE_CODEC: codec_hash, B.CACHE_TEXT: text_hash}
-                sink.write(encode_sample(key, {k: v[i].cpu() for k, v in tensors.items()}, meta))
+            for sample in cached_samples(batch, tensors, codec_hash, text_hash):
+                sink.write(sample)
                 count += 1
     os.replace(partial, target)
     target.with_suffix(".done").write_text(json.dumps({"nsamples": count}))
     return count
 
 
-def write_index(out: Path) -> Path:
-    """The wids-style shard index of every finished cache shard in ``out``."""
-    entries = [{"url": done.with_suffix(".tar").name, "nsamples": json.loads(done.read_text())["nsamples"]}
-               for done in sorted(out.glob("*.done"))]
-    index, partial = out / INDEX_NAME, out / f"{INDEX_NAME}.partial{os.getpid()}"
-    partial.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries}, indent=1))
-    os.replace(partial, index)
-    return index
+def write_index(out: Path) -> Path | None:
+    """The wids-style shard index of every finished cache shard in ``out`` (None while none is finished)."""
+    done = sorted(out.glob("*.done"))
+    if not done:
+        return None
+    return write_shard_index([d.with_suffix(".tar") for d in done], [json.loads(d.read_text())["nsamples"] for d in done])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -104,10 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not isinstance(model, LatentDiffusion):
         raise TypeError(f"{args.config}: the model is a {type(model).__name__}; a latent cache needs a LatentDiffusion")
     model.to(args.device).eval()
-    hp = data.hparams
-    transform = SampleTransform(resolution=hp.resolution, crop="center", extra_keys=dict(hp.extra_keys or {}),
-                                require=tuple(hp.require))
-    flips = bool(hp.hflip) and args.split == "train"
+    decoder = data.image_decoder(train=False)  # a cache fixes the center crop; flips are stored as a second view
+    flips = data.image_decoder(train=True).hflip and args.split == "train"
     sources = expand_shards(data.patterns[args.split])
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
@@ -115,15 +99,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target = args.out / Path(source).name
         if target.with_suffix(".done").is_file():
             continue
-        n = cache_shard(model, source, target, transform, flips, args.text, DTYPES[args.dtype], args.batch_size,
+        n = cache_shard(model, source, target, decoder, flips, args.text, DTYPES[args.dtype], args.batch_size,
                         torch.device(args.device))
         done += 1
         print(f"{source} -> {target}: {n} samples", flush=True)
     info = {"codec": model.codec.fingerprint(), "codec_hash": model.codec.fingerprint_hash(),
             "text_hash": model.conditioner.frozen_hash() if args.text else None, "text_embedders": model.conditioner.frozen() if args.text else [],
-            "source": identify(sources), "resolution": hp.resolution, "crop": "center", "flips": flips,
-            "dtype": args.dtype, "extra_keys": dict(hp.extra_keys or {})}
-    (args.out / CACHE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+            "source": identify(sources), "resolution": decoder.resolution, "crop": decoder.crop, "flips": flips,
+            "dtype": args.dtype, "extra_keys": dict(decoder.extra_keys)}
+    write_info(args.out, info)
     index = write_index(args.out)
     print(f"rank {args.rank}/{args.world_size}: {done} shards cached now; index {index}")
     return info

@@ -1,16 +1,21 @@
-"""Score generated images against a reference set: FID, optionally KID, and CLIP score.
+"""Score generated images against a reference set with any of ldm's metrics: FID (default), KID, CLIP score,
+PSNR, SSIM, LPIPS, ...
 
 Each set is a folder of images (png / jpg / jpeg / webp, searched recursively, captions in
 sidecar .txt files) or a WebDataset shard pattern (captions from the samples' txt). Images are
 resized on their shorter side and center-cropped to --resolution, as training data is.
 
     python tools/evaluate.py --generated samples/ --reference 'data/val-{0000..0004}.tar' \\
-        --inception-weights weights-inception-2015-12-05-6726825d.pth --kid --out report.json
+        --inception-weights weights-inception-2015-12-05-6726825d.pth --metrics fid kid clip_score --out report.json
 
-Pretrained weights load as their libraries do: a local path if given, else the library's cache, else
-its download (none with LDM_OFFLINE=1). Without Inception weights the tool stops, naming the option.
-CLIP score needs captions for the generated images (sidecars, shard txt or --captions, one line
-per image in sorted file order) and OpenCLIP weights; without either it is left out.
+--metrics takes the metrics' names, those `ldm test` logs (fid, kid, clip_score, psnr, ssim, lpips, ...),
+and the report and the printout give each value under those names. Paired metrics (psnr, ssim, lpips)
+compare the i-th generated image with the i-th reference image, in sorted file (or shard) order:
+reconstructions against their originals. Pretrained weights load as their libraries do: a local path
+if given, else the library's cache, else its download (none with LDM_OFFLINE=1). Without Inception
+weights the tool stops, naming the option. CLIP score needs captions for the generated images
+(sidecars, shard txt or --captions, one line per image in sorted file order) and OpenCLIP weights;
+without either it is left out.
 """
 
 from __future__ import annotations
@@ -18,106 +23,123 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data import batch as B
+from ldm.data import entries as E
+from ldm.data.decoder import SkipSample
+from ldm.data.images import ImageDecoder
 from ldm.data.shards import expand_shards, identify
 from ldm.data.stream import ShardStream
-from ldm.data.transforms import SampleTransform, SkipSample
-from ldm.metrics.clip_score import CLIPScorer, try_build_clip_scorer
-from ldm.metrics.features import InceptionFeatures
-from ldm.metrics.fid import frechet_distance, kid
-from ldm.metrics.statistics import FeatureSet, ReferenceCache
+from ldm.metrics.base import SampleMetric, TextMetric, metric_classes
+from ldm.metrics.clip_score import CLIPScore
+from ldm.metrics.evaluation import Evaluation, inception_for, load_metrics
+from ldm.metrics.fid import KID
+from ldm.metrics.paired import LPIPS
+from ldm.metrics.statistics import ReferenceCache
 from ldm.weights.io import WeightsUnavailable, state_sha256
-
-IMAGE_KEYS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}  # suffix -> SampleTransform key
 
 
 def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tuple[Tensor, list[str]]]:
     """(images (B, 3, R, R) in [-1, 1], captions, "" where none) from a folder or a shard pattern."""
-    transform = SampleTransform(resolution=resolution, crop="center", require=())
+    decoder = ImageDecoder(resolution=resolution, crop="center", require=())
     if not Path(source).is_dir():
-        for batch in ShardStream(expand_shards(source), transform, batch_size).batches(worker=0):
+        for batch in ShardStream(expand_shards(source), decoder, batch_size).batches(worker=0):
             yield batch[B.IMAGE], list(batch[B.CAPTION])
         return
-    paths = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_KEYS)
+    paths = _images(source)
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_KEYS)} images under {source}")
+        raise FileNotFoundError(f"no {'/'.join(E.IMAGE_EXTENSIONS)} images under {source}")
     rng = random.Random(0)  # a center crop without flips draws nothing from it
     for start in range(0, len(paths), batch_size):
-        samples = [_load(path, transform, rng) for path in paths[start:start + batch_size]]
+        samples = [_load(path, decoder, rng) for path in paths[start:start + batch_size]]
         yield torch.stack([s[B.IMAGE] for s in samples]), [s[B.CAPTION] for s in samples]
 
 
-def _load(path: Path, transform: SampleTransform, rng: random.Random) -> dict:
-    raw = {IMAGE_KEYS[path.suffix.lower()]: path.read_bytes()}
-    if path.with_suffix(".txt").is_file():
-        raw["txt"] = path.with_suffix(".txt").read_bytes()
+def _images(folder: str) -> list[Path]:
+    """The image files under a folder, recursively, in sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if E.image_entry(p))
+
+
+def _load(path: Path, decoder: ImageDecoder, rng: random.Random) -> dict:
+    """An image file and its sidecar caption (`a.jpg`, `a.txt`) decoded as a sample of a shard would be."""
+    raw = {E.image_entry(path): path.read_bytes()}
+    if path.with_suffix(f".{E.TXT}").is_file():
+        raw[E.TXT] = path.with_suffix(f".{E.TXT}").read_bytes()
     try:
-        return transform(raw, rng)
+        return decoder(raw, rng)
     except SkipSample as err:
         raise ValueError(f"{path}: {err}") from None
 
 
 def _sources(source: str) -> list[str]:
     """The files a folder or shard pattern reads, in order."""
-    if Path(source).is_dir():
-        return [str(p) for p in sorted(Path(source).rglob("*")) if p.suffix.lower() in IMAGE_KEYS]
-    return expand_shards(source)
+    return [str(p) for p in _images(source)] if Path(source).is_dir() else expand_shards(source)
 
 
 def evaluate(
     generated: str,
     reference: str,
-    extractor: nn.Module,
+    metrics: Sequence[SampleMetric],
+    extractor: nn.Module | None = None,
     resolution: int = 256,
     batch_size: int = 50,
-    with_kid: bool = False,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    clip_scorer: CLIPScorer | None = None,
     captions: list[str] | None = None,
     reference_cache: str | None = None,
 ) -> dict[str, float | int | str]:
-    """FID (and KID, CLIP score) of the generated set against the reference set.
+    """The ``metrics`` (loaded, on the extractor's device) of the generated set against the reference set.
 
-    ``extractor`` maps [-1, 1] images to (B, D) features (``InceptionFeatures`` for true FID).
-    ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps the
-    reference's features on disk, keyed by its files (sizes and modification times), the resolution
-    and the extractor's weights, so an edited reference is never served from a stale entry.
+    ``extractor`` maps [-1, 1] images to the feature kinds the distribution metrics read (``InceptionFeatures``
+    for true FID). ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps the
+    reference's features on disk, keyed by its files (sizes and modification times), the resolution, the
+    feature kind and the extractor's weights, so an edited reference is never served from a stale entry.
     """
-    device = next(extractor.parameters(), torch.empty(0)).device
-    fake, scores, lines = FeatureSet(with_kid), [], iter(captions) if captions is not None else None
+    run = Evaluation(metrics, extractor)
+    modules = [m for m in (extractor, *metrics) if m is not None]
+    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+    cache = ReferenceCache(reference_cache) if reference_cache is not None and run.kinds else None
+    if cache is not None:
+        key = {"data": identify(_sources(reference)), "resolution": resolution, "extractor": state_sha256(extractor)}
+        run.reference = run.cached_reference(cache, key)
+    fresh = run.needs_reference
+    references = iter_batches(reference, resolution, batch_size) if fresh or run.paired else iter(())
+    lines = iter(captions) if captions is not None else None
     for images, own in iter_batches(generated, resolution, batch_size):
-        fake.add(extractor(images.to(device)))
+        real = _pair(references, len(images)).to(device) if run.paired else None
+        if fresh and real is not None:
+            run.add_reference(real)
         texts = own if lines is None else [_next_caption(lines) for _ in own]
-        keep = [i for i, text in enumerate(texts) if text]
-        if clip_scorer is not None and keep:
-            scores.append(clip_scorer(images[keep], [texts[i] for i in keep]).cpu())  # (K,)
+        run.add_generated(images.to(device), real, texts)
     if lines is not None and next(lines, None) is not None:
-        raise ValueError(f"more captions than the {fake.count} generated images")
-    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
-    key = {"data": identify(_sources(reference)), "resolution": resolution, "extractor": state_sha256(extractor)}
-    real = cache.load(key, keep=with_kid) if cache is not None else None
-    if real is None:
-        real = FeatureSet(with_kid)
-        for images, _ in iter_batches(reference, resolution, batch_size):
-            real.add(extractor(images.to(device)))
-        if cache is not None:
-            cache.save(key, real)
+        raise ValueError("more captions than generated images")
+    for real, _ in references:
+        if run.paired:
+            raise ValueError(PAIRS)
+        run.add_reference(real.to(device))
+    values = run.compute()
+    if cache is not None and fresh:
+        run.save_reference(cache, key)
     report: dict[str, float | int | str] = {"generated": generated, "reference": reference, "resolution": resolution,
-                                            "generated_count": fake.count, "reference_count": real.count}
-    report["fid"] = frechet_distance(*fake.mu_sigma(), *real.mu_sigma())
-    if with_kid:
-        report["kid_mean"], report["kid_std"] = kid(fake.features, real.features, kid_subsets, kid_subset_size)
-    if scores:
-        all_scores = torch.cat(scores)  # (K,)
-        report["clip_score"], report["clip_score_count"] = float(all_scores.mean()), len(all_scores)
-    return report
+                                            "generated_count": run.samples}
+    if run.reference is not None:
+        report["reference_count"] = next(iter(run.reference.values())).count
+    return report | values
+
+
+PAIRS = "paired metrics need as many reference images as generated ones, in the same order"
+
+
+def _pair(references: Iterator[tuple[Tensor, list[str]]], n: int) -> Tensor:
+    """The next batch of reference images: the originals of the next ``n`` generated ones."""
+    real, _ = next(references, (None, None))
+    if real is None or len(real) != n:
+        raise ValueError(PAIRS)
+    return real
 
 
 def _next_caption(lines: Iterator[str]) -> str:
@@ -127,19 +149,34 @@ def _next_caption(lines: Iterator[str]) -> str:
     return line.strip()
 
 
+def build_metrics(names: Sequence[str], args: argparse.Namespace) -> list[SampleMetric]:
+    """The metrics of these names, with this tool's options for those that take any (KID, CLIP score, LPIPS)."""
+    classes = metric_classes()
+    options = {KID: {"subsets": args.kid_subsets, "subset_size": args.kid_subset_size},
+               CLIPScore: {"clip": OpenCLIP(args.clip_model, args.clip_pretrained)},
+               LPIPS: {"net": args.lpips_net, "weights": args.lpips_weights}}
+    return [classes[name](**options.get(classes[name], {})) for name in dict.fromkeys(names)]
+
+
 def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
+    names = sorted(metric_classes())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generated", required=True, help="folder of images or shard pattern")
     parser.add_argument("--reference", required=True, help="folder of images or shard pattern")
+    parser.add_argument("--metrics", nargs="+", default=["fid", "clip_score"], choices=names, metavar="NAME",
+                        help=f"metrics to compute, of {', '.join(names)} (default: fid clip_score)")
     parser.add_argument("--captions", help="text file, one caption per generated image in sorted file order")
     parser.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
                         "(default: torch-fidelity's file in torch hub's cache, else downloaded there)")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture")
     parser.add_argument("--clip-pretrained", default="laion2b_s34b_b79k",
                         help="local weights file or an open_clip tag (from open_clip's cache, else downloaded)")
+    parser.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS trunk")
+    parser.add_argument("--lpips-weights", help="local LPIPS trunk (torchvision's ImageNet file) or LPIPS state dict "
+                        "(default: torch hub's cache, else downloaded there)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--kid", action="store_true", help="also compute KID (mean and std over subsets)")
+    parser.add_argument("--kid", action="store_true", help="also KID (mean and std over subsets): --metrics ... kid")
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--reference-cache", help="folder caching the reference's features, keyed by its files' content")
@@ -147,19 +184,21 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args(argv)
 
+    metrics = build_metrics([*args.metrics, *(["kid"] if args.kid else [])], args)
     try:
-        extractor = InceptionFeatures(args.inception_weights).to(args.device)
+        extractor = inception_for(metrics, args.inception_weights)
     except WeightsUnavailable as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    scorer = try_build_clip_scorer(args.clip_model, args.clip_pretrained)
+    metrics, extractor = load_metrics(metrics, extractor)
+    for module in (extractor, *metrics):
+        if module is not None:
+            module.to(args.device)
     captions = Path(args.captions).read_text().splitlines() if args.captions else None
-    report = evaluate(
-        args.generated, args.reference, extractor, args.resolution, args.batch_size, args.kid,
-        args.kid_subsets, args.kid_subset_size, scorer.to(args.device) if scorer is not None else None, captions,
-        args.reference_cache,
-    )
-    if scorer is not None and "clip_score" not in report:
-        print("CLIP score left out: the generated images have no captions")
+    report = evaluate(args.generated, args.reference, metrics, extractor, args.resolution, args.batch_size, captions,
+                      args.reference_cache)
+    for metric in metrics:
+        if isinstance(metric, TextMetric) and metric.names[0] not in report:
+            print(f"{metric.label} left out: the generated images have no captions")
     print(f"{'metric':<18} value")
     for name, value in report.items():
         print(f"{name:<18} {value:.6g}" if isinstance(value, float) else f"{name:<18} {value}")

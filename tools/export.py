@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import instantiate
+from ldm.cli import instantiate, refusals
 from ldm.diffusion.module import LatentDiffusion
 from ldm.export.diffusers import save_diffusers
 from ldm.export.sd import save_sd_checkpoint
@@ -34,7 +34,7 @@ def load_model(configs: list[str], ckpt: Path) -> tuple[LatentDiffusion, int | N
     model, data = instantiate([*args, "--model.init_args.init_weights", "null"])
     if not isinstance(model, LatentDiffusion):
         raise TypeError(f"{configs}: the model is a {type(model).__name__}, not a LatentDiffusion")
-    return load_for_export(model, ckpt), (getattr(data, "hparams", None) or {}).get("resolution")
+    return load_for_export(model, ckpt), getattr(data, "resolution", None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.format == "sd" and args.out.suffix != ".safetensors":
         parser.error("--format sd writes one .safetensors file: give --out a .safetensors path")
 
-    model, resolution = load_model(args.config, args.ckpt)
-    with torch.no_grad():
+    with refusals(parser.prog), torch.no_grad():  # a checkpoint or model that cannot be exported: one line
+        model, resolution = load_model(args.config, args.ckpt)
         if args.format == "sd":
             args.out.parent.mkdir(parents=True, exist_ok=True)
             save_sd_checkpoint(model, args.out)

@@ -1,15 +1,16 @@
 """Pack captioned images into WebDataset tar shards, keeping each image's original encoded bytes.
 
-Inputs, one mode each:
+Inputs, one reader each (a function returning an `Input`, which `make_shards` writes):
 
-- a folder of images with sidecar captions (`a.jpg` + `a.txt`, optional `a.cls` holding an
-  integer label);
-- a CSV / JSONL table of `path,caption[,label]` (relative paths are relative to the table's folder);
-- `--class-folders`: an ImageFolder tree, `root/<class>/**/image` (CIFAR-10 as JPEGs:
+- `from_folder`: a folder of images with sidecar captions (`a.jpg` + `a.txt`, optional `a.cls`
+  holding an integer label);
+- `from_table`: a CSV / JSONL table of `path,caption[,label]` (relative paths are relative to the
+  table's folder);
+- `from_class_folders`, `--class-folders`: an ImageFolder tree, `root/<class>/**/image` (CIFAR-10 as JPEGs:
   `train/<class>/NNNN.jpg`). `cls` is the index of the class in the sorted folder names, as in
   torchvision's ImageFolder; the caption is `--caption-template` with `{class}` replaced by the
   folder name, underscores as spaces;
-- `--mnist-labels LABELS`: the input is an MNIST idx3 images file and LABELS its idx1 labels file
+- `from_mnist`, `--mnist-labels LABELS`: the input is an MNIST idx3 images file and LABELS its idx1 labels file
   (each gzip'd or raw). Digits are written as grayscale PNGs (the data module reads them as RGB),
   `cls` is the digit, classes are "0".."9".
 
@@ -42,16 +43,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from ldm.data import entries as E
+from ldm.data.decoder import SkipSample
 from ldm.data.shards import write_shard_index
-from ldm.data.transforms import SkipSample
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> WebDataset entry name
 CLASSES_NAME = "classes.json"  # {"classes": [...]} next to the shards of a class-labelled dataset
 PHOTO_TEMPLATE = "a photo of a {class}"  # default caption of --class-folders
 DIGIT_TEMPLATE = "a handwritten digit {class}"  # default caption of MNIST
@@ -67,6 +68,14 @@ class SampleSpec:
     label: str | None = None  # as written in the sidecar or table; must parse as an int
     class_name: str | None = None  # set by the class modes: the sample also gets a `json` entry
     pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) uint8, written as PNG
+
+
+class Input(NamedTuple):
+    """What a reader found: the candidate samples and, for a class-labelled input, the class names its labels
+    index (written to classes.json next to the shards)."""
+
+    samples: list[SampleSpec]
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -96,20 +105,20 @@ def _folder(path: str | Path) -> Path:
 
 def _images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, sorted."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*") if E.image_entry(p) and p.is_file())
 
 
 def _no_images(where: str) -> ValueError:
-    return ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) {where}")
+    return ValueError(f"no images ({', '.join('.' + name for name in E.IMAGE_EXTENSIONS)}) {where}")
 
 
-def from_folder(path: str | Path) -> list[SampleSpec]:
+def from_folder(path: str | Path) -> Input:
     """Images under `path` (recursively, sorted) with their `.txt` caption and optional `.cls` label."""
     root = _folder(path)
     images = _images(root)
     if not images:
         raise _no_images(f"under {root}")
-    return [SampleSpec(p, _sidecar(p.with_suffix(".txt")), _sidecar(p.with_suffix(".cls"))) for p in images]
+    return Input([SampleSpec(p, _sidecar(p.with_suffix(".txt")), _sidecar(p.with_suffix(".cls"))) for p in images])
 
 
 def class_captions(template: str, classes: Sequence[str]) -> list[str]:
@@ -119,8 +128,8 @@ def class_captions(template: str, classes: Sequence[str]) -> list[str]:
     return [template.replace("{class}", name.replace("_", " ")) for name in classes]
 
 
-def from_class_folders(path: str | Path, template: str = PHOTO_TEMPLATE) -> tuple[list[SampleSpec], list[str]]:
-    """ImageFolder layout `path/<class>/**/image` -> (samples class by class, sorted class names = labels)."""
+def from_class_folders(path: str | Path, template: str = PHOTO_TEMPLATE) -> Input:
+    """ImageFolder layout `path/<class>/**/image`: samples class by class, labels indexing the sorted class names."""
     root = _folder(path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())  # torchvision's order, so labels agree
     if not classes:
@@ -130,7 +139,7 @@ def from_class_folders(path: str | Path, template: str = PHOTO_TEMPLATE) -> tupl
              for label, name in enumerate(classes) for image in _images(root / name)]
     if not specs:
         raise _no_images(f"in the class folders under {root}")
-    return specs, classes
+    return Input(specs, classes)
 
 
 def read_idx(path: str | Path, dims: int) -> np.ndarray:
@@ -148,17 +157,16 @@ def read_idx(path: str | Path, dims: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
-def from_mnist(images: str | Path, labels: str | Path,
-               template: str = DIGIT_TEMPLATE) -> tuple[list[SampleSpec], list[str]]:
-    """MNIST idx3 images and idx1 labels -> (samples in file order, classes "0".."9")."""
+def from_mnist(images: str | Path, labels: str | Path, template: str = DIGIT_TEMPLATE) -> Input:
+    """MNIST idx3 images and idx1 labels: samples in file order, classes "0".."9"."""
     pixels, digits = read_idx(images, 3), read_idx(labels, 1)  # (N, H, W), (N,)
     if len(pixels) != len(digits):
         raise ValueError(f"{images} holds {len(pixels)} images but {labels} holds {len(digits)} labels")
     if len(digits) and digits.max() >= len(DIGITS):
         raise ValueError(f"{labels}: label {digits.max()} is not a digit")
     captions = class_captions(template, DIGITS)
-    return [SampleSpec(Path(f"{images}#{i}"), captions[d], str(d), DIGITS[d], pixels[i])
-            for i, d in enumerate(digits.tolist())], DIGITS
+    return Input([SampleSpec(Path(f"{images}#{i}"), captions[d], str(d), DIGITS[d], pixels[i])
+                  for i, d in enumerate(digits.tolist())], DIGITS)
 
 
 def _table_rows(table: Path) -> list[list]:
@@ -183,7 +191,7 @@ def _table_rows(table: Path) -> list[list]:
     return rows
 
 
-def from_table(path: str | Path) -> list[SampleSpec]:
+def from_table(path: str | Path) -> Input:
     """Samples listed in a CSV or JSONL file of path, caption and optional label."""
     table = Path(path)
     if not table.is_file():
@@ -198,7 +206,7 @@ def from_table(path: str | Path) -> list[SampleSpec]:
         ))
     if not specs:
         raise ValueError(f"no samples in {table}")
-    return specs
+    return Input(specs)
 
 
 def _checked_image(data: bytes) -> tuple[str, bytes]:
@@ -206,7 +214,7 @@ def _checked_image(data: bytes) -> tuple[str, bytes]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()  # structure and checksums
-            key = FORMAT_KEYS.get(image.format)
+            key = E.PIL_FORMATS.get(image.format)
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # verify() does not decode: a truncated JPEG only fails here
     except UnidentifiedImageError:
@@ -224,7 +232,7 @@ def _png(pixels: np.ndarray) -> tuple[str, bytes]:
     """(entry name, data) of an (H, W) uint8 array as a grayscale PNG: lossless, so pixels round-trip."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
-    return "png", buffer.getvalue()
+    return E.PIL_FORMATS["PNG"], buffer.getvalue()
 
 
 def load_sample(spec: SampleSpec) -> dict[str, bytes]:
@@ -234,15 +242,15 @@ def load_sample(spec: SampleSpec) -> dict[str, bytes]:
     if not spec.caption:
         raise SkipSample("missing caption")
     key, data = _png(spec.pixels) if spec.pixels is not None else _checked_image(spec.path.read_bytes())
-    sample = {key: data, "txt": spec.caption.encode()}
+    sample = {key: data, E.TXT: spec.caption.encode()}
     if spec.label is not None:
         try:
             label = int(spec.label)
         except ValueError:
             raise SkipSample("invalid label") from None
-        sample["cls"] = str(label).encode()
+        sample[E.CLS] = str(label).encode()
         if spec.class_name is not None:
-            sample["json"] = json.dumps({"caption": spec.caption, "label": label, "class": spec.class_name}).encode()
+            sample[E.JSON] = json.dumps({E.CAPTION: spec.caption, E.LABEL: label, "class": spec.class_name}).encode()
     return sample
 
 
@@ -264,17 +272,17 @@ def shard_pattern(out: str | Path) -> str:
 
 
 def make_shards(
-    samples: Iterable[SampleSpec],
+    source: Input,  # what a reader found, of any input kind
     out: str | Path,
     max_samples_per_shard: int = 10_000,
     max_bytes_per_shard: int = 1_000_000_000,
     shuffle: bool = False,
     seed: int = 0,
-    classes: Sequence[str] | None = None,  # label -> class name: written to classes.json next to the shards
     limit: int | None = None,  # write at most this many samples (the first, after shuffling)
 ) -> Report:
-    """Validate `samples` and write the good ones, keyed `%08d` in written order, to shards at `out`."""
-    specs = list(samples)
+    """Validate the samples of `source` and write the good ones, keyed `%08d` in written order, to shards at `out`,
+    with their index and, for a class-labelled input, classes.json."""
+    specs = list(source.samples)
     if shuffle:
         random.Random(seed).shuffle(specs)
     report = Report()
@@ -289,13 +297,13 @@ def make_shards(
         for sample in chain([first], usable):  # original bytes, fixed mtime: same input, same shards
             sink.write(sample)
     write_shard_index(report.shards)  # sample counts for the readers' epoch plan
-    if classes is not None:
-        (report.shards[0].parent / CLASSES_NAME).write_text(json.dumps({"classes": list(classes)}, indent=1) + "\n")
+    if source.classes is not None:
+        (report.shards[0].parent / CLASSES_NAME).write_text(json.dumps({"classes": source.classes}, indent=1) + "\n")
     return report
 
 
-def _read_input(args: argparse.Namespace) -> tuple[list[SampleSpec], list[str] | None]:
-    """The samples of the input in the mode the options select, and its class names (None: no classes)."""
+def read_input(args: argparse.Namespace) -> Input:
+    """The input read by the reader of its kind: the mode options name it, else a file is a table, a folder a folder."""
     if args.mnist_labels is not None:
         return from_mnist(args.input, args.mnist_labels, args.caption_template or DIGIT_TEMPLATE)
     if args.class_folders:
@@ -305,7 +313,7 @@ def _read_input(args: argparse.Namespace) -> tuple[list[SampleSpec], list[str] |
     if "-idx3-ubyte" in args.input.name:
         raise ValueError(f"{args.input} looks like MNIST images: name its labels file with --mnist-labels")
     is_table = args.input.is_file() or args.input.suffix.lower() in (".csv", ".jsonl")
-    return (from_table(args.input) if is_table else from_folder(args.input)), None
+    return from_table(args.input) if is_table else from_folder(args.input)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,19 +336,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list-skipped", action="store_true", help="print each skipped path and its reason")
     args = parser.parse_args(argv)
     try:
-        specs, classes = _read_input(args)
+        source = read_input(args)
     except (OSError, ValueError) as error:  # missing files, bad gzip, malformed tables or idx files
         parser.error(str(error))
-    report = make_shards(specs, args.out, args.max_samples_per_shard, args.max_bytes_per_shard,
-                         args.shuffle, args.seed, classes, args.limit)
+    report = make_shards(source, args.out, args.max_samples_per_shard, args.max_bytes_per_shard, args.shuffle,
+                         args.seed, args.limit)
     if args.list_skipped:
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}")
     print(report.summary())
     if report.written == 0:
         raise SystemExit(f"no usable samples in {args.input}")
-    if classes is not None:
-        print(f"{len(classes)} classes listed in {report.shards[0].parent / CLASSES_NAME}")
+    if source.classes is not None:
+        print(f"{len(source.classes)} classes listed in {report.shards[0].parent / CLASSES_NAME}")
+
 
 if __name__ == "__main__":
     main()

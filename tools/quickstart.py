@@ -41,16 +41,20 @@ def say(message: str) -> None:
 
 
 def run(*args: str) -> None:
-    """Run one command in the project root, its output streaming through; fail loudly."""
+    """Run one command in the project root, its output streaming through; a failure stops the quickstart
+    (the command has said why)."""
     print("$", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+    status = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+    if status:
+        sys.exit(f"quickstart: stopped, `{' '.join(args[:3])}` failed (exit status {status})")
 
 
 def ldm(subcommand: str, config: str, out: Path, stage: str, *options: str) -> Path:
     """`ldm <subcommand>` logging to <out>/<stage>/version_0; returns that run folder."""
+    # no model summary: its FLOPs column needs an example input that these models do not define (it shows 0)
     run("-m", "ldm.cli", subcommand, "--config", config,
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", stage,
-        "--trainer.logger.init_args.version", "0", *options)
+        "--trainer.logger.init_args.version", "0", "--trainer.enable_model_summary", "false", *options)
     return out / stage / "version_0"
 
 

@@ -4,11 +4,13 @@
         --ckpt_path runs/cifar10-unet/version_0/checkpoints/last.ckpt \\
         --samplers ddim:50 ddim:100 dpmpp_2m:10 dpmpp_2m:20 euler:50 heun:25 --out runs/cifar10/samplers.json
 
-Each row runs the experiment's own evaluation (its SampleMetrics: e.g. FID and KID of 5,000 samples against
-the whole test split, whose features are computed once and then served from the cache) with only the
-sampler changed, and records the report's metrics, the denoiser evaluations per sample (NFE: Heun makes
-two per step but the last; classifier-free guidance doubles the batch of each, not the count) and the wall
-time. Any further option goes to `ldm test` after the configs. Prints a Markdown table and writes JSON.
+A sampler is named by its kind (a `Sampler` subclass of ldm.diffusion.samplers) or by its class path, then
+`:steps`. Each row runs the experiment's own evaluation (its SampleMetrics: e.g. FID and KID of 5,000 samples
+against the whole test split, whose features are computed once and then served from the cache) with only the
+sampler changed (settings it shares with the experiment's sampler, such as DDIM's eta, are kept), and records
+the report's metrics, the denoiser evaluations per sample that the solver states (`Sampler.evaluations`, NFE)
+and the wall time. Any further option goes to `ldm test` after the configs. Prints a Markdown table and writes
+JSON.
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ from pathlib import Path
 from typing import Any
 
 from ldm.cli import build_cli
+from ldm.diffusion.samplers import Sampler
 
 
-def nfe(kind: str, steps: int) -> int:
-    """Denoiser evaluations per sample of a sampler run."""
-    return 2 * steps - 1 if kind == "heun" else steps
+def class_path(name: str) -> str:
+    """The class path of a sampler given by its kind (one of ldm.diffusion.samplers) or by its class path."""
+    kinds = {cls.kind: f"{cls.__module__}.{cls.__qualname__}" for cls in Sampler.__subclasses__()}
+    if name not in kinds and "." not in name:
+        raise SystemExit(f"unknown sampler {name!r}: one of {', '.join(sorted(kinds))}, or a Sampler's class path")
+    return kinds.get(name, name)
 
 
-def run(configs: list[str], ckpt_path: str, kind: str, steps: int, options: list[str]) -> dict[str, Any]:
+def run(configs: list[str], ckpt_path: str, name: str, steps: int, options: list[str]) -> dict[str, Any]:
     """One `ldm test` with this sampler: the report's metrics, NFE and wall seconds."""
+    sampler = {"class_path": class_path(name), "init_args": {"steps": steps}}
     args = ["test", *(a for c in configs for a in ("--config", c)), *options, "--ckpt_path", ckpt_path,
-            "--model.init_args.sampler.init_args.kind", kind, "--model.init_args.sampler.init_args.steps", str(steps)]
+            "--model.init_args.sampler", json.dumps(sampler)]
     start = time.perf_counter()
     with warnings.catch_warnings():  # LightningCLI warns that this tool's own argv goes unread
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = build_cli(args)
     seconds = time.perf_counter() - start
     metrics = {k.removeprefix("test/"): float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-    return {"sampler": kind, "steps": steps, "nfe": nfe(kind, steps), "seconds": round(seconds, 1), **metrics}
+    solver = cli.model.sampler
+    return {"sampler": solver.kind, "steps": solver.steps, "nfe": solver.evaluations(), "seconds": round(seconds, 1),
+            **metrics}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -53,13 +62,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable, as ldm test)")
     parser.add_argument("--ckpt_path", required=True, help="the trained model's checkpoint")
-    parser.add_argument("--samplers", nargs="+", required=True, help="kind:steps, e.g. ddim:100 dpmpp_2m:20 heun:25")
+    parser.add_argument("--samplers", nargs="+", required=True,
+                        help="kind:steps or class_path:steps, e.g. ddim:100 dpmpp_2m:20 heun:25")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args, options = parser.parse_known_args(argv)
     rows = []
     for spec in args.samplers:
-        kind, steps = spec.split(":")
-        rows.append(run(args.config, args.ckpt_path, kind, int(steps), options))
+        name, steps = spec.rsplit(":", 1)
+        rows.append(run(args.config, args.ckpt_path, name, int(steps), options))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.out is not None:

@@ -33,13 +33,14 @@ class PerceptualDistance(StaysInEval, lpips.LPIPS):
             return super().forward(x.float(), y.float()).flatten()  # (B,)
 
 
-def build_lpips(net: Net = "vgg", weights: str | None = None, random_init: bool = False) -> PerceptualDistance:
+def build_lpips(net: Net = "vgg", weights: str | None = None, random_init: bool = False,
+                option: str = LPIPS_OPTION) -> PerceptualDistance:
     """LPIPS on an AlexNet or VGG16 trunk; the calibrated linear layers ship inside the ``lpips`` package.
 
     The trunk comes from ``weights``, a local file (.pth, .pt or .safetensors) holding a full LPIPS
     state dict or a torchvision one (the whole model, e.g. ``vgg16-397923af.pth``, or its ``features``);
     None takes torchvision's ImageNet file from torch hub's cache, else downloads it as torchvision
-    would, unless ``LDM_OFFLINE=1`` (then ``WeightsUnavailable`` names ``lpips_weights``).
+    would, unless ``LDM_OFFLINE=1`` (then ``WeightsUnavailable`` names ``option``, the setting that holds ``weights``).
     ``random_init=True`` keeps a random trunk and ignores ``weights``: for tests and CPU smoke runs,
     its distances are uncalibrated.
     """
@@ -48,7 +49,7 @@ def build_lpips(net: Net = "vgg", weights: str | None = None, random_init: bool 
     path = state = None
     if not random_init:
         path = hub_weights(weights, TRUNKS[net].url, what=f"LPIPS {net} trunk (torchvision's ImageNet weights)",
-                           option=LPIPS_OPTION, check_hash=True)
+                           option=option, check_hash=True)
         state = read_state_dict(path)  # before building: a bad file fails fast
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained` flag
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.")

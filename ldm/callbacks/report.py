@@ -1,4 +1,4 @@
-"""The JSON report of `ldm test`: every test metric with how the samples were made."""
+"""The JSON report of `ldm test`: every test metric, under the name it was logged with, and how the samples were made."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class EvaluationReport(L.Callback):
         hp = pl_module.hparams
         report: dict[str, Any] = {
             "metrics": metrics,
-            "num_samples": int(metrics.get("test/fid_samples", 0)) or None,
+            "num_samples": int(metrics.get("test/samples", 0)) or None,  # generated images (SampleMetrics)
             "sampler": getattr(sampler, "kind", None),
             "steps": getattr(sampler, "steps", None),
             "guidance": hp.get("cfg_scale"),

@@ -8,8 +8,10 @@ for a Stable Diffusion checkpoint, whose text tower ``ldm.convert.clip_text`` co
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +111,28 @@ def _random_clip(model: str, seed: int, text_cfg: Mapping[str, Any] | None, visi
                  quick_gelu: bool) -> nn.Module:
     """``model`` with its towers' config updated, initialised from ``seed`` (the global RNG untouched)."""
     cfg = model_config(model)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _no_random_init_warning():
         torch.manual_seed(seed)
         return open_clip.create_model(model, text_cfg={**cfg["text_cfg"], **(text_cfg or {})},
                                       vision_cfg={**cfg["vision_cfg"], **vision_cfg}, force_quick_gelu=quick_gelu)
+
+
+
+@contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's root-logger warning that a model is "initialized randomly", which a random init asks for.
+
+    The NullHandler keeps ``logging.warning`` from configuring the root logger (and so every later log line's format).
+    """
+    root, handler = logging.getLogger(), logging.NullHandler()
+    asked = lambda record: "initialized randomly" not in record.getMessage()  # noqa: E731
+    root.addHandler(handler)
+    root.addFilter(asked)
+    try:
+        yield
+    finally:
+        root.removeFilter(asked)
+        root.removeHandler(handler)
 
 
 def _load_text_tower(clip: nn.Module, text: StateDict, openai: bool, source: str, what: str) -> None:

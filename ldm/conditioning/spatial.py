@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ldm.conditioning.embedder import Embedder
+from ldm.data.entries import resize_map
 
 
 class SpatialEmbedder(Embedder):
@@ -47,11 +48,10 @@ class SpatialEmbedder(Embedder):
         if self.num_classes is None:
             if x.shape[1] != self.dim:
                 raise ValueError(f"{self.keys[0]!r} has {x.shape[1]} channels, SpatialEmbedder expects {self.dim}")
-            return F.interpolate(x.float(), size=latent_size, mode="bilinear", antialias=True)  # (B, C, h, w)
-        ids = x.reshape(x.shape[0], *x.shape[-2:])  # (B, H, W)
-        ids = ((ids + 1) * 127.5).round().long() if self.from_uint8 else ids.long()
-        one_hot = rearrange(F.one_hot(ids, self.num_classes), "b h w k -> b k h w").float()  # (B, K, H, W)
-        return F.interpolate(one_hot, size=latent_size, mode="nearest-exact")  # (B, K, h, w)
+            return resize_map(x.float(), latent_size)  # (B, C, h, w)
+        ids = x.reshape(x.shape[0], 1, *x.shape[-2:])  # (B, 1, H, W)
+        ids = resize_map(((ids + 1) * 127.5).round().long() if self.from_uint8 else ids.long(), latent_size)  # (B, 1, h, w)
+        return rearrange(F.one_hot(ids[:, 0], self.num_classes), "b h w k -> b k h w").float()  # (B, K, h, w)
 
     def null(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
         x = batch[self.keys[0]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 
 from ldm.data import batch as B
 from ldm.data.collate import DROPPED
-from ldm.data.latents import LatentTransform, is_cache
+from ldm.data.entries import MAP_KINDS, MapKind
+from ldm.data.formats import decoder_for
+from ldm.data.images import ANNOTATIONS, ImageDecoder
 from ldm.data.prompts import PromptDataset
 from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
-from ldm.data.transforms import ANNOTATIONS, MapKind, SampleTransform
 
 log = logging.getLogger(__name__)
 # the least value each numeric option takes (None, where allowed, means its default)
@@ -32,7 +33,8 @@ class WebDataModule(L.LightningDataModule):
     samples lacking a required annotation and shards that do not open are skipped and counted
     (`data/skipped` in the logger). Settings that cannot work are refused here, before any training.
     A split whose shards are a latent cache (tools/cache_latents.py; its cache.json beside them) yields
-    {key, latent_mean, latent_std, caption, label?, maps and text embeddings at latent size} instead.
+    {key, latent_mean, latent_std, caption, label?, maps and text embeddings at latent size} instead:
+    the shards say which decoder they need (`ldm.data.formats.decoder_for`), no option does.
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class WebDataModule(L.LightningDataModule):
         resolution: int = 256,  # square output side
         crop: Literal["center", "random"] = "random",  # training crop; val/test always center
         hflip: bool = False,  # random horizontal flips in training
-        extra_keys: dict[str, MapKind] | None = None,  # maps every sample carries, by kind: {seg.png: class} -> key "seg"
+        extra_keys: dict[str, MapKind] | None = None,  # maps every sample carries, by kind (ldm.data.entries.MAP_KINDS): {seg.png: class} -> key "seg"
         require: tuple[str, ...] = (B.CAPTION,),  # annotations every sample must carry (caption, label); others optional
         shuffle_buffer: int = 1000,  # training samples held for shuffling (0: off)
         resampled: bool = False,  # training: draw shards with replacement forever
@@ -59,6 +61,7 @@ class WebDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         _check_options(self.hparams)
         self.patterns = {"train": train, "val": val, "test": test}
+        self.resolution = resolution  # the side of every image it yields (tools and the CLI's checks read it)
         self._prompts: PromptDataset | None = None
         self.skipped: Counter[str] = Counter()  # reason -> samples, filled by the loaders
         self._reported = 0  # skips already reported
@@ -68,7 +71,8 @@ class WebDataModule(L.LightningDataModule):
         if stage == "predict":
             if self.hparams.predict is None:
                 raise ValueError("WebDataModule: predict needs a prompt file (set data.init_args.predict)")
-            self._prompts = PromptDataset(self.hparams.predict, self.hparams.resolution)
+            maps = {B.map_key(entry): kind for entry, kind in (self.hparams.extra_keys or {}).items()}
+            self._prompts = PromptDataset(self.hparams.predict, self.resolution, maps)
             return
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -77,19 +81,9 @@ class WebDataModule(L.LightningDataModule):
             if self.patterns[split] is None:
                 continue
             train, urls = split == "train", self._readable_shards(split)
-            if is_cache(urls):  # tools/cache_latents.py wrote them: posterior moments, not images
-                transform = LatentTransform(hflip=hp.hflip and train, require=tuple(hp.require))
-            else:
-                transform = SampleTransform(
-                    resolution=hp.resolution,
-                    crop=hp.crop if train else "center",
-                    hflip=hp.hflip and train,
-                    extra_keys=dict(hp.extra_keys or {}),
-                    require=tuple(hp.require),
-                )
             self._datasets[split] = ShardStream(
                 urls,
-                transform,
+                decoder_for(urls, self.image_decoder(train)),
                 batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
                 rank=rank,
                 world_size=world,
@@ -99,6 +93,13 @@ class WebDataModule(L.LightningDataModule):
                 resampled=hp.resampled and train,
                 epoch_length=hp.epoch_length if train else None,
             )
+
+    def image_decoder(self, train: bool) -> ImageDecoder:
+        """How this module decodes image shards: training's crop and flips, or evaluation's center crop
+        (val, test, and what tools/cache_latents.py encodes)."""
+        hp = self.hparams
+        return ImageDecoder(resolution=self.resolution, crop=hp.crop if train else "center", hflip=hp.hflip and train,
+                            extra_keys=dict(hp.extra_keys or {}), require=tuple(hp.require))
 
     def _readable_shards(self, split: str) -> list[str]:
         """The split's shards less those that do not open: each left out with one warning and counted as skipped."""
@@ -173,7 +174,7 @@ def _check_options(hp: Mapping[str, Any]) -> None:
     unknown = [key for key in hp["require"] if key not in ANNOTATIONS]
     if unknown:
         raise ValueError(f"data.init_args.require: {unknown} not among the annotations {list(ANNOTATIONS)}")
-    kinds = get_args(MapKind)
+    kinds = list(MAP_KINDS)
     extra = hp["extra_keys"] or {}
     if not isinstance(extra, Mapping) or any(kind not in kinds for kind in extra.values()):
         raise ValueError(f"data.init_args.extra_keys maps each entry to its kind ({' or '.join(kinds)}), "

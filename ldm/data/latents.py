@@ -1,10 +1,11 @@
-"""The latent cache's sample format: what tools/cache_latents.py writes and the data module reads.
+"""The latent cache's format: what tools/cache_latents.py writes and the data module reads, both through here.
 
 A cache shard holds, per sample, ``latent.safetensors`` (the posterior's ``mean`` and ``std`` at latent
 size, with ``flip.mean`` / ``flip.std`` for the mirrored image when training flips; each extra map at
 latent size, ``<name>`` and ``flip.<name>``; the frozen text encoders' outputs ``embedding.<i>``) and
 a ``json`` (caption, label, original size, crop, and the fingerprint hashes of the codec and text
-encoders that made it). ``cache.json`` next to the shards describes the whole cache.
+encoders that made it). ``cache.json`` next to the shards describes the whole cache and marks its
+folder as one: the data module then decodes it with ``LatentDecoder`` (see ldm.data.formats).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +24,14 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from ldm.data import batch as B
-from ldm.data.transforms import SkipSample
+from ldm.data import entries as E
+from ldm.data.decoder import SkipSample
 
 CACHE_INFO = "cache.json"  # next to a cache's shards: what made it (codec, text encoders, source, resolution)
-TENSORS, META = "latent.safetensors", "json"  # a cached sample's entries
+TENSORS, META = "latent.safetensors", E.JSON  # a cached sample's entries
+MEAN, STD = "mean", "std"  # the posterior's moments among its tensors
 FLIP = "flip."  # prefix of the mirrored image's tensors
+CLASS_MAP_DTYPE = torch.int16  # class maps are stored as int16 ids
 
 
 def is_cache(urls: Sequence[str]) -> bool:
@@ -34,15 +39,39 @@ def is_cache(urls: Sequence[str]) -> bool:
     return bool(urls) and os.path.isfile(os.path.join(os.path.dirname(urls[0]), CACHE_INFO))
 
 
-def encode_sample(key: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The WebDataset entries of one cached sample."""
-    return {"__key__": key, TENSORS: save_tensors({k: v.contiguous() for k, v in tensors.items()}),
-            META: json.dumps(meta).encode()}
+def write_info(folder: Path, info: Mapping[str, Any]) -> Path:
+    """Write the cache's description next to its shards (which makes the folder a cache)."""
+    path = folder / CACHE_INFO
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def view_tensors(mean: Tensor, std: Tensor, maps: Mapping[str, Tensor], flipped: bool = False) -> dict[str, Tensor]:
+    """One view of a batch as the cache stores it: the posterior's moments (B, C, h, w) and the maps
+    (B, C', H, W) brought to latent size (class maps as int16), named for the mirrored image if ``flipped``."""
+    prefix = FLIP if flipped else ""
+    tensors = {prefix + MEAN: mean, prefix + STD: std}
+    for name, pixels in maps.items():
+        small = E.resize_map(pixels, tuple(mean.shape[-2:]))
+        tensors[prefix + name] = small if small.is_floating_point() else small.to(CLASS_MAP_DTYPE)
+    return tensors
+
+
+def cached_samples(batch: Mapping[str, Any], tensors: Mapping[str, Tensor], codec_hash: str,
+                   text_hash: str) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples of a batch's cache entries: each sample's slice of ``tensors`` and its
+    annotations, size and crop fields, with the hashes of the codec and text encoders that made them."""
+    for i, key in enumerate(batch[B.KEY]):
+        meta = {B.CAPTION: batch[B.CAPTION][i], B.LABEL: int(batch[B.LABEL][i]) if B.LABEL in batch else None,
+                B.ORIGINAL_SIZE: batch[B.ORIGINAL_SIZE][i].tolist(), B.CROP_COORDS: batch[B.CROP_COORDS][i].tolist(),
+                B.CACHE_CODEC: codec_hash, B.CACHE_TEXT: text_hash}
+        yield {"__key__": key, TENSORS: save_tensors({k: v[i].cpu().contiguous() for k, v in tensors.items()}),
+               META: json.dumps(meta).encode()}
 
 
 @dataclass(frozen=True)
-class LatentTransform:
-    """Decode one cached sample into a batch entry: posterior moments (float32), annotations, maps at latent
+class LatentDecoder:
+    """Decodes one cached sample into a batch entry: posterior moments (float32), annotations, maps at latent
     size and cached text embeddings; with ``hflip`` the mirrored image's tensors half of the time."""
 
     hflip: bool = False
@@ -61,11 +90,11 @@ class LatentTransform:
         for key in self.require:
             if out.get(key) in (None, ""):
                 raise SkipSample(f"no {key}")
-        flip = FLIP if self.hflip and f"{FLIP}mean" in tensors and rng.random() < 0.5 else ""
-        out[B.LATENT_MEAN], out[B.LATENT_STD] = tensors[f"{flip}mean"].float(), tensors[f"{flip}std"].float()
+        flip = FLIP if self.hflip and FLIP + MEAN in tensors and rng.random() < 0.5 else ""
+        out[B.LATENT_MEAN], out[B.LATENT_STD] = tensors[flip + MEAN].float(), tensors[flip + STD].float()
         for name, value in tensors.items():
-            if not name.startswith(FLIP) and name not in ("mean", "std"):
-                value = tensors.get(f"{flip}{name}", value)  # maps have a mirrored copy, embeddings do not
+            if not name.startswith(FLIP) and name not in (MEAN, STD):
+                value = tensors.get(flip + name, value)  # maps have a mirrored copy, embeddings do not
                 out[name] = value.float() if value.is_floating_point() else value
         out[B.ORIGINAL_SIZE], out[B.CROP_COORDS] = torch.tensor(meta[B.ORIGINAL_SIZE]), torch.tensor(meta[B.CROP_COORDS])
         out[B.CACHE_CODEC], out[B.CACHE_TEXT] = meta[B.CACHE_CODEC], meta.get(B.CACHE_TEXT) or ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data import batch as B
-from ldm.data.transforms import Crop, map_tensor
+from ldm.data.entries import MapKind
+from ldm.data.images import Crop, map_tensor
 
 
 class PromptDataset(Dataset):
     """One request per line: a caption (.txt), or an object (.jsonl) such as
     ``{"caption": "a red circle", "label": 0, "seg": "maps/0.png"}``; image paths are relative to the file.
+    A field named in ``maps`` is an image file decoded as that kind of map (the data module passes the
+    kinds its ``extra_keys`` declare), as evaluation data is; other fields pass on as they are.
 
     Every item carries its line `index` (sample seeds derive from it) and the `target_size` to generate.
     """
 
-    def __init__(self, path: str, resolution: int) -> None:
+    def __init__(self, path: str, resolution: int, maps: Mapping[str, MapKind] | None = None) -> None:
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"prompt file {path!r} does not exist")
@@ -36,7 +40,7 @@ class PromptDataset(Dataset):
             self.requests = [{B.CAPTION: line.strip()} for line in lines]
         if not self.requests:
             raise ValueError(f"prompt file {path!r} has no prompts")
-        self.folder, self.resolution = file.parent, resolution
+        self.folder, self.resolution, self.maps = file.parent, resolution, dict(maps or {})
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -44,13 +48,10 @@ class PromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item: dict[str, Any] = {B.INDEX: index, B.TARGET_SIZE: torch.tensor([self.resolution] * 2)}
         for key, value in self.requests[index].items():
-            if isinstance(value, str) and value.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-                item[key] = self._map(value)
-            else:
-                item[key] = value
+            item[key] = self._map(value, self.maps[key]) if key in self.maps else value
         return item
 
-    def _map(self, value: str) -> torch.Tensor:
-        """A conditioning map, cropped and resized as evaluation data is (class maps stay integers)."""
+    def _map(self, value: str, kind: MapKind) -> torch.Tensor:
+        """A conditioning map, cropped and resized as evaluation data is, decoded as its declared kind."""
         img = Image.open(os.path.join(self.folder, value))
-        return map_tensor(img, Crop.center(img.size, self.resolution))
+        return map_tensor(img, Crop.center(img.size, self.resolution), kind)

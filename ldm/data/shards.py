@@ -125,12 +125,15 @@ def count_samples(urls: list[str]) -> list[int]:
     return [known[u] if u in known else _count_tar_samples(u) for u in urls]
 
 
-def write_shard_index(paths: list[Path]) -> Path:
-    """Write the wids-style index of freshly written shards (all in one folder)."""
+def write_shard_index(paths: list[Path], counts: list[int] | None = None) -> Path:
+    """Write the wids-style index of shards all in one folder, with their sample counts (default: read
+    from the tars). Written whole, then renamed: processes that finish at once never leave a torn index."""
     folder = Path(paths[0]).parent
-    entries = [{"url": Path(p).name, "nsamples": _count_tar_samples(str(p))} for p in paths]
-    index = folder / INDEX_NAME
-    index.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries}, indent=1))
+    counts = [_count_tar_samples(str(p)) for p in paths] if counts is None else counts
+    entries = [{"url": Path(p).name, "nsamples": n} for p, n in zip(paths, counts, strict=True)]
+    index, partial = folder / INDEX_NAME, folder / f"{INDEX_NAME}.partial{os.getpid()}"
+    partial.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries}, indent=1))
+    os.replace(partial, index)
     return index
 
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ldm.data.collate import collate
+from ldm.data.decoder import SampleDecoder, SkipSample
 from ldm.data.shards import Part, count_samples, plan_epoch
-from ldm.data.transforms import SampleTransform, SkipSample
 
 log = logging.getLogger(__name__)
 SKIPPED = "_skipped"  # batch entry: {reason: count} since this worker's previous batch
@@ -36,7 +36,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        transform: SampleTransform,
+        decoder: SampleDecoder,  # raw sample -> batch entry: images, or a latent cache's moments
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -48,7 +48,7 @@ class ShardStream(IterableDataset):
     ) -> None:
         if resampled and not epoch_length:
             raise ValueError("resampled: true needs epoch_length (batches per rank and epoch)")
-        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.urls, self.decoder, self.batch_size = urls, decoder, batch_size
         self.rank, self.world_size, self.workers, self.shuffle_buffer, self.seed = rank, world_size, max(workers, 1), shuffle_buffer, seed
         self.resampled, self.epoch_length = resampled, epoch_length
         self.counts = None if resampled else count_samples(urls)
@@ -124,12 +124,14 @@ class ShardStream(IterableDataset):
             yield from tarfile_samples([{"url": url}], handler=_tar_handler(skipped, url))
 
     def _decode(self, raw: Iterator[dict[str, Any]], rng: random.Random, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        warned = 0  # `skipped` restarts with every batch: this counts the whole epoch
         for sample in raw:
             try:
-                yield self.transform(sample, rng)
+                yield self.decoder(sample, rng)
             except SkipSample as err:
                 skipped[str(err)] += 1
-                if sum(skipped.values()) <= MAX_SKIP_WARNINGS:
+                warned += 1
+                if warned <= MAX_SKIP_WARNINGS:
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
 
 

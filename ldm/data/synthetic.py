@@ -25,6 +25,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from ldm.data import entries as E
 from ldm.data.shards import write_shard_index
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -47,7 +48,9 @@ COMBINATIONS: tuple[tuple[str, str, str, str], ...] = tuple(itertools.product(SH
 SPLITS: tuple[str, ...] = ("test", "val", "train")  # order in which splits take consecutive indices
 _PHRASES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges
-_ENCODERS = {"jpg": ("JPEG", {"quality": 95, "subsampling": 0}), "png": ("PNG", {})}  # 4:4:4 keeps colours crisp
+_ENCODERS = {E.PIL_FORMATS[codec]: (codec, options)  # entry name -> PIL codec; 4:4:4 keeps colours crisp
+             for codec, options in (("JPEG", {"quality": 95, "subsampling": 0}), ("PNG", {}))}
+SEG = "seg.png"  # the semantic map's entry; a config declares it as extra_keys: {seg.png: class}
 
 
 def _radial(n: int, radii: tuple[float, ...]) -> tuple[tuple[float, float], ...]:
@@ -105,8 +108,8 @@ class ShapeSample:
 
     def meta(self) -> dict[str, str | int]:
         """The sample's `json` entry."""
-        return {"caption": self.caption, "shape": self.shape, "colour": self.colour, "size": self.scale,
-                "position": self.position, "label": self.label}
+        return {E.CAPTION: self.caption, "shape": self.shape, "colour": self.colour, "size": self.scale,
+                "position": self.position, E.LABEL: self.label}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -143,14 +146,14 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def encode_sample(sample: ShapeSample, image_format: Literal["jpg", "png"] = "jpg") -> dict[str, bytes]:
+def sample_entries(sample: ShapeSample, image_format: Literal["jpg", "png"] = "jpg") -> dict[str, bytes]:
     """The WebDataset entries of one sample: image, txt, cls, json and seg.png."""
     return {
         image_format: _encode(sample.image, image_format),
-        "txt": sample.caption.encode(),
-        "cls": str(sample.label).encode(),
-        "json": json.dumps(sample.meta()).encode(),
-        "seg.png": _encode(sample.seg, "png"),
+        E.TXT: sample.caption.encode(),
+        E.CLS: str(sample.label).encode(),
+        E.JSON: json.dumps(sample.meta()).encode(),
+        SEG: _encode(sample.seg, E.PIL_FORMATS["PNG"]),
     }
 
 
@@ -165,7 +168,7 @@ def _write_split(directory: Path, indices: range, seed: int, size: int, samples_
     with wds.ShardWriter(str(directory / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
                          post=lambda name: shards.append(Path(name)), encoder=False, mtime=0) as sink:
         for index in indices:  # fixed mtime, user and mode: same arguments, same bytes
-            sink.write({"__key__": f"{index:08d}", **encode_sample(render_sample(index, seed, size), image_format)})
+            sink.write({"__key__": f"{index:08d}", **sample_entries(render_sample(index, seed, size), image_format)})
     return shards
 
 

@@ -33,7 +33,7 @@ Part = tuple[nn.Module, StateDict, str]  # (module, the weights it receives, its
 Foreign = Callable[[nn.Module, nn.Module, StateDict, str], list[Part]]  # (backbone, conditioner, file's state, path)
 
 
-def load_denoiser_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
+def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load ``path`` into ``backbone`` (and ``conditioner`` where the file has its part), strictly.
 
     From our own layout the backbone takes the EMA weights (``ema.module.*``) when the file has them,

@@ -8,10 +8,8 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ldm.autoencoder.codec import LatentCodec, check_same_codec
@@ -21,18 +19,18 @@ from ldm.data import batch as B
 from ldm.data.latents import check_cache
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.guidance import CFGDenoiser, predict
-from ldm.diffusion.init_weights import load_denoiser_weights
+from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.objectives import DDPM, Objective
-from ldm.diffusion.samplers import Sampler, randn
+from ldm.diffusion.samplers import DPMSolverPP2M, Sampler, randn
 from ldm.nn.frozen import frozen_names
-from ldm.training.nonfinite import NonFiniteGuard, assert_finite_state
-from ldm.training.speed import amp_scaler, clip_gradients, speed_up
+from ldm.training.module import ParameterGroups, TrainingModule
+from ldm.training.speed import speed_up
 
 CODEC_KEY = "codec"  # checkpoint / export entry: the fingerprint of the latent space the model was trained in
 BackboneFactory = Callable[[int, int, int | None, int | None], Backbone]  # (in, out, context_dim, vector_dim)
 
 
-class LatentDiffusion(L.LightningModule):
+class LatentDiffusion(TrainingModule):
     """Conditional denoising in the latent space of a frozen autoencoder (Rombach et al. 2022, Sec. 3.3).
 
     The backbone is built here from a factory, because only this module knows the latent and concat
@@ -46,9 +44,9 @@ class LatentDiffusion(L.LightningModule):
         codec: LatentCodec,
         conditioner: Conditioner | None = None,  # None: unconditional
         objective: Objective | None = None,  # default DDPM(prediction="eps")
-        sampler: Sampler | None = None,  # default dpmpp_2m, 25 steps
+        sampler: Sampler | None = None,  # any Sampler subclass; default DPMSolverPP2M, 25 steps
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,  # stepped every batch
+        lr_scheduler: LRSchedulerCallable | None = None,  # stepped after every optimizer step
         ema_decay: float | None = 0.9999,  # None: no EMA; else sampling and validation use the EMA
         cfg_scale: float = 4.0,  # guidance for predict and metrics
         grid_cfg_scales: tuple[float, ...] = (1.0, 4.0),  # guidance scales of the logged sample grids
@@ -59,34 +57,29 @@ class LatentDiffusion(L.LightningModule):
         channels_last: bool = False,  # the backbone's 4-d weights NHWC (convolutional backbones)
         compile: dict[str, Any] | bool = False,  # torch.compile the backbone (True, or its keyword arguments)
     ) -> None:
-        super().__init__()
+        super().__init__(lr_scheduler, max_nonfinite_steps)
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
         self.codec = codec
         self.conditioner = conditioner or Conditioner([])
         self.objective = objective or DDPM()
-        self.sampler = sampler or Sampler()
+        self.sampler = sampler or DPMSolverPP2M()
         channels = codec.latent_channels
         self.backbone = backbone(
             channels + self.conditioner.concat_channels, channels, self.conditioner.context_dim, self.conditioner.vector_dim
         )
         if init_weights is not None:  # before the EMA copies the backbone
-            load_denoiser_weights(self.backbone, self.conditioner, init_weights)
+            load_init_weights(self.backbone, self.conditioner, init_weights)
         speed_up(self.backbone, channels_last)
         self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None  # an uncompiled copy
         speed_up(self.backbone, compile=compile)
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.optimizer = optimizer
         self._ema_stack = ExitStack()
         self._loss: Tensor | None = None  # the last training loss, which the guard checks
         self._step_finite: Tensor | bool = True
 
     # --- training -----------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        params = [p for p in [*self.backbone.parameters(), *self.conditioner.parameters()] if p.requires_grad]
-        optimizer = self.optimizer(params)
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+    def optimizer_groups(self) -> ParameterGroups:
+        return [(self.optimizer, [*self.backbone.parameters(), *self.conditioner.parameters()])]
 
     def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Normalised latents, the posterior drawn from ``generator``: from a latent cache's moments (refused
@@ -112,16 +105,7 @@ class LatentDiffusion(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A NaN/inf loss or gradient makes the optimizer step that follows change nothing (see NonFiniteGuard)."""
-        scaled = amp_scaler(self.trainer) is not None
-        self._step_finite = self.guard.check(self.global_step, self._loss, optimizer, scaled)
-        self.log("train/nonfinite_steps", self.guard.skipped)
-
-    def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
-    ) -> None:
-        """The trainer's ``gradient_clip_val``, also for the fused optimizers under mixed precision."""
-        if gradient_clip_val:
-            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm", amp_scaler(self.trainer))
+        self._step_finite = self.guard_step(self._loss, optimizer)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then update the EMA: once per optimizer step, however many batches a step accumulates,
@@ -218,22 +202,21 @@ class LatentDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        assert_finite_state(checkpoint["state_dict"], "a checkpoint")
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CODEC_KEY] = self.codec.fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained in another latent space, then restore the frozen parts from their files."""
-        check_same_codec(checkpoint.get(CODEC_KEY), self.codec, "this checkpoint")
+        path = self._trainer.ckpt_path if self._trainer is not None else None  # None: load_from_checkpoint
+        check_same_codec(checkpoint.get(CODEC_KEY), self.codec, f"checkpoint {path}" if path else "this checkpoint")
         current = self.state_dict()
         checkpoint["state_dict"].update({k: current[k] for k in self._frozen_keys()})
 
-    def export(self, path: str) -> None:
-        """Write the weights that sample (the EMA backbone, the trained conditioning) as safetensors,
-        with the codec's fingerprint in the metadata; the frozen parts load from their own files."""
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The weights that sample (the EMA backbone, the trained conditioning), with the codec's fingerprint
+        as metadata; the frozen parts load from their own files."""
         with self.ema_weights():
             state = {f"backbone.{k}": v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
         frozen = self._frozen_keys()
-        state |= {f"conditioner.{k}": v.detach().cpu().contiguous() for k, v in self.conditioner.state_dict().items()
-                  if f"conditioner.{k}" not in frozen}
-        assert_finite_state(state, path)
-        save_file(state, path, metadata={CODEC_KEY: json.dumps(self.codec.fingerprint())})
+        state |= {f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items() if f"conditioner.{k}" not in frozen}
+        return state, {CODEC_KEY: json.dumps(self.codec.fingerprint())}

@@ -1,8 +1,8 @@
 """Training objectives, each a Gaussian path x_t = alpha(t) x0 + sigma(t) eps.
 
-An objective owns its times, its (alpha, sigma), what the network regresses and how that
-prediction converts back to (x0, eps). Samplers see only (alpha, sigma) and a denoiser's
-(x0_hat, eps_hat), so every objective works with every sampler.
+An objective owns its times, its (alpha, sigma) and its time spacing for sampling; what the network
+regresses is its ``Prediction`` (ldm/diffusion/prediction.py). Samplers see only (alpha, sigma) and a
+denoiser's (x0_hat, eps_hat), so every objective works with every sampler.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedules import (
     cosine_betas,
     linear_betas,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
     shift_time,
+    shifted_linear_times,
+    trailing_timesteps,
 )
 from ldm.diffusion.weighting import LossWeighting, Uniform
 
@@ -29,10 +32,21 @@ def _bcast(a: Tensor, x: Tensor) -> Tensor:
 
 
 class Objective:
-    """A Gaussian path, its training-time distribution and its regression target."""
+    """A Gaussian path, its training-time distribution and its regression target.
 
-    def __init__(self, weighting: LossWeighting | None = None) -> None:
+    Subclasses set up their path before calling ``Objective.__init__``, which refuses a prediction that
+    cannot give x0 at the path's noise end (eps where alpha = 0 there).
+    """
+
+    def __init__(self, prediction: str | Prediction, weighting: LossWeighting | None = None) -> None:
+        self.prediction = prediction if isinstance(prediction, Prediction) else Prediction.named(prediction)
         self.weighting = weighting or Uniform()  # per-timestep weight on the MSE
+        alpha, sigma = self.alpha_sigma(self.sampling_times(1)[:1])  # (1,) each, at the noise end
+        if not self.prediction.to_x0_eps(torch.ones(1), torch.ones(1), alpha, sigma)[0].isfinite().all():
+            raise ValueError(
+                f"prediction={self.prediction.name!r} is ill-posed on this path: it gives no x0 at the noise end, "
+                "where alpha = 0; use prediction='v' (Lin et al. 2024, Sec. 3.2)"
+            )
 
     def sample_t(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
@@ -45,20 +59,22 @@ class Objective:
         raise NotImplementedError
 
     def model_time(self, t: Tensor) -> Tensor:
-        """The timestep the backbone sees, on a 0..1000 scale for every objective."""
-        raise NotImplementedError
-
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the network regresses."""
-        raise NotImplementedError
-
-    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The denoiser's (x0_hat, eps_hat) from a prediction; linear in pred."""
+        """The timestep the backbone sees: DDPM's step index 0..N-1, flow matching's 1000 t (0..1000)."""
         raise NotImplementedError
 
     def sampling_times(self, steps: int) -> Tensor:
         """(steps + 1,) times from the noise end to the clean end, where sigma = 0 and alpha = 1."""
         raise NotImplementedError
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network regresses at times t (B,)."""
+        alpha, sigma = (_bcast(a, x0) for a in self.alpha_sigma(t))
+        return self.prediction.target(x0, noise, alpha, sigma)
+
+    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The denoiser's (x0_hat, eps_hat) from a prediction at times t (B,); linear in pred."""
+        alpha, sigma = (_bcast(a, x_t) for a in self.alpha_sigma(t))
+        return self.prediction.to_x0_eps(pred, x_t, alpha, sigma)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self.alpha_sigma(t)  # (B,), (B,)
@@ -68,7 +84,7 @@ class Objective:
         """(B,) weighted mean-squared error of the prediction."""
         alpha, sigma = self.alpha_sigma(t)  # (B,), (B,)
         # x0_hat = a x_t + b pred, so MSE on pred weighs the x0 error by 1 / b^2 (eps: snr, v: snr + 1, x0: 1)
-        b = self.to_x0_eps(torch.ones_like(alpha), torch.zeros_like(alpha), t)[0]  # (B,)
+        b = self.prediction.to_x0_eps(torch.ones_like(alpha), torch.zeros_like(alpha), alpha, sigma)[0]  # (B,)
         weight = self.weighting(alpha**2 / sigma**2, b.pow(-2))  # (B,)
         mse = (pred.float() - self.target(x0, noise, t).float()).pow(2).flatten(1).mean(1)  # (B,)
         return weight * mse
@@ -82,7 +98,7 @@ class DDPM(Objective):
 
     def __init__(
         self,
-        prediction: Literal["eps", "v", "x0"] = "eps",  # what the network regresses
+        prediction: str | Prediction = "eps",  # what the network regresses: eps, v, x0, velocity, or a class_path
         schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear",
         num_timesteps: int = 1000,  # training steps N; t in 0..N-1
         beta_start: float = 0.00085,  # linear schedules only
@@ -90,12 +106,6 @@ class DDPM(Objective):
         zero_terminal_snr: bool = False,  # rescale so step N-1 is pure noise (Lin et al. 2024)
         weighting: LossWeighting | None = None,  # default: plain MSE
     ) -> None:
-        super().__init__(weighting)
-        if zero_terminal_snr and prediction == "eps":
-            raise ValueError(
-                "prediction='eps' is ill-posed with zero_terminal_snr: at the last step alpha = 0 and "
-                "x0 = (x_t - sigma eps) / alpha is undefined; use prediction='v' (Lin et al. 2024, Sec. 3.2)"
-            )
         betas = {
             "linear": partial(linear_betas, num_timesteps, beta_start, beta_end),
             "scaled_linear": partial(scaled_linear_betas, num_timesteps, beta_start, beta_end),
@@ -105,9 +115,9 @@ class DDPM(Objective):
         if zero_terminal_snr:
             abar = rescale_zero_terminal_snr(abar)
         abar = torch.cat([abar.new_ones(1), abar])  # (N+1,) indexed by t + 1: t = -1 is the clean end
-        self.prediction = prediction
         self.num_timesteps = num_timesteps
         self._alpha, self._sigma = abar.sqrt().float(), (1 - abar).sqrt().float()  # (N+1,) each
+        super().__init__(prediction, weighting)  # eps is refused with zero_terminal_snr: alpha = 0 at step N-1
 
     def sample_t(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
@@ -121,29 +131,12 @@ class DDPM(Objective):
     def model_time(self, t: Tensor) -> Tensor:
         return t
 
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "x0":
-            return x0
-        alpha, sigma = (_bcast(a, x0) for a in self.alpha_sigma(t))
-        return alpha * noise - sigma * x0  # v (Salimans & Ho 2022, Sec. 4)
-
-    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, sigma = (_bcast(a, x_t) for a in self.alpha_sigma(t))
-        if self.prediction == "eps":
-            return (x_t - sigma * pred) / alpha, pred
-        if self.prediction == "x0":
-            return pred, (x_t - alpha * pred) / sigma
-        return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred  # from v, using alpha^2 + sigma^2 = 1
-
     def sampling_times(self, steps: int) -> Tensor:
-        # "trailing" spacing N-1, ..., N/steps - 1 then -1 (Lin et al. 2024, Sec. 3.3)
-        return torch.linspace(self.num_timesteps, 0, steps + 1).round() - 1  # (steps+1,)
+        return trailing_timesteps(self.num_timesteps, steps)  # (steps+1,)
 
 
 class FlowMatching(Objective):
-    """Rectified flow x_t = (1 - t) x0 + t eps, regressing the velocity eps - x0 (Liu et al. 2022).
+    """Rectified flow x_t = (1 - t) x0 + t eps, by default regressing the velocity eps - x0 (Liu et al. 2022).
 
     ``shift`` warps training and sampling times alike, so a model trained shifted samples shifted.
     """
@@ -154,13 +147,14 @@ class FlowMatching(Objective):
         logit_mean: float = 0.0,  # location of logit(t) under logit_normal
         logit_std: float = 1.0,  # scale of logit(t) under logit_normal
         shift: float = 1.0,  # > 1 puts more time at high noise (large images)
+        prediction: str | Prediction = "velocity",  # what the network regresses: velocity, x0, v, or a class_path
         weighting: LossWeighting | None = None,  # default: plain MSE
     ) -> None:
-        super().__init__(weighting)
         self.time_sampling = time_sampling
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.shift = shift
+        super().__init__(prediction, weighting)  # eps is refused: alpha = 0 at t = 1
 
     def sample_t(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
@@ -177,12 +171,5 @@ class FlowMatching(Objective):
     def model_time(self, t: Tensor) -> Tensor:
         return t * 1000
 
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        return noise - x0  # dx_t/dt (Liu et al. 2022, Eq. 1)
-
-    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = _bcast(t, x_t)
-        return x_t - t * pred, x_t + (1 - t) * pred
-
     def sampling_times(self, steps: int) -> Tensor:
-        return shift_time(torch.linspace(1, 0, steps + 1), self.shift)  # (steps+1,)
+        return shifted_linear_times(steps, self.shift)  # (steps+1,)

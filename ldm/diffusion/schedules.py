@@ -1,4 +1,8 @@
-"""Noise schedules as plain functions, computed in float64; objectives cast them where they use them."""
+"""Noise schedules and sampling-time spacings as plain functions.
+
+Schedules are computed in float64; objectives cast them where they use them. A spacing gives the
+(steps + 1,) times a sampler runs through, from the noise end to the clean end.
+"""
 
 from __future__ import annotations
 
@@ -37,3 +41,16 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     Esser et al. 2024, Eq. 23 with shift = sqrt(m / n) for m pixels against a base resolution's n.
     """
     return shift * t / (1 + (shift - 1) * t)
+
+
+def trailing_timesteps(num_timesteps: int, steps: int) -> Tensor:
+    """DDPM step indices N-1, ..., N/steps - 1 evenly "trailing" from the last, then -1, the clean end.
+
+    Trailing spacing starts at the last training step whatever ``steps`` is (Lin et al. 2024, Sec. 3.3).
+    """
+    return torch.linspace(num_timesteps, 0, steps + 1).round() - 1  # (steps+1,)
+
+
+def shifted_linear_times(steps: int, shift: float = 1.0) -> Tensor:
+    """Flow times evenly spaced from 1 to 0, then warped by ``shift_time``."""
+    return shift_time(torch.linspace(1, 0, steps + 1), shift)  # (steps+1,)

@@ -13,10 +13,12 @@
   one block fewer, as diffusers' SD 2 does); its final LayerNorm is the one applied to that layer.
   The tokenizer is open_clip's BPE vocabulary, padding as the embedder does (``!`` is token 0, SD 2's
   pad token: like SD 2's own diffusers tokenizer it also turns a literal ``!`` into token 0).
-- scheduler: the sampler's kind with the objective's alphas, "trailing" timesteps and a last step to
-  the clean end (``set_alpha_to_one`` / ``final_sigmas_type="zero"``), as our samplers; DDIM reproduces
-  ours (tests/test_sd_interop.py), the others are diffusers' nearest. Steps and guidance are call
-  arguments there, as ``sampler.steps`` and ``cfg_scale`` are ours.
+- scheduler: the one the sampler names (``Sampler.diffusers_scheduler``) with the objective's alphas and
+  ``prediction_type`` (``Prediction.diffusers_name``), "trailing" timesteps (``trailing_timesteps``) and a
+  last step to the clean end (``set_alpha_to_one`` / ``final_sigmas_type="zero"``), as our samplers; DDIM
+  reproduces ours (tests/test_sd_interop.py), the others are diffusers' nearest. A sampler or prediction
+  without a diffusers counterpart is refused. Steps and guidance are call arguments there, as
+  ``sampler.steps`` and ``cfg_scale`` are ours.
 """
 
 from __future__ import annotations
@@ -27,11 +29,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -53,15 +51,6 @@ from ldm.diffusion.samplers import Sampler
 from ldm.export.text_to_image import TextToImage, attention_heads, linear_projections
 from ldm.weights.io import StateDict
 
-_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {  # sampler kind -> (class, its settings)
-    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                               "final_sigmas_type": "zero"}),
-    "euler": (EulerDiscreteScheduler, {"final_sigmas_type": "zero"}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "ddpm": (DDPMScheduler, {"clip_sample": False}),
-}
 _NAMED_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")  # diffusers' names of DDPM's schedules
 _HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # open_clip -> OpenAI names
 
@@ -69,12 +58,13 @@ _HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endofte
 def save_diffusers(model: LatentDiffusion, out: str | os.PathLike[str], image_size: int) -> None:
     """Write ``model`` (its backbone as it is: load the EMA weights first) as a StableDiffusionPipeline folder."""
     parts = TextToImage.of(model)
+    sampling = scheduler(parts.objective, model.sampler)  # first: what diffusers lacks is refused before the costly parts
     pipeline = StableDiffusionPipeline(
         vae=diffusers_vae(parts.codec, image_size),
         text_encoder=clip_text_model(parts.text),
         tokenizer=clip_tokenizer(parts.text),
         unet=diffusers_unet(parts.unet, image_size // parts.codec.downsample_factor),
-        scheduler=scheduler(parts.objective, model.sampler),
+        scheduler=sampling,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -190,7 +180,15 @@ def _schedule(objective: DDPM) -> dict[str, Any]:
 
 
 def scheduler(objective: DDPM, sampler: Sampler) -> SchedulerMixin:
-    """The diffusers scheduler of ``sampler.kind`` on the objective's schedule and prediction."""
-    cls, settings = _SCHEDULERS[sampler.kind]
-    return cls(num_train_timesteps=objective.num_timesteps, prediction_type=_PREDICTION[objective.prediction],
-               timestep_spacing="trailing", steps_offset=1, **_schedule(objective), **settings)  # offset: "leading" only
+    """The diffusers scheduler the sampler names, on the objective's schedule and prediction; a ValueError
+    saying which part has no diffusers counterpart."""
+    mapping, prediction = sampler.diffusers_scheduler(), objective.prediction.diffusers_name
+    if mapping is None:
+        raise ValueError(f"the sampler {type(sampler).__name__} has no diffusers scheduler: export the model with "
+                         "a sampler that has one, e.g. DDIM or DPMSolverPP2M (configs/sampler/)")
+    if prediction is None:
+        raise ValueError(f"the prediction {objective.prediction.name!r} has no diffusers prediction_type to export: "
+                         "diffusers' schedulers take eps, v or x0")
+    cls, settings = mapping
+    return cls(num_train_timesteps=objective.num_timesteps, prediction_type=prediction, timestep_spacing="trailing",
+               steps_offset=1, **_schedule(objective), **settings)  # trailing: as trailing_timesteps; offset: "leading" only

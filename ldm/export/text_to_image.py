@@ -20,7 +20,7 @@ from safetensors import safe_open
 from ldm.autoencoder.codec import LatentCodec, check_same_codec
 from ldm.backbones.unet import UNet
 from ldm.conditioning.text import OpenCLIPTextEmbedder
-from ldm.diffusion.init_weights import load_denoiser_weights
+from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.module import CODEC_KEY, LatentDiffusion
 from ldm.diffusion.objectives import DDPM
 
@@ -95,5 +95,5 @@ def load_for_export(model: LatentDiffusion, ckpt: str | os.PathLike[str]) -> Lat
     A checkpoint trained in another latent space than ``model``'s codec is refused naming the file.
     """
     check_same_codec(recorded_codec(ckpt), model.codec, os.fspath(ckpt))
-    load_denoiser_weights(model.backbone, model.conditioner, ckpt)
+    load_init_weights(model.backbone, model.conditioner, ckpt)
     return model.eval()

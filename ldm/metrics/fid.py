@@ -1,4 +1,4 @@
-"""FID and KID between two sets of features, as pure functions computed by torch-fidelity.
+"""FID and KID: distances between the generated and the reference set's Inception features, computed by torch-fidelity.
 
 torch-fidelity is the reference implementation these numbers are compared with, so the distances
 themselves are its own (``fid_statistics_to_metric``, ``kid_features_to_metric``); ldm only streams
@@ -11,7 +11,6 @@ global torch RNG, where torch-fidelity's seeded NumPy draw repeats exactly.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_kid import (
@@ -20,22 +19,14 @@ from torch_fidelity.metric_kid import (
     kid_features_to_metric,
 )
 
-
-def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, in float64."""
-    x = features.detach().to(torch.float64)  # (N, D)
-    return x.mean(dim=0), torch.cov(x.T)  # (D,), (D, D)
+from ldm.metrics.base import DistributionMetric
+from ldm.metrics.statistics import FeatureSet
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017, Eq. 6), in float64."""
     stats = [{"mu": mu.double().cpu().numpy(), "sigma": sigma.double().cpu().numpy()} for mu, sigma in ((mu1, sigma1), (mu2, sigma2))]
     return fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID]
-
-
-def fid(x_feats: Tensor, y_feats: Tensor) -> float:
-    """Fréchet distance between the Gaussians fitted to two (N, D) feature sets."""
-    return frechet_distance(*feature_stats(x_feats), *feature_stats(y_feats))
 
 
 def kid(x_feats: Tensor, y_feats: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -50,3 +41,34 @@ def kid(x_feats: Tensor, y_feats: Tensor, subsets: int = 100, subset_size: int =
     out = kid_features_to_metric(x_feats.double().cpu(), y_feats.double().cpu(), kid_subsets=subsets,
                                  kid_subset_size=size, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+class FID(DistributionMetric):
+    """Fréchet Inception Distance of the generated set to the reference (from their means and covariances)."""
+
+    names = ("fid",)
+    label = "FID"
+
+    def compute(self, generated: FeatureSet, reference: FeatureSet) -> dict[str, float]:
+        return {"fid": frechet_distance(*generated.mu_sigma(), *reference.mu_sigma())}
+
+
+class KID(DistributionMetric):
+    """Kernel Inception Distance of the generated set to the reference: ``kid`` and its std over subsets ``kid_std``."""
+
+    names = ("kid", "kid_std")
+    label = "KID"
+    keep = True  # every feature: 8 KiB per image and set
+
+    def __init__(
+        self,
+        subsets: int = 100,  # random subsets (torch-fidelity's default)
+        subset_size: int = 1000,  # their size, clipped to the smaller set
+        seed: int = 0,  # of the NumPy draw of the subsets
+    ) -> None:
+        super().__init__()
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+
+    def compute(self, generated: FeatureSet, reference: FeatureSet) -> dict[str, float]:
+        values = kid(generated.features, reference.features, self.subsets, self.subset_size, self.seed)
+        return dict(zip(self.names, values))

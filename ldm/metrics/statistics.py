@@ -1,8 +1,9 @@
 """The features of an image set, streamed batch by batch on any number of ranks, and their on-disk cache.
 
-One pipeline for every FID/KID in ldm: the SampleMetrics callback and tools/evaluate.py both fill a
-``FeatureSet`` per image set (generated, reference), merge it across ranks, and hand it to the
-distances of ``ldm.metrics.fid``. Reference sets are cached under a key naming their content.
+One pipeline for every distribution metric in ldm (FID, KID, ...): an evaluation (``ldm.metrics.evaluation``,
+run by the SampleMetrics callback and tools/evaluate.py) fills a ``FeatureSet`` per image set (generated,
+reference) and feature kind, merges it across ranks, and hands it to the metrics. Reference sets are
+cached under a key naming their content.
 """
 
 from __future__ import annotations

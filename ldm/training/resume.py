@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import lightning as L
@@ -98,6 +99,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint writing ``last.ckpt`` every ``every_n_train_steps`` optimizer steps (the `ldm` CLI's
     default: 500) and once more when training ends, so a crash loses at most that many steps."""
+
+    _stage: str | None = None  # what the trainer runs: fit, validate, test or predict
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._stage = stage
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        with warnings.catch_warnings():
+            # Lightning warns that under manual optimization (AutoencoderKL) the file holds the weights after
+            # the batch's optimizer steps: the state that its step count, RNG states and data position describe
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with warnings.catch_warnings():
+            if self._stage != "fit":  # `ldm test` / `predict` write no checkpoint: their new run folder is no news
+                warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and trainer.global_step != self._last_global_step_saved and not trainer.fast_dev_run:

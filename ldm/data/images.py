@@ -1,8 +1,8 @@
-"""Decode one raw WebDataset sample into tensors: resize, crop and flip image and maps alike.
+"""ImageDecoder: one raw sample of image shards into tensors; image and maps resized, cropped and flipped alike.
 
 Anything a sample cannot be used for raises `SkipSample` with the reason that gets counted: an image
 that does not decode, a caption that is not UTF-8 text, a label that is not a class index, a json that
-is not an object, a required annotation missing, an extra map of another size or kind than its image's.
+is not an object, a required annotation missing, an extra map of another size or kind than declared.
 """
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ import torch
 from PIL import Image
 
 from ldm.data import batch as B
+from ldm.data import entries as E
+from ldm.data.decoder import SkipSample
+from ldm.data.entries import MAP_KINDS, MapKind
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-CLASS_MAP_MODES = ("1", "L", "P", "I", "I;16")  # single-channel integer maps: class ids, masks
-WIDE_MODES = ("I", "F")  # prefixes of the modes with more than 8 bits a value: never a picture
 ANNOTATIONS = (B.CAPTION, B.LABEL)  # batch keys a sample may lack; `require` names those it must carry
-MapKind = Literal["class", "image"]  # an extra map: integer class ids (resized nearest), or a picture made RGB
-
-
-class SkipSample(Exception):
-    """A sample that cannot be used; the message is the reason that gets counted."""
 
 
 @dataclass(frozen=True)
-class SampleTransform:
-    """Image-side transform of the img2dataset layout (SDXL's size and crop micro-conditioning kept)."""
+class ImageDecoder:
+    """Decodes a sample of the img2dataset layout (SDXL's size and crop micro-conditioning kept)."""
 
     resolution: int = 256  # output side (square crop)
     crop: Literal["center", "random"] = "center"
@@ -42,7 +37,7 @@ class SampleTransform:
     require: tuple[str, ...] = (B.CAPTION,)  # ANNOTATIONS a sample must carry (a caption: a non-empty one)
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+        image_key = next((k for k in E.IMAGE_EXTENSIONS if k in raw), None)
         if image_key is None:
             raise SkipSample("no image entry")
         out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), **_annotations(raw)}
@@ -53,7 +48,7 @@ class SampleTransform:
         out[B.ORIGINAL_SIZE] = torch.tensor(original)
         crop = self._crop(image.size, rng)
         out[B.CROP_COORDS] = torch.tensor([crop.top, crop.left])
-        out[B.IMAGE] = crop.apply(image, Image.BICUBIC).float().div(127.5).sub(1.0)  # (3, R, R)
+        out[B.IMAGE] = map_tensor(image, crop, "image")  # (3, R, R)
         for key, kind in self.extra_keys.items():
             out[B.map_key(key)] = map_tensor(_open_map(raw, key, kind, original), crop, kind)
         return out
@@ -95,15 +90,13 @@ class Crop:
         return torch.from_numpy(array.astype(np.int64) if array.dtype == np.uint16 else array.copy()).permute(2, 0, 1)
 
 
-def map_tensor(img: Image.Image, crop: Crop, kind: MapKind | None = None) -> torch.Tensor:
-    """An extra map under the image's crop: a class map (class ids, masks; 8 or 16 bit) stays integer,
-    resized nearest so classes never blend -> (1, R, R) int64; an image map -> RGB (3, R, R) in [-1, 1].
-    Without a `kind` (prediction requests declare none), the map's mode decides."""
-    if kind is None:
-        kind = "class" if img.mode in CLASS_MAP_MODES else "image"
-    if kind == "class":
-        return crop.apply(img, Image.NEAREST).long()
-    return crop.apply(img.convert("RGB"), Image.BICUBIC).float().div(127.5).sub(1.0)
+def map_tensor(img: Image.Image, crop: Crop, kind: MapKind) -> torch.Tensor:
+    """A map under the image's crop, as its kind's rule (ldm.data.entries.MAP_KINDS) decodes it: class ids
+    (1, R, R) int64 resized nearest, or float values in [-1, 1] (an image map RGB (3, R, R))."""
+    rule = MAP_KINDS[kind]
+    if rule.convert is not None and img.mode != rule.convert:
+        img = img.convert(rule.convert)
+    return rule.to_tensor(crop.apply(img, rule.resample))
 
 
 def _open_map(raw: dict[str, Any], key: str, kind: MapKind, image_size: tuple[int, int]) -> Image.Image:
@@ -113,10 +106,9 @@ def _open_map(raw: dict[str, Any], key: str, kind: MapKind, image_size: tuple[in
     img, size = _open(raw[key], key, None)
     if size != image_size:
         raise SkipSample(f"{key} {size[1]}x{size[0]}, image {image_size[1]}x{image_size[0]}")
-    if kind == "class" and img.mode not in CLASS_MAP_MODES:
-        raise SkipSample(f"{key} is {img.mode}, expected a class map")
-    if kind == "image" and img.mode.startswith(WIDE_MODES):
-        raise SkipSample(f"{key} is {img.mode}, expected an image")
+    rule = MAP_KINDS[kind]
+    if not rule.accepts(img.mode):
+        raise SkipSample(f"{key} is {img.mode}, expected {rule.expected}")
     return img
 
 
@@ -141,20 +133,20 @@ def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) 
 def _annotations(raw: dict[str, Any]) -> dict[str, Any]:
     """Caption ("" where none) and label (where there is one), from `txt` / `cls` or else the json's fields."""
     meta = _json(raw)
-    if "txt" in raw:
+    if E.TXT in raw:
         try:
-            caption = raw["txt"].decode("utf-8")
+            caption = raw[E.TXT].decode("utf-8")
         except UnicodeDecodeError:
             raise SkipSample("caption not UTF-8") from None
     else:
-        caption = "" if meta.get("caption") is None else meta["caption"]  # null: none
+        caption = "" if meta.get(E.CAPTION) is None else meta[E.CAPTION]  # null: none
         if not isinstance(caption, str):
             raise SkipSample(f"json caption is a {type(caption).__name__}, not a string")
     out: dict[str, Any] = {B.CAPTION: caption.strip()}
-    if "cls" in raw:
-        out[B.LABEL] = _class_index(raw["cls"], "cls")
-    elif meta.get("label") is not None:  # null: none
-        out[B.LABEL] = _class_index(meta["label"], "json label")
+    if E.CLS in raw:
+        out[B.LABEL] = _class_index(raw[E.CLS], "cls")
+    elif meta.get(E.LABEL) is not None:  # null: none
+        out[B.LABEL] = _class_index(meta[E.LABEL], "json label")
     return out
 
 
@@ -168,10 +160,10 @@ def _class_index(value: Any, source: str) -> int:
 
 
 def _json(raw: dict[str, Any]) -> dict[str, Any]:
-    if "json" not in raw:
+    if E.JSON not in raw:
         return {}
     try:
-        meta = json.loads(raw["json"])
+        meta = json.loads(raw[E.JSON])
     except ValueError:  # UnicodeDecodeError included
         raise SkipSample("invalid json") from None
     if not isinstance(meta, dict):

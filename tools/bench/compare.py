@@ -1,18 +1,20 @@
-"""Our training step against diffusers', the same architecture with the same weights, alternating in one process.
+"""Our training step against diffusers', the same architecture with the same weights, alternating.
 
-Used by `python tools/benchmark.py compare --arch unet|dit|vae`. Each step is forward + MSE loss + backward +
-optimizer step on a fixed batch; the two models alternate step by step (so a load change on the machine
-hits both alike) and the result is the median over steps of the paired ratio ours / diffusers. Ours runs
-as `ldm` trains it: fused AdamW, and optionally channels-last weights and torch.compile (`fast`); diffusers
-runs as its training scripts do by default (AdamW, eager).
+`--arch unet|dit|vae`: UNet2DConditionModel, DiTTransformer2DModel or AutoencoderKL. Each step is forward + MSE
+loss + backward + optimizer step on a fixed batch; the two models alternate step by step in one process (so
+a load change on the machine hits both alike) and the result is the median over steps of the paired ratio
+ours / diffusers. Ours runs as `ldm` trains it: fused AdamW, and optionally channels-last weights (`--fast`)
+and torch.compile (`--compile`); diffusers runs as its training scripts do by default (AdamW, eager).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
-import time
 from collections.abc import Callable
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +25,18 @@ from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.backbones.dit import DiT
 from ldm.backbones.unet import UNet
-from ldm.callbacks.monitor import synchronize
 from ldm.convert.dit import dit_from_diffusers
-from ldm.export.diffusers import diffusers_unet, diffusers_vae
 from ldm.training.speed import speed_up
 
+from .device import add_device_argument, clock
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: its configs/ hold the architectures
 Arch = Literal["unet", "dit", "vae"]
 Step = Callable[[], Tensor]  # the training loss of one step on the fixed batch
+Pair = tuple[nn.Module, Step, nn.Module, Step]  # ours, its step; diffusers', its step
 
 
-def _configs(root: Any, part: str) -> dict[str, Any]:
+def _configs(root: Path, part: str) -> dict[str, Any]:
     return yaml.safe_load((root / "configs" / part).read_text())["init_args"]
 
 
@@ -45,9 +49,14 @@ def _randomised(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(arch: Arch, root: Any, batch_size: int, size: int, device: torch.device) -> tuple[nn.Module, Step, nn.Module, Step]:
+def build(arch: Arch, root: Path, batch_size: int, size: int, device: torch.device) -> Pair:
     """(ours, its step loss, diffusers', its step loss) with equal weights on one fixed batch of ``size`` pixels
     (the VAE) or ``size`` latent pixels (the denoisers)."""
+    # the diffusers extra, which compare alone needs: imported here, so the other commands run without it
+    from diffusers import DiTTransformer2DModel
+
+    from ldm.export.diffusers import diffusers_unet, diffusers_vae
+
     torch.manual_seed(0)
     if arch == "unet":  # the shapes UNet with the text-tiny context (128-d tokens, 16 of them)
         ours = _randomised(UNet(4, 4, 128, None, **_configs(root, "backbone/unet-cpu.yaml")))
@@ -57,8 +66,6 @@ def build(arch: Arch, root: Any, batch_size: int, size: int, device: torch.devic
         ours_step = lambda: F.mse_loss(ours(x, t.float(), context=context), target)  # noqa: E731
         theirs_step = lambda: F.mse_loss(theirs(x, t, encoder_hidden_states=context).sample, target)  # noqa: E731
     elif arch == "dit":  # DiT-S/2, class-conditional with a learned variance, as DiT trains it
-        from diffusers import DiTTransformer2DModel
-
         knobs = _configs(root, "backbone/dit-S-2.yaml")
         width, heads = knobs["width"], knobs["num_heads"]
         theirs = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
@@ -89,7 +96,7 @@ def build(arch: Arch, root: Any, batch_size: int, size: int, device: torch.devic
     return ours, ours_step, theirs, theirs_step
 
 
-def compare(arch: Arch, root: Any, batch_size: int = 8, size: int = 16, steps: int = 10, warmup: int = 2,
+def compare(arch: Arch, root: Path, batch_size: int = 8, size: int = 16, steps: int = 10, warmup: int = 2,
             device: str = "cpu", fast: bool = False, compile: bool = False) -> dict[str, Any]:
     """Median over steps of (our step time / diffusers'), with both models' parameter counts and ms per step."""
     target = torch.device(device)
@@ -102,18 +109,40 @@ def compare(arch: Arch, root: Any, batch_size: int = 8, size: int = 16, steps: i
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(warmup + steps):
         for name, (_, loss_fn, optimizer) in runs.items():
-            synchronize(target)
-            start = time.perf_counter()
+            start = clock(target)
             loss = loss_fn()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            synchronize(target)
             if step >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock(target) - start)
     ratios = [a / b for a, b in zip(times["ldm"], times["diffusers"])]
     return {"arch": arch, "batch_size": batch_size, "size": size, "device": device, "steps": steps,
             "channels_last": fast and arch != "dit", "compile": compile,
             "params_M": {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, (m, _, _) in runs.items()},
             "ms_per_step": {name: 1000 * statistics.median(t) for name, t in times.items()},
             "median_ratio_ldm_over_diffusers": statistics.median(ratios)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=get_args(Arch), required=True,
+                        help="unet: configs/backbone/unet-cpu.yaml; dit: DiT-S/2; vae: SD's kl-f8")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=int, default=16, help="latent side (unet, dit) or image side (vae)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fast", action="store_true", help="ours with channels-last weights (convolutional nets)")
+    parser.add_argument("--compile", action="store_true", help="ours torch.compiled")
+    add_device_argument(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    result = compare(args.arch, ROOT, args.batch_size, args.size, args.steps, args.warmup, args.device, args.fast,
+                     args.compile)
+    ms = result["ms_per_step"]
+    print(f"compare {args.arch}: batch {args.batch_size}, size {args.size}, {args.steps} paired steps on {args.device}"
+          f"{' (ours: channels-last)' if result['channels_last'] else ''}{' (ours: compiled)' if args.compile else ''}")
+    for name, params in result["params_M"].items():
+        print(f"  {name:<10} {params:8.2f} M params  {ms[name]:9.1f} ms/step (median)")
+    print(f"  median of paired ratios ldm / diffusers: {result['median_ratio_ldm_over_diffusers']:.3f}")
+    print(json.dumps(result))

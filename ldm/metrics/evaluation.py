@@ -1,0 +1,161 @@
+"""One evaluation of a list of metrics: what the SampleMetrics callback and tools/evaluate.py both run.
+
+``load_metrics`` builds what the metrics need (the shared feature extractor, each metric's own networks)
+and leaves out, with one log line each, those whose weights cannot be had. An ``Evaluation`` then takes
+batches of generated images (with their real originals and captions) and real reference images, extracts
+each feature kind once per batch for every distribution metric that reads it, sums the per-sample metrics,
+and at the end merges everything over the ranks and reports each metric under its names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.metrics.base import (
+    DistributionMetric,
+    PairedMetric,
+    PerSampleMetric,
+    SampleMetric,
+)
+from ldm.metrics.features import InceptionFeatures
+from ldm.metrics.statistics import FeatureSet, Gather, Reduce, ReferenceCache
+from ldm.weights.io import WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def feature_kinds(metrics: Sequence[SampleMetric]) -> dict[str, bool]:
+    """The feature kinds the distribution metrics read, each with whether its features are kept (any reader's ``keep``)."""
+    kinds: dict[str, bool] = {}
+    for metric in metrics:
+        if isinstance(metric, DistributionMetric):
+            kinds[metric.feature] = kinds.get(metric.feature, False) or metric.keep
+    return kinds
+
+
+def inception_for(metrics: Sequence[SampleMetric], weights: str | None = None) -> InceptionFeatures | None:
+    """The Inception-v3 extracting every feature kind the metrics read, or None when they read none."""
+    kinds = feature_kinds(metrics)
+    return InceptionFeatures(weights, sorted(kinds)) if kinds else None
+
+
+def load_metrics(
+    metrics: Sequence[SampleMetric], extractor: nn.Module | None = None, inception_weights: str | None = None,
+) -> tuple[list[SampleMetric], nn.Module | None]:
+    """The metrics that can run, loaded, and the feature extractor they share (``extractor``, else Inception).
+
+    Where weights cannot be had (``WeightsUnavailable``: not on the machine, no download), the metrics
+    needing them are left out with one log line saying what to set, and the rest run.
+    """
+    if extractor is None:
+        try:
+            extractor = inception_for(metrics, inception_weights)
+        except WeightsUnavailable as err:
+            readers = [m for m in metrics if isinstance(m, DistributionMetric)]
+            log.warning("%s disabled: %s", ", ".join(m.label for m in readers), err)
+            metrics = [m for m in metrics if m not in readers]
+    ready = []
+    for metric in metrics:
+        try:
+            metric.load()
+        except WeightsUnavailable as err:
+            log.warning("%s disabled: %s", metric.label, err)
+        else:
+            ready.append(metric)
+    return ready, extractor if feature_kinds(ready) else None
+
+
+def _one_rank(t: Tensor) -> Tensor:
+    """A reduction over a world of one."""
+    return t
+
+
+class Evaluation:
+    """The running state of one evaluation of ``metrics`` (loaded) on one rank.
+
+    Per feature kind, a ``FeatureSet`` of the generated images and one of the reference, unless
+    ``reference`` is set (e.g. from ``cached_reference``); per per-sample metric, the sum and count
+    of its values. ``compute`` merges them over the ranks with ``reduce`` (sum) and ``gather``.
+    """
+
+    def __init__(self, metrics: Sequence[SampleMetric], extractor: nn.Module | None = None) -> None:
+        names = [name for metric in metrics for name in metric.names]
+        if len(set(names)) < len(names):
+            raise ValueError(f"metrics report a name twice: {names}")
+        self.distribution = [m for m in metrics if isinstance(m, DistributionMetric)]
+        self.per_sample = [m for m in metrics if isinstance(m, PerSampleMetric)]
+        self.kinds = feature_kinds(metrics)  # feature kind -> kept
+        if self.kinds and extractor is None:
+            raise ValueError(f"{', '.join(m.label for m in self.distribution)} need a feature extractor")
+        self.extractor = extractor
+        self.generated = {kind: FeatureSet(keep) for kind, keep in self.kinds.items()}
+        self.real = {kind: FeatureSet(keep) for kind, keep in self.kinds.items()}
+        self.reference: Mapping[str, FeatureSet] | None = None  # merged (or cached) reference sets, by kind
+        self.samples = 0  # generated images, over every rank once computed
+        self._totals = torch.zeros(1 + 2 * len(self.per_sample), dtype=torch.float64)  # [images, (sum, count) each]
+
+    @property
+    def paired(self) -> bool:
+        """Whether a metric compares generated images with their real originals."""
+        return any(isinstance(m, PairedMetric) for m in self.per_sample)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether real reference images must still be added (the distribution metrics have no reference yet)."""
+        return bool(self.kinds) and self.reference is None
+
+    def _key(self, key: Mapping[str, object], kind: str) -> dict[str, object]:
+        return {**key, "feature": kind}
+
+    def cached_reference(self, cache: ReferenceCache, key: Mapping[str, object]) -> dict[str, FeatureSet] | None:
+        """The reference sets cached under ``key`` (naming the reference's content and the extractor), if all are."""
+        sets = {kind: cache.load(self._key(key, kind), keep) for kind, keep in self.kinds.items()}
+        return sets if all(s is not None for s in sets.values()) else None
+
+    def save_reference(self, cache: ReferenceCache, key: Mapping[str, object]) -> None:
+        """Cache the computed reference sets under ``key``."""
+        for kind, features in (self.reference or {}).items():
+            cache.save(self._key(key, kind), features)
+
+    @torch.no_grad()
+    def add_reference(self, images: Tensor, order: Tensor | None = None) -> None:
+        """Real (B, 3, H, W) images in [-1, 1] of the reference set; ``order`` (B,) sorts kept features."""
+        features = self.extractor(images)
+        for kind, feature_set in self.real.items():
+            feature_set.add(features[kind], order)
+
+    @torch.no_grad()
+    def add_generated(self, images: Tensor, real: Tensor | None = None, captions: Sequence[str] | None = None,
+                      order: Tensor | None = None) -> None:
+        """Generated (B, 3, H, W) images in [-1, 1], with the real images they were made from (for paired metrics)
+        and their captions (for text metrics; "" for none); ``order`` (B,) sorts kept features."""
+        if self.kinds:
+            features = self.extractor(images)
+            for kind, feature_set in self.generated.items():
+                feature_set.add(features[kind], order)
+        totals = [float(len(images))]
+        for metric in self.per_sample:
+            values = metric.score(images, real, captions)  # (N,)
+            totals += [float(values.double().sum()), float(len(values))]
+        self._totals += torch.tensor(totals, dtype=torch.float64)
+
+    def compute(self, reduce: Reduce = _one_rank, gather: Gather | None = None) -> dict[str, float]:
+        """Every metric's values by name, over every rank; a per-sample metric that scored nothing is left out."""
+        values: dict[str, float] = {}
+        if self.kinds:
+            generated = {kind: s.merged(reduce, gather) for kind, s in self.generated.items()}
+            if self.reference is None:
+                self.reference = {kind: s.merged(reduce, gather) for kind, s in self.real.items()}
+            for metric in self.distribution:
+                values |= metric.compute(generated[metric.feature], self.reference[metric.feature])
+        images, *sums = reduce(self._totals).tolist()
+        self.samples = int(images)
+        for metric, total, count in zip(self.per_sample, sums[::2], sums[1::2]):
+            if count:
+                values[metric.names[0]] = metric.finish(total / count)
+        return values
+
