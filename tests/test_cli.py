@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ldm.autoencoder.weights import save_vae_safetensors
-from ldm.cli import build_cli, instantiate, refusal
+from ldm.cli import build_cli, instantiate, main, refusal
 from ldm.data.synthetic import write_shapes
 from ldm.training.nonfinite import NonFiniteGuard
 from tests.stage2 import cli_args, write_stage2_shards
@@ -112,19 +112,24 @@ def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, 
     assert not (tmp_path / "diffusers").exists()
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_an_option_a_constructor_refuses_ends_in_its_own_line(stage2, tmp_path: Path) -> None:
-    """jsonargparse wraps what a constructor raises in its own long error: the refusal under it is what prints."""
+    """jsonargparse wraps what a constructor raises in its own long error: the refusal under it is what ends the
+    run (``SystemExit`` with a message: Python prints that one line and exits with status 1)."""
     shards, _, _ = stage2
-    run = ldm("fit", *cli_args(TXT2IMG, shards, tmp_path), "--model.init_args.max_nonfinite_steps", "0")
-    assert_refused(run, "ldm", "max_nonfinite_steps must be at least 1, got 0")
+    with pytest.raises(SystemExit) as ended:
+        main(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--model.init_args.max_nonfinite_steps", "0"])
+    assert str(ended.value.code) == "ldm: error: max_nonfinite_steps must be at least 1, got 0"
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_a_bug_keeps_its_traceback(stage2, tmp_path: Path) -> None:
-    """The same exception type raised by code that is not ldm's own refusals (here a test's callback) is a bug."""
+    """The same exception type raised by code that is not ldm's own refusals (here a test's callback) is a bug:
+    it leaves ``main`` as it is, so Python prints its traceback."""
     shards, _, _ = stage2
-    run = ldm("fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.max_steps", "1",
-              "--trainer.callbacks+", "tests.test_cli.Broken", env={"PYTHONPATH": str(ROOT)})
-    assert run.returncode == 1 and "Traceback" in run.stderr and "ValueError: a bug" in run.stderr
+    with pytest.raises(ValueError, match="a bug"):
+        main(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--trainer.max_steps", "1",
+              "--trainer.callbacks+", "tests.test_cli.Broken"])
 
 
 class Broken(L.Callback):

@@ -241,6 +241,22 @@ def test_vae_folds_per_channel_statistics_into_its_weights() -> None:
     assert diffusers_vae(LatentCodec(vae, scale=0.18215), 32).config.scaling_factor == pytest.approx(0.18215)
 
 
+def test_sd_file_folds_per_channel_statistics_at_sds_scale(tmp_path: Path) -> None:
+    """An SD file of a model whose codec has per-channel statistics (our stage-1 exports): SD tools read it at a
+    fixed 0.18215, and the latents they see are the model's own (the statistics folded into the VAE's weights)."""
+    model = sd_model("sd1", REDUCED["sd1"])
+    generator = torch.Generator().manual_seed(0)
+    model.codec.vae.set_latent_stats(torch.randn(4, generator=generator), torch.rand(4, generator=generator) + 0.5)
+    model.codec = LatentCodec(model.codec.vae)  # normalised by the statistics, not a scale
+    save_sd_checkpoint(model, tmp_path / "sd.safetensors")
+    loaded = sd_model("sd1", REDUCED["sd1"], weights=str(tmp_path / "sd.safetensors"), seed=1).codec  # scale 0.18215
+    x, z = torch.rand(2, 3, SIZE, SIZE, generator=generator) * 2 - 1, torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator)
+    encoded = model.codec.encode(x, torch.Generator().manual_seed(1))
+    assert encoded.std() > 0.1
+    torch.testing.assert_close(loaded.encode(x, torch.Generator().manual_seed(1)), encoded, atol=2e-4, rtol=0)
+    torch.testing.assert_close(loaded.decode(z), model.codec.decode(z), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("objective, schedule", [(DDPM("eps"), "scaled_linear"), (DDPM("v", "cosine"), "squaredcos_cap_v2"),
                                                  (DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02), "linear"),
                                                  (DDPM("v", zero_terminal_snr=True), None)])
