@@ -26,8 +26,8 @@ def objective(request) -> Objective:
     return OBJECTIVES[request.param]()
 
 
-# The longest files (seconds on 2 cores): with `pytest -n 2 --dist loadfile` (README's test command) each worker
-# takes whole files in collection order, so these go first and overlap the many short files instead of trailing.
+# The longest files (seconds on 2 cores): with `pytest -n 2` (README's test command; pyproject adds --dist loadfile)
+# each worker takes whole files in collection order, so these go first and overlap the many short files instead of trailing.
 LONGEST_FIRST = ("test_quickstart.py", "test_resume.py", "test_metrics.py", "test_latent_diffusion.py", "test_cli.py")
 
 
