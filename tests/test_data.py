@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from jsonargparse import ArgumentParser
 
 from ldm.data.datamodule import WebDataModule
+from ldm.data.formats import ShardFormat
 from ldm.data.images import ImageDecoder
+from ldm.data.latents import LatentCache
 from ldm.data.shards import count_samples, expand_shards, plan_epoch
 from ldm.data.stream import SKIPPED, ShardStream
 from tests.shardutil import jpeg_bytes, write_shards
@@ -230,3 +233,31 @@ def test_prediction_requests_decode_maps_as_their_extra_keys_declare(tmp_path: P
     assert batch["seg"].shape == (1, 1, 8, 8) and batch["seg"].dtype == torch.int64 and (batch["seg"] == 3).all()
     assert batch["edge"].shape == (1, 3, 8, 8) and torch.allclose(batch["edge"], torch.tensor(3 / 127.5 - 1))
     assert batch["caption"] == ["a"] and batch["target_size"].tolist() == [[8, 8]]
+
+
+class CaptionsOnly(ShardFormat):
+    """A shard format of a test: shards named captions-*.tar, read as their captions alone."""
+
+    def recognises(self, urls) -> bool:
+        return all(Path(url).name.startswith("captions-") for url in urls)
+
+    def decoder(self, images: ImageDecoder):
+        return lambda raw, rng: {"key": raw["__key__"], "caption": raw["txt"].decode()}
+
+
+def test_shard_formats_are_injected_parts_that_recognise_their_shards(tmp_path: Path) -> None:
+    """A format named in the data part (class_path) reads the shards it recognises; the others stay image shards."""
+    write_shards(tmp_path / "a", [3])
+    (tmp_path / "a" / "shard-0000.tar").rename(tmp_path / "a" / "captions-0000.tar")
+    write_shards(tmp_path / "b", [3])
+    config = {"class_path": "ldm.data.datamodule.WebDataModule", "init_args": {
+        "train": str(tmp_path / "a" / "captions-0000.tar"), "val": str(tmp_path / "b" / "shard-0000.tar"),
+        "batch_size": 3, "num_workers": 0, "resolution": 8, "formats": [{"class_path": "tests.test_data.CaptionsOnly"}]}}
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(WebDataModule, "data")
+    dm = parser.instantiate_classes(parser.parse_object({"data": config})).data
+    dm.setup("fit")
+    (train,), (val,) = list(dm.train_dataloader()), list(dm.val_dataloader())
+    assert "image" not in train and sorted(train["caption"]) == sorted(val["caption"])
+    assert val["image"].shape == (3, 3, 8, 8)
+    assert isinstance(WebDataModule(num_workers=0).formats[0], LatentCache)  # the default: a latent cache

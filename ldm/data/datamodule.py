@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from ldm.data import batch as B
 from ldm.data.collate import DROPPED
 from ldm.data.entries import MAP_KINDS, MapKind
-from ldm.data.formats import decoder_for
+from ldm.data.formats import ShardFormat, decoder_for
 from ldm.data.images import ANNOTATIONS, ImageDecoder
+from ldm.data.latents import LatentCache
 from ldm.data.prompts import PromptDataset
 from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
@@ -34,7 +35,7 @@ class WebDataModule(L.LightningDataModule):
     (`data/skipped` in the logger). Settings that cannot work are refused here, before any training.
     A split whose shards are a latent cache (tools/cache_latents.py; its cache.json beside them) yields
     {key, latent_mean, latent_std, caption, label?, maps and text embeddings at latent size} instead:
-    the shards say which decoder they need (`ldm.data.formats.decoder_for`), no option does.
+    the shards say which decoder they need: the first of ``formats`` that recognises them, else images.
     """
 
     def __init__(
@@ -56,9 +57,11 @@ class WebDataModule(L.LightningDataModule):
         epoch_length: int | None = None,  # batches per rank and epoch when resampled
         seed: int = 0,
         pin_memory: bool = True,
+        formats: list[ShardFormat] | None = None,  # shard kinds read besides images, each recognising its own (None: [LatentCache])
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["formats"])
+        self.formats = [LatentCache()] if formats is None else list(formats)
         _check_options(self.hparams)
         self.patterns = {"train": train, "val": val, "test": test}
         self.resolution = resolution  # the side of every image it yields (tools and the CLI's checks read it)
@@ -83,7 +86,7 @@ class WebDataModule(L.LightningDataModule):
             train, urls = split == "train", self._readable_shards(split)
             self._datasets[split] = ShardStream(
                 urls,
-                decoder_for(urls, self.image_decoder(train)),
+                decoder_for(urls, self.image_decoder(train), self.formats),
                 batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
                 rank=rank,
                 world_size=world,

@@ -5,7 +5,8 @@ size, with ``flip.mean`` / ``flip.std`` for the mirrored image when training fli
 latent size, ``<name>`` and ``flip.<name>``; the frozen text encoders' outputs ``embedding.<i>``) and
 a ``json`` (caption, label, original size, crop, and the fingerprint hashes of the codec and text
 encoders that made it). ``cache.json`` next to the shards describes the whole cache and marks its
-folder as one: the data module then decodes it with ``LatentDecoder`` (see ldm.data.formats).
+folder as one: ``LatentCache``, the data module's default shard format, recognises it by that file and
+reads it with ``LatentDecoder``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import Tensor
 from ldm.data import batch as B
 from ldm.data import entries as E
 from ldm.data.decoder import SkipSample
+from ldm.data.formats import ShardFormat
+from ldm.data.images import ImageDecoder
 
 CACHE_INFO = "cache.json"  # next to a cache's shards: what made it (codec, text encoders, source, resolution)
 TENSORS, META = "latent.safetensors", E.JSON  # a cached sample's entries
@@ -109,3 +112,14 @@ def check_cache(batch: Mapping[str, Any], expected: str, key: str, what: str) ->
             f"latent cache samples {batch[B.KEY][:3]} were made with another {what} (fingerprint {sorted(found)}) "
             f"than this model's ({expected}): rebuild the cache with tools/cache_latents.py for this configuration"
         )
+
+
+class LatentCache(ShardFormat):
+    """The latent cache's shards: recognised by the cache.json beside them, read with a ``LatentDecoder`` that
+    flips and requires annotations as the split's image decoder would."""
+
+    def recognises(self, urls: Sequence[str]) -> bool:
+        return is_cache(urls)
+
+    def decoder(self, images: ImageDecoder) -> LatentDecoder:
+        return LatentDecoder(hflip=images.hflip, require=images.require)
