@@ -30,12 +30,12 @@ from ldm.callbacks.sample_metrics import SampleMetrics
 from ldm.cli import LdmCLI, build_cli
 from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data import batch as B
-from ldm.data.synthetic import write_shapes
 from ldm.metrics.base import DistributionMetric
 from ldm.metrics.clip_score import CLIPScore
 from ldm.metrics.fid import FID, KID, frechet_distance, kid
 from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.statistics import FeatureSet
+from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
 from tests.processes import run_isolated
 from tests.tiny_modules import TinyFeatures
 from tools import evaluate, sampler_table
@@ -44,20 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
 CLASS2IMG = ROOT / "experiments" / "shapes" / "class2img_unet.yaml"
 TINY_UNET = ROOT / "configs" / "backbone" / "unet-tiny.yaml"
-RESOLUTION, TEST_SAMPLES = 16, 5  # in batches of 2: 2 + 2 + 1 on one rank; 3 and 2 samples on two ranks
+RESOLUTION, TEST_SAMPLES = TINY_SIZE, 5  # in batches of 2: 2 + 2 + 1 on one rank; 3 and 2 samples on two ranks
 TINY_CLIP = {"clip": {"random_init": True, "text_cfg": {"width": 32, "layers": 1, "heads": 2}, "vision_cfg": {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}}}
 DDP_TIMEOUT_S = 240
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),  # pytest's own argv is not ours
-    pytest.mark.usefixtures("one_thread"),  # tiny models run fastest on one thread
-]
+pytestmark = CLI_MARKS
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes(root, train=4, val=2, test=TEST_SAMPLES, size=RESOLUTION)
-    return root
+    return tiny_shapes(tmp_path_factory, test=TEST_SAMPLES)
 
 
 class MeanGap(DistributionMetric):
