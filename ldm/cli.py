@@ -150,7 +150,7 @@ def refusal(error: BaseException) -> BaseException | None:
     constructor raises), else None. A refusal is raised by a `raise` statement of ldm's or the tools' own
     code (a file, checkpoint or setting that cannot work, a run of non-finite steps): its message is
     written for the user. What a library raises, or Python itself in our code (a failed unpacking,
-    ``int('x')``), and an unimplemented method are bugs: they keep their traceback."""
+    ``int('x')``), an unimplemented method and a failed ``assert`` are bugs: they keep their traceback."""
     while error is not None and not _raised_by_us(error):
         error = error.__cause__
     return error
@@ -160,7 +160,7 @@ def _raised_by_us(error: BaseException) -> bool:
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next  # the frame that raised
-    if tb is None or not isinstance(error, Exception) or isinstance(error, NotImplementedError):
+    if tb is None or not isinstance(error, Exception) or isinstance(error, (NotImplementedError, AssertionError)):
         return False
     code = tb.tb_frame.f_code
     ours = any(Path(code.co_filename).resolve().is_relative_to(folder) for folder in OWN_CODE)
