@@ -195,6 +195,9 @@ def _not_an_advertisement(record: logging.LogRecord) -> bool:
 def main(args: list[str] | None = None) -> None:
     """Entry point of `ldm fit|validate|test|predict --config ...`: exit status 0 on success; a refusal
     ends in its one-line message and status 1."""
+    # the process's logging, set once here: our one-line notices print as they are, rather than in the format of
+    # whichever library first logs through the root logger (open_clip's tokenizer does, configuring it)
+    logging.basicConfig(format="%(message)s")
     quiet_lightning()
     with refusals("ldm"):
         build_cli(args)
