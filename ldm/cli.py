@@ -81,18 +81,29 @@ class LdmCLI(LightningCLI):
             )
 
     def _check_resolution(self) -> None:
-        """Refuse data whose side the model cannot take (autoencoder downsampling x backbone multiple) before training."""
+        """Refuse data whose sides the model cannot take (autoencoder downsampling x backbone multiple) before training."""
         multiple = getattr(self.model, "size_multiple", None)
         resolution = getattr(self.datamodule, "resolution", None)  # WebDataModule's image side
-        if multiple and resolution and resolution % multiple:
+        if not multiple or not resolution:
+            return
+        needs = f"{type(self.model).__name__} needs (its autoencoder's downsampling times its backbone's multiple)"
+        if resolution % multiple:
             below = resolution // multiple * multiple
-            raise ValueError(
-                f"data.init_args.resolution {resolution} is not a multiple of {multiple}, the side this "
-                f"{type(self.model).__name__} needs (its autoencoder's downsampling times its backbone's multiple): "
-                f"use {below or multiple} or {below + multiple}"
-            )
+            raise ValueError(f"data.init_args.resolution {resolution} is not a multiple of {multiple}, the side this "
+                             f"{needs}: use {below or multiple} or {below + multiple}")
+        odd = [f"{w}x{h}" for h, w in getattr(self.datamodule, "buckets", None) or () if h % multiple or w % multiple]
+        if odd:
+            raise ValueError(f"data.init_args.buckets: the buckets {odd} (width x height) have sides that are not "
+                             f"multiples of {multiple}, which this {needs}: set buckets.multiple to a multiple of {multiple}")
 
-    before_fit = before_validate = before_test = before_predict = _check_resolution
+    before_fit = before_validate = before_test = _check_resolution
+
+    def before_predict(self) -> None:
+        """Also refuse a request of a size the model cannot generate, naming its line, before any sampling."""
+        self._check_resolution()
+        multiple, prompts = getattr(self.model, "size_multiple", None), getattr(self.datamodule, "prompts", None)
+        if multiple and prompts is not None:
+            prompts().refuse_sizes(multiple)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with every rank's random states in its checkpoints and checkpoint files written

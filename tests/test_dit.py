@@ -1,10 +1,11 @@
-"""DiT backbone: shapes, adaLN-Zero init, parity with diffusers, checkpointing, presets."""
+"""DiT backbone: shapes, adaLN-Zero init, positions and token order on any grid, parity with diffusers, checkpointing, presets."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -80,13 +81,50 @@ def test_indivisible_size_and_missing_conditioning_are_rejected():
         model(**inputs(vector=False))
 
 
+def mae_pos_embed(dim: int, h: int, w: int, base_size: int | None) -> np.ndarray:
+    """MAE/DiT's ``get_2d_sincos_pos_embed`` in NumPy, for an (h, w) grid -> (h*w, dim), each axis rescaled
+    to span ``base_size`` positions as diffusers' PatchEmbed does (``pos / (n / base_size)``)."""
+
+    def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (D/2,)
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
+
+    grid_h, grid_w = (np.arange(n, dtype=np.float64) / (1 if base_size is None else n / base_size) for n in (h, w))
+    grid = np.stack(np.meshgrid(grid_w, grid_h))  # (2, h, w): w goes first
+    return np.concatenate([sincos_1d(dim // 2, grid[0]), sincos_1d(dim // 2, grid[1])], axis=1)  # (h*w, D)
+
+
 def test_position_embedding_is_computed_not_stored():
-    model = tiny_dit()
-    assert not any("pos" in name for name in model.state_dict())
-    ours = sincos_pos_embed(32, 3, 5, 4, torch.device("cpu"))  # non-square grid, rescaled to 4 positions
-    assert torch.allclose(ours, get_2d_sincos_pos_embed(32, (3, 5), base_size=4).float(), atol=1e-6)
-    ours = sincos_pos_embed(32, 6, 6, None, torch.device("cpu"))  # plain token indices
-    assert torch.allclose(ours, get_2d_sincos_pos_embed(32, 6, base_size=6).float(), atol=1e-6)
+    assert not any("pos" in name for name in tiny_dit().state_dict())
+
+
+@pytest.mark.parametrize("h,w,base_size", [(3, 5, None), (4, 8, 4), (8, 4, 2), (6, 6, None)])
+def test_position_embedding_matches_mae_and_diffusers(h, w, base_size):
+    ours = sincos_pos_embed(32, h, w, base_size, torch.device("cpu"))  # (h*w, D)
+    assert torch.allclose(ours, torch.from_numpy(mae_pos_embed(32, h, w, base_size)).float(), atol=1e-6)
+    if base_size is not None or h == w:  # diffusers always rescales each axis: plain indices only on a square
+        theirs = get_2d_sincos_pos_embed(32, (h, w), base_size=base_size or h)
+        assert torch.allclose(ours, theirs.float(), atol=1e-6)
+
+
+def test_each_token_gets_its_own_row_and_column_on_a_non_square_grid():
+    """Patchify, position embedding and unpatchify on a 12x24 latent (6x12 tokens). With the patch embedding and
+    the output layer identities and every block the identity (adaLN-Zero at initialisation), the output is the
+    input plus the sin-cos of each token's (row, column) spread over its patch as (p, q, c), diffusers' order."""
+    p, c, (h, w) = 2, 4, (6, 12)
+    width = p * p * c
+    model = DiT(c, c, None, None, patch_size=p, width=width, depth=1, num_heads=2, pos_embed_base_size=4)
+    eye = torch.eye(width)  # token channel (i * p + j) * c + k holds the patch's pixel (i, j) of channel k
+    with torch.no_grad():
+        model.patch_embed.weight.copy_(eye.reshape(width, p, p, c).permute(0, 3, 1, 2))
+        model.final.linear.weight.copy_(eye)
+    model.final.norm = torch.nn.Identity()
+    x = torch.randn(1, c, h * p, w * p)
+    with torch.no_grad():
+        out = model(x, torch.ones(1))
+    pos = mae_pos_embed(width, h, w, 4).reshape(h, w, p, p, c).transpose(4, 0, 2, 1, 3).reshape(c, h * p, w * p)
+    torch.testing.assert_close(out[0] - x[0], torch.from_numpy(pos).float(), atol=1e-5, rtol=0)
 
 
 def diffusers_dit(tie_embedders: bool = True) -> DiTTransformer2DModel:
@@ -101,16 +139,43 @@ def diffusers_dit(tie_embedders: bool = True) -> DiTTransformer2DModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("size", [8, 16])  # the trained grid, and a larger one with rescaled positions
+class _Tokens(Exception):
+    """Carries diffusers' DiT output tokens out of its forward, before its unpatchify."""
+
+
+def diffusers_on_grid(reference: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """diffusers' DiT output on any latent grid. Its unpatchify assumes a square grid (the square root of the token
+    count), so off the square: its own forward up to the last linear (positions rescaled per axis by its PatchEmbed),
+    then its unpatchify at x's (h, w)."""
+    p, c = reference.config.patch_size, reference.out_channels
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    if h == w:
+        return reference(x, t, labels).sample
+
+    def stop(module, args, output):
+        raise _Tokens(output)
+
+    handle = reference.proj_out_2.register_forward_hook(stop)
+    try:
+        reference(x, t, labels)
+    except _Tokens as found:
+        tokens = found.args[0]  # (B, h*w, p*p*C)
+    finally:
+        handle.remove()
+    return torch.einsum("nhwpqc->nchpwq", tokens.reshape(-1, h, w, p, p, c)).reshape(-1, c, h * p, w * p)
+
+
+# the trained 4x4 token grid, a larger one and non-square ones, positions rescaled to span 4 on each axis
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (8, 16), (12, 4)])
 def test_parity_with_diffusers(size):
     reference = diffusers_dit()
     state_dict, class_table = dit_from_diffusers(reference.state_dict())
     assert class_table.shape == (11, 32)  # 10 classes + the null class
     ours = DiT(4, 8, None, 32, patch_size=2, width=32, depth=2, num_heads=2, pos_embed_base_size=4, time_freq_shift=1.0)
     ours.load_state_dict(state_dict)
-    x, t, labels = torch.randn(3, 4, size, size), torch.tensor([0, 250, 999]), torch.tensor([1, 7, 10])
+    x, t, labels = torch.randn(3, 4, *size), torch.tensor([0, 250, 999]), torch.tensor([1, 7, 10])
     with torch.no_grad():
-        expected = reference(x, t, labels).sample
+        expected = diffusers_on_grid(reference, x, t, labels)
         actual = ours.eval()(x, t.float(), vector=torch.nn.functional.embedding(labels, class_table))
     assert expected.abs().mean() > 0.1
     assert torch.allclose(actual, expected, atol=1e-4)

@@ -150,6 +150,32 @@ def test_predict_from_jsonl_requests_with_maps(experiment: Path, shards: Path, t
     assert sorted((r["index"], r["label"]) for r in records) == [(0, render_sample(5).label), (1, render_sample(9).label)]
 
 
+@pytest.mark.parametrize("experiment", [TXT2IMG, TXT2IMG.with_name("txt2img_dit.yaml")], ids=lambda p: p.stem)
+def test_predict_generates_each_request_at_its_own_width_and_height(experiment: Path, shards: Path, tmp_path: Path) -> None:
+    """Wide, tall and square requests in one file (the square from the data's resolution): each image at its
+    size, batched by size, and a request's image the same whatever else the file asks for (its noise is its own)."""
+    sizes = [(96, 48), (48, 96), None, (96, 48)]  # (width, height); None: the default
+    requests = [{"caption": PROMPTS[i % 3], **({} if size is None else {"width": size[0], "height": size[1]})}
+                for i, size in enumerate(sizes)]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    (tmp_path / "alone.jsonl").write_text(json.dumps(requests[0]) + "\n")
+    folders = [Path(build_cli(["predict", *cli_args(experiment, shards, tmp_path / name),
+                               "--data.init_args.predict", str(tmp_path / f"{name}.jsonl")]).trainer.log_dir) / "predictions"
+               for name in ("mixed", "alone")]
+    images = [np.asarray(Image.open(folders[0] / f"{i:06d}.png")) for i in range(len(sizes))]
+    assert [image.shape[:2][::-1] for image in images] == [size or (RESOLUTION, RESOLUTION) for size in sizes]
+    alone = np.asarray(Image.open(folders[1] / "000000.png")).astype(int)
+    assert np.abs(images[0].astype(int) - alone).max() <= 1  # float rounding of another batch size, at most 1 level
+
+
+def test_a_request_of_a_size_the_model_cannot_take_is_refused_naming_its_line(shards: Path, tmp_path: Path) -> None:
+    """The tiny run's UNet halves its latent once and its codec downsamples 4x: sides must be multiples of 8."""
+    (tmp_path / "requests.jsonl").write_text('{"caption": "a"}\n\n{"caption": "b", "width": 100, "height": 48}\n')
+    with pytest.raises(ValueError, match=r"requests.jsonl line 3 asks for 100x48 \(width x height\).*multiples of 8, "
+                                         r"e.g. 96x48, 104x48"):
+        build_cli(["predict", *cli_args(TXT2IMG, shards, tmp_path), "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
+
+
 def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: tuple) -> None:
     cli, args, ckpt = trained
     model = cli.model.eval()

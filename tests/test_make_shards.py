@@ -19,8 +19,8 @@ from tests.assets import ASSETS
 from tools import make_shards as ms
 
 
-def _image_bytes(seed: int, fmt: str, size: int = 8) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+def _image_bytes(seed: int, fmt: str, size: int = 8, width: int | None = None) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, width or size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
@@ -28,6 +28,14 @@ def _image_bytes(seed: int, fmt: str, size: int = 8) -> bytes:
 
 def _read(shards):
     return list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+
+
+def _check_sizes(samples: list[dict]) -> None:
+    """Every sample's json gives its stored image's real (decoded) width and height."""
+    for raw in samples:
+        image = next(raw[key] for key in ("jpg", "png", "webp") if key in raw)
+        meta = json.loads(raw["json"])
+        assert (meta["width"], meta["height"]) == Image.open(io.BytesIO(image)).convert("RGB").size
 
 
 @pytest.fixture
@@ -38,7 +46,7 @@ def folder(tmp_path):
     good = {"a.jpeg": ("JPEG", "a red apple", "3"), "sub/b.png": ("PNG", "a blue ball", None),
             "c.webp": ("WEBP", "a green cube", None)}
     for i, (name, (fmt, caption, label)) in enumerate(good.items()):
-        (root / name).write_bytes(_image_bytes(i, fmt))
+        (root / name).write_bytes(_image_bytes(i, fmt, size=8 + 2 * i, width=12 - 4 * i))  # 12x8, 8x10, 4x12
         (root / name).with_suffix(".txt").write_text(caption + "\n")
         if label is not None:
             (root / name).with_suffix(".cls").write_text(label)
@@ -69,6 +77,10 @@ def test_folder_round_trip_keeps_bytes_and_reports_skips(folder, tmp_path):
         key = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
         assert raw[key] == (root / name).read_bytes()  # original bytes, .jpeg stored as jpg
         assert raw.get("cls") == (None if label is None else label.encode())
+        meta = json.loads(raw["json"])
+        assert meta == {"caption": caption, **({} if label is None else {"label": int(label)}),
+                        "width": meta["width"], "height": meta["height"]}
+    _check_sizes(list(by_caption.values()))
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -77,7 +89,7 @@ def test_table_round_trip_with_relative_and_absolute_paths(tmp_path, kind):
     rows = []
     for i in range(4):
         path = tmp_path / "imgs" / f"{i}.png"
-        path.write_bytes(_image_bytes(i, "PNG"))
+        path.write_bytes(_image_bytes(i, "PNG", size=6, width=8 + i))
         rows.append((str(path) if i % 2 else f"imgs/{i}.png", f"caption, number {i}", i))
     rows.append(("imgs/missing.png", "gone", 0))
     table = tmp_path / f"list.{kind}"
@@ -95,6 +107,7 @@ def test_table_round_trip_with_relative_and_absolute_paths(tmp_path, kind):
     for i, raw in enumerate(samples):
         assert raw["png"] == (tmp_path / "imgs" / f"{i}.png").read_bytes()
         assert raw["txt"].decode() == f"caption, number {i}" and int(raw["cls"]) == i
+    _check_sizes(samples)
 
     shuffled = ms.make_shards(ms.from_table(table), tmp_path / "shuffled", shuffle=True, seed=1)
     captions = [raw["txt"].decode() for raw in _read(shuffled.shards)]
@@ -182,7 +195,10 @@ def _check_class_shards(out: Path, classes: list[str], expected: dict[str, tuple
     assert sorted(raw) == sorted(expected)
     for key, (label, caption) in expected.items():
         assert int(raw[key]["cls"]) == label and raw[key]["txt"].decode() == caption
-        assert json.loads(raw[key]["json"]) == {"caption": caption, "label": label, "class": classes[label]}
+        meta = json.loads(raw[key]["json"])
+        assert meta == {"caption": caption, "label": label, "class": classes[label],
+                        "width": meta["width"], "height": meta["height"]}
+    _check_sizes(list(raw.values()))
     read = {batch["key"][0]: batch for batch in _stream(sorted(out.glob("*.tar")), 8)}
     assert {key: (int(b["label"]), b["caption"][0]) for key, b in read.items()} == expected
     return raw
@@ -192,7 +208,7 @@ def test_class_folders_label_by_sorted_folder_and_caption_from_template(tmp_path
     root = tmp_path / "train"
     files = {}
     for seed, name in enumerate(["sea_lion/x/deep.jpg", "dog/1.jpg", "cat/b.png", "cat/a.jpg", "dog/0.png"]):
-        files[name] = _image_bytes(seed, "PNG" if name.endswith("png") else "JPEG")
+        files[name] = _image_bytes(seed, "PNG" if name.endswith("png") else "JPEG", width=6 + seed)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(files[name])
     (root / "stray.jpg").write_bytes(files["cat/a.jpg"])  # not in a class folder: ignored

@@ -1,4 +1,5 @@
-"""tools/measure_attributes.py: ground-truth shapes score ~1, mismatched prompts score chance, blanks measure none."""
+"""tools/measure_attributes.py: ground-truth shapes score ~1 on any canvas, mismatched prompts score chance,
+blanks measure none, shapes run out of the frame measure cut."""
 
 import json
 import sys
@@ -10,12 +11,13 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ldm.data.prompts import PromptDataset
-from ldm.data.synthetic import COLOURS, POSITIONS, SHAPES, caption_for, render_sample
+from ldm.data.synthetic import ASPECTS, COLOURS, POSITIONS, SHAPES, caption_for, render_sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import measure_attributes as ma  # noqa: E402
 
 N_SAMPLES = 35  # covers every colour and position of the seed-0 dataset
+N_MIXED = 140  # covers every ratio x position of the seed-0 mixed-aspect dataset
 
 
 def _write_predictions(folder: Path, images: list[Image.Image], captions: list[str]) -> Path:
@@ -34,9 +36,15 @@ def samples():
     return [render_sample(i, seed=0, size=64) for i in range(N_SAMPLES)]
 
 
+@pytest.fixture(scope="module")
+def mixed():
+    return [render_sample(i, seed=0, size=64, aspect="mixed") for i in range(N_MIXED)]
+
+
 def _noisy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A soft, grainy copy, as a generator might draw it (this noise defeats a measure without median filter)."""
-    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), np.float64) + rng.normal(0, 20, (64, 64, 3))
+    noise = rng.normal(0, 20, (image.height, image.width, 3))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), np.float64) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -76,6 +84,44 @@ def test_ground_truth_renders_match_their_captions(tmp_path, samples, noisy):
     assert [r["index"] for r in report["per_image"]] == list(range(N_SAMPLES))
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_mixed_aspect_renders_match_their_captions_and_are_whole(tmp_path, mixed, noisy):
+    assert {(s.aspect, s.position) for s in mixed} == {(a, p) for a in ASPECTS for p in POSITIONS}
+    rng = np.random.default_rng(0)
+    images = [_noisy(s.image, rng) if noisy else s.image for s in mixed]
+    report = ma.measure_folder(_write_predictions(tmp_path / "pred", images, [s.caption for s in mixed]), True)
+    wrong = [(s.aspect, s.position, r["position"], s.colour, r["colour"]) for s, r in zip(mixed, report["per_image"])
+             if (r["position"], r["colour"]) != (s.position, s.colour)]
+    assert not wrong  # the cell of the canvas's own 3x3 grid, on wide and tall canvases alike
+    assert report["found"] == N_MIXED and report["cut"] == 0 and report["cut_fraction"] == 0.0
+
+
+def test_a_shape_running_out_of_the_frame_is_cut_and_a_grazing_one_is_not():
+    width, height, radius = 90, 46, 9.0
+    yy, xx = np.mgrid[:height, :width] + 0.5  # pixel centres
+
+    def disc(cx: float, cy: float, soft: float = 0.5) -> Image.Image:  # an antialiased red disc on dark grey
+        alpha = np.clip((radius - np.hypot(xx - cx, yy - cy)) / (2 * soft) + 0.5, 0, 1)[..., None]  # (H, W, 1)
+        return Image.fromarray(np.round(40 * (1 - alpha) + np.array(COLOURS["red"]) * alpha).astype(np.uint8))
+
+    def at(edge: str, gap: float, soft: float = 0.5) -> Image.Image:  # the disc `gap` px inside `edge` (< 0: past it)
+        away = radius + gap
+        return disc(*{"left": (away, 23), "right": (width - away, 23), "top": (45, away),
+                      "bottom": (45, height - away)}[edge], soft)
+
+    background = ma.srgb_to_lab(np.array([40, 40, 40]))
+    for edge in ("left", "right", "top", "bottom"):
+        half, whole, grazing = at(edge, -radius), at(edge, 3), at(edge, 0.5, soft=1.5)  # centred on it; in; soft edge
+        lab = ma.srgb_to_lab(np.asarray(grazing))  # (H, W, 3)
+        frame = np.concatenate([lab[[0, -1]].reshape(-1, 3), lab[:, [0, -1]].reshape(-1, 3)])
+        assert np.linalg.norm(frame - background, axis=-1).max() > ma.FOREGROUND_DELTA_E  # its soft edge is found
+        assert [ma.measure_image(image).cut for image in (half, whole, grazing)] == [True, False, False], edge
+        assert ma.measure_image(half).colour == "red"
+    measured = [ma.measure_image(disc(*centre)) for centre in [(0, 23), (45, 23), (80, 40)]]
+    assert ma.cut_fraction([*measured, ma.Measurement(ma.NONE, ma.NONE, None, 0.0)]) == {
+        "found": 3, "cut": 2, "cut_fraction": 2 / 3}
+
+
 def test_mismatched_colour_words_score_at_chance(tmp_path, samples):
     names = list(COLOURS)
     wrong = [caption_for(s.shape, names[(names.index(s.colour) + 1) % len(names)], s.scale, s.position)
@@ -102,6 +148,7 @@ def test_blank_and_noise_images_measure_none(tmp_path):
     assert [r["colour"] for r in report["per_image"]] == [ma.NONE] * 8
     assert report["colour"]["n"] == 7 and report["colour"]["accuracy"] == 0.0  # the colourless caption is left out
     assert report["colour"]["measured"][ma.NONE] == 7 and report["position"]["accuracy"] == 0.0
+    assert report["found"] == 0 and report["cut_fraction"] == 0.0
     json.dumps(report)  # serialisable as written by --out
 
 
@@ -112,7 +159,7 @@ def test_write_prompts_is_balanced_deterministic_and_readable(tmp_path):
     requests = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [r["caption"] for r in requests] == captions
     assert all(SHAPES[r["label"]] in r["caption"].split() for r in requests)
-    assert len(PromptDataset(str(tmp_path / "a.jsonl"), resolution=64)) == 70
+    assert len(PromptDataset(str(tmp_path / "a.jsonl"), size=(64, 64))) == 70
 
     ma.write_prompts(tmp_path / "b.jsonl", 70, seed=3)
     ma.write_prompts(tmp_path / "c.jsonl", 70, seed=4)
@@ -123,16 +170,31 @@ def test_write_prompts_is_balanced_deterministic_and_readable(tmp_path):
     assert (tmp_path / "d.txt").read_text().splitlines() == text
     assert max(Counter(map(ma.prompted_colour, text)).values()) == 2 and len(set(map(ma.prompted_colour, text))) == 7
 
+    assert ma.write_prompts(tmp_path / "wide.jsonl", 70, seed=3, width=96, height=48) == captions
+    wide = [json.loads(line) for line in (tmp_path / "wide.jsonl").read_text().splitlines()]
+    assert wide == [{**r, "width": 96, "height": 48} for r in requests]
+    assert PromptDataset(str(tmp_path / "wide.jsonl"), size=(64, 64))[0]["target_size"].tolist() == [48, 96]  # (H, W)
+    for path, size in [("e.txt", {"width": 96, "height": 48}), ("f.jsonl", {"width": 96}), ("g.jsonl", {"height": 0})]:
+        with pytest.raises(ValueError):
+            ma.write_prompts(tmp_path / path, 5, **size)
+        assert not (tmp_path / path).exists()
+
 
 def test_cli_prints_tables_and_writes_json(tmp_path, samples, capsys):
     folder = _write_predictions(tmp_path / "pred", [s.image for s in samples[:14]], [s.caption for s in samples[:14]])
     ma.main([str(folder), "--position", "--out", str(tmp_path / "report.json")])
     printed = capsys.readouterr().out
     assert "colour: accuracy 1.000 over 14 prompts" in printed and "position: accuracy" in printed
+    assert "cut: 0 of 14 found shapes run out of the frame (cut_fraction 0.000)" in printed
     assert "confusion (rows prompted, columns measured)" in printed
     assert json.loads((tmp_path / "report.json").read_text())["colour"]["accuracy"] == 1.0
 
     ma.main(["--make-prompts", str(tmp_path / "p.txt"), "--n", "14"])
     assert len((tmp_path / "p.txt").read_text().splitlines()) == 14
-    with pytest.raises(SystemExit):
-        ma.main([])
+    ma.main(["--make-prompts", str(tmp_path / "p.jsonl"), "--n", "3", "--width", "52", "--height", "78"])
+    assert [json.loads(line)["width"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == [52] * 3
+    for argv in ([], ["--make-prompts", str(tmp_path / "q.txt"), "--width", "52", "--height", "78"],
+                 ["--make-prompts", str(tmp_path / "q.jsonl"), "--width", "52"], [str(folder), "--height", "78"]):
+        with pytest.raises(SystemExit):
+            ma.main(argv)
+    assert not (tmp_path / "q.txt").exists() and not (tmp_path / "q.jsonl").exists()

@@ -86,9 +86,22 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module, without: tuple[str
         assert torch.equal(sa[key], sb[key]), key
 
 
-def initial_noise(count: int) -> torch.Tensor:
-    """What LatentDiffusion.generate draws for samples 0..count-1 (seed 0)."""
-    return torch.stack([torch.randn(4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(i)) for i in range(count)])
+def initial_noise(count: int, height: int = SIZE, width: int = SIZE) -> torch.Tensor:
+    """What LatentDiffusion.generate draws for samples 0..count-1 (seed 0) of (height, width) images."""
+    return torch.stack([torch.randn(4, height // 8, width // 8, generator=torch.Generator().manual_seed(i))
+                        for i in range(count)])
+
+
+def ours_and_diffusers(model: LatentDiffusion, folder: Path, prompts: list[str], height: int, width: int) -> tuple:
+    """(our generate, the exported pipeline from the same noise): images (B, 3, height, width) in [0, 1]."""
+    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert isinstance(pipeline, StableDiffusionPipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    ours = (model.generate({"caption": prompts, "target_size": torch.tensor([[height, width]] * len(prompts))}) + 1) / 2
+    theirs = pipeline(prompts, height=height, width=width, num_inference_steps=model.sampler.steps,
+                      guidance_scale=model.hparams.cfg_scale, latents=initial_noise(len(prompts), height, width),
+                      output_type="pt").images
+    return ours, theirs
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -194,16 +207,12 @@ def test_tokenizer_matches_open_clip(exported: tuple) -> None:
 
 
 # --- diffusers ---------------------------------------------------------------------------------------
-def test_diffusers_pipeline_samples_as_we_do(exported: tuple) -> None:
-    """Our DDIM 20 steps with guidance 5 and diffusers' StableDiffusionPipeline from the export, same noise."""
+def test_diffusers_pipeline_samples_as_we_do_at_any_aspect_ratio(exported: tuple) -> None:
+    """Our DDIM 20 steps with guidance 5 and diffusers' StableDiffusionPipeline from the export, same noise, at a
+    size the export was not written for and whose height is not its width (16x8 latents, 2x1 at the last level)."""
     _, model, out = exported
-    pipeline = DiffusionPipeline.from_pretrained(out / "diffusers", local_files_only=True)
-    assert isinstance(pipeline, StableDiffusionPipeline)
-    pipeline.set_progress_bar_config(disable=True)
-    ours = (model.generate({"caption": PROMPTS, "target_size": torch.tensor([[SIZE, SIZE]] * len(PROMPTS))}) + 1) / 2
-    theirs = pipeline(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=20, guidance_scale=model.hparams.cfg_scale,
-                      latents=initial_noise(len(PROMPTS)), output_type="pt").images
-    assert ours.std() > 0.05
+    ours, theirs = ours_and_diffusers(model, out / "diffusers", PROMPTS, 2 * SIZE, SIZE)
+    assert ours.shape == (len(PROMPTS), 3, 2 * SIZE, SIZE) and ours.std() > 0.05
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
 
 
@@ -312,11 +321,7 @@ def test_full_size_round_trip_and_diffusers_parity(version: str, tmp_path: Path)
     assert_same_state(loaded.codec, model.codec)
     assert_same_state(loaded.conditioner, model.conditioner, CLIP_HEAD if version == "sd1" else ())
     del loaded
-    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "diffusers", local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    ours = (model.generate({"caption": PROMPTS[:1], "target_size": torch.tensor([[SIZE, SIZE]])}) + 1) / 2
-    theirs = pipeline(PROMPTS[:1], height=SIZE, width=SIZE, num_inference_steps=20, guidance_scale=model.hparams.cfg_scale,
-                      latents=initial_noise(1), output_type="pt").images
+    ours, theirs = ours_and_diffusers(model, tmp_path / "diffusers", PROMPTS[:1], SIZE, SIZE)
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
     unet = UNet2DConditionModel.from_single_file(tmp_path / "sd.safetensors", config=str(tmp_path / "diffusers"),
                                                  subfolder="unet", local_files_only=True)

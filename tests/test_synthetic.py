@@ -9,11 +9,14 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.data.synthetic import (
+    ASPECTS,
     COLOURS,
     COMBINATIONS,
     POSITIONS,
     SHAPES,
+    aspect_of,
     attributes,
+    canvas_size,
     main,
     render_sample,
     write_shapes,
@@ -43,7 +46,8 @@ def test_rendered_sample_agrees_with_its_caption_and_seg():
         assert sample.label == SHAPES.index(sample.shape)
         assert sample.caption.startswith(f"a {sample.scale} {sample.colour} {sample.shape} ")
         assert sample.meta() == {"caption": sample.caption, "shape": sample.shape, "colour": sample.colour,
-                                 "size": sample.scale, "position": sample.position, "label": sample.label}
+                                 "size": sample.scale, "position": sample.position, "label": sample.label,
+                                 "width": 64, "height": 64}
 
         colour = np.asarray(COLOURS[sample.colour], np.float64)
         assert np.abs(np.median(pixels[seg > 0], axis=0) - colour).max() <= 3
@@ -67,6 +71,7 @@ def test_write_shapes_is_deterministic_and_consistent(tmp_path):
     assert shards["train"][0] == tmp_path / "a" / "train" / "shard-000000.tar"
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["colours"] == {name: list(rgb) for name, rgb in COLOURS.items()} and meta["shapes"] == list(SHAPES)
+    assert meta["aspect"] == "square" and meta["canvases"] == {"1:1": [64, 64]}
 
     write_shapes(tmp_path / "b", train=5, val=2, test=3, size=64, seed=0, samples_per_shard=2)
     write_shapes(tmp_path / "c", train=5, val=2, test=3, size=64, seed=1, samples_per_shard=2)
@@ -88,6 +93,7 @@ def test_write_shapes_is_deterministic_and_consistent(tmp_path):
             image = np.asarray(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"), np.float64)
             seg = np.asarray(Image.open(io.BytesIO(raw["seg.png"])))
             assert image.shape == (64, 64, 3) and set(np.unique(seg)) == {0, 1 + meta["label"]}
+            assert (meta["width"], meta["height"]) == (64, 64) and "aspect" not in meta
             dominant = np.median(image[seg > 0], axis=0)
             nearest = min(COLOURS, key=lambda name: np.linalg.norm(dominant - COLOURS[name]))
             assert nearest == meta["colour"] and np.abs(dominant - COLOURS[meta["colour"]]).max() <= 12
@@ -107,3 +113,54 @@ def test_cli_png_is_lossless_and_test_split_ignores_train_count(tmp_path):
 
     more = write_shapes(tmp_path / "more", train=7, val=1, test=2, size=32, image_format="png")
     assert more["test"][0].read_bytes() == (tmp_path / "png" / "test" / "shard-000000.tar").read_bytes()
+
+
+def test_mixed_canvases_balance_ratios_at_the_square_area():
+    assert {ratio: canvas_size(64, ratio) for ratio in ASPECTS} == {
+        "2:1": (90, 46), "3:2": (78, 52), "1:1": (64, 64), "2:3": (52, 78), "1:2": (46, 90)}
+    for size in (16, 64, 256):
+        for ratio, (w, h) in ASPECTS.items():  # the nearest even sides to an area of size**2
+            width, height = canvas_size(size, ratio)
+            assert width % 2 == height % 2 == 0
+            assert abs(width - size * (w / h) ** 0.5) <= 1 and abs(height - size * (h / w) ** 0.5) <= 1
+    n = len(ASPECTS)
+    for cycle in range(3):  # every ratio once per cycle, in a seeded order
+        assert sorted(aspect_of(i, seed=0) for i in range(cycle * n, (cycle + 1) * n)) == sorted(ASPECTS)
+    assert [aspect_of(i, 0) for i in range(20)] != [aspect_of(i, 1) for i in range(20)]
+
+    for index in range(10):
+        sample = render_sample(index, seed=0, size=64, aspect="mixed")
+        square = render_sample(index, seed=0, size=64)
+        assert sample.aspect == aspect_of(index, 0) and square.aspect is None
+        assert sample.image.size == sample.seg.size == canvas_size(64, sample.aspect)
+        assert (sample.caption, sample.label) == (square.caption, square.label)  # attributes ignore the canvas
+        assert sample.meta() == {**square.meta(), "width": sample.image.width, "height": sample.image.height,
+                                 "aspect": sample.aspect}
+        assert set(np.unique(np.asarray(sample.seg))) == {0, 1 + sample.label}
+
+
+def test_mixed_shapes_keep_their_cell_and_stay_inside_the_frame():
+    wide = tall = 0
+    for index in range(60):
+        sample = render_sample(index, seed=0, size=64, aspect="mixed")
+        seg = np.asarray(sample.seg)  # (H, W)
+        height, width = seg.shape
+        ys, xs = np.nonzero(seg)
+        assert divmod(POSITIONS.index(sample.position), 3) == (int(3 * ys.mean() // height), int(3 * xs.mean() // width))
+        assert xs.min() > 0 and ys.min() > 0 and xs.max() < width - 1 and ys.max() < height - 1  # none on the frame
+        wide, tall = wide + (width > height), tall + (width < height)
+    assert wide == tall == 24
+
+
+def test_mixed_cli_writes_sizes_in_json_and_meta(tmp_path):
+    main(["--out", str(tmp_path), "--train", "0", "--val", "0", "--test", "5", "--aspect", "mixed", "--format", "png"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["aspect"] == "mixed" and meta["canvases"] == {r: list(canvas_size(64, r)) for r in ASPECTS}
+    samples = _read(sorted((tmp_path / "test").glob("shard-*.tar")))
+    assert sorted(json.loads(raw["json"])["aspect"] for raw in samples) == sorted(ASPECTS)
+    for raw in samples:
+        fields = json.loads(raw["json"])
+        image, seg = Image.open(io.BytesIO(raw["png"])), Image.open(io.BytesIO(raw["seg.png"]))
+        assert image.size == seg.size == (fields["width"], fields["height"]) == canvas_size(64, fields["aspect"])
+        expected = render_sample(int(raw["__key__"]), seed=0, size=64, aspect="mixed")
+        assert np.array_equal(np.asarray(image), np.asarray(expected.image))

@@ -31,7 +31,7 @@ from ldm.cli import instantiate
 from ldm.data import batch as B
 from ldm.data.images import ImageDecoder
 from ldm.data.latents import cached_samples, view_tensors, write_info
-from ldm.data.shards import expand_shards, identify, write_shard_index
+from ldm.data.shards import expand_shards, identify, scan_shard, write_shard_index
 from ldm.data.stream import ShardStream
 from ldm.diffusion.module import LatentDiffusion
 
@@ -41,29 +41,35 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 @torch.no_grad()
 def cache_shard(model: LatentDiffusion, source: str, target: Path, decoder: ImageDecoder, flips: bool,
                 text: bool, dtype: torch.dtype, batch_size: int, device: torch.device) -> int:
-    """Encode one source shard into ``target`` (written whole, then renamed); the number of samples cached."""
+    """Encode one source shard into ``target`` (written whole, then renamed); the number of samples cached.
+
+    The cache keeps the source's sample order, so an epoch plan deals the same samples to the same slots
+    as from the images; bucketed batches encode out of order, so a shard's samples are held until all are.
+    """
     codec_hash, text_hash = model.codec.fingerprint_hash(), model.conditioner.frozen_hash() if text else ""
-    count, partial = 0, target.with_suffix(".partial")
+    cached: dict[str, dict[str, Any]] = {}
+    for batch in ShardStream([source], decoder, batch_size).batches(worker=0):
+        images = batch[B.IMAGE].to(device)
+        maps = {name: batch[name].to(device) for name in map(B.map_key, decoder.extra_keys)}
+        views = [(False, images, maps)]
+        if flips:
+            views.append((True, images.flip(-1), {k: v.flip(-1) for k, v in maps.items()}))
+        tensors: dict[str, torch.Tensor] = {}
+        for flipped, x, view_maps in views:
+            mean, std = model.codec.moments(x)
+            tensors |= view_tensors(mean.to(dtype), std.to(dtype), view_maps, flipped)
+        if text:
+            for index in model.conditioner.frozen():
+                tensors[B.cached_embedding(index)] = model.conditioner.embedders[index](batch, mean.shape[-2:]).to(dtype)
+        cached |= {sample["__key__"]: sample for sample in cached_samples(batch, tensors, codec_hash, text_hash)}
+    partial = target.with_suffix(".partial")
     with wds.TarWriter(str(partial)) as sink:
-        for batch in ShardStream([source], decoder, batch_size).batches(worker=0):
-            images = batch[B.IMAGE].to(device)
-            maps = {name: batch[name].to(device) for name in map(B.map_key, decoder.extra_keys)}
-            views = [(False, images, maps)]
-            if flips:
-                views.append((True, images.flip(-1), {k: v.flip(-1) for k, v in maps.items()}))
-            tensors: dict[str, torch.Tensor] = {}
-            for flipped, x, view_maps in views:
-                mean, std = model.codec.moments(x)
-                tensors |= view_tensors(mean.to(dtype), std.to(dtype), view_maps, flipped)
-            if text:
-                for index in model.conditioner.frozen():
-                    tensors[B.cached_embedding(index)] = model.conditioner.embedders[index](batch, mean.shape[-2:]).to(dtype)
-            for sample in cached_samples(batch, tensors, codec_hash, text_hash):
-                sink.write(sample)
-                count += 1
+        for key, _ in scan_shard(source):
+            if key in cached:  # skipped samples are not cached
+                sink.write(cached[key])
     os.replace(partial, target)
-    target.with_suffix(".done").write_text(json.dumps({"nsamples": count}))
-    return count
+    target.with_suffix(".done").write_text(json.dumps({"nsamples": len(cached)}))
+    return len(cached)
 
 
 def write_index(out: Path) -> Path | None:
@@ -71,7 +77,7 @@ def write_index(out: Path) -> Path | None:
     done = sorted(out.glob("*.done"))
     if not done:
         return None
-    return write_shard_index([d.with_suffix(".tar") for d in done], [json.loads(d.read_text())["nsamples"] for d in done])
+    return write_shard_index([d.with_suffix(".tar") for d in done])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = {"codec": model.codec.fingerprint(), "codec_hash": model.codec.fingerprint_hash(),
             "text_hash": model.conditioner.frozen_hash() if args.text else None, "text_embedders": model.conditioner.frozen() if args.text else [],
             "source": identify(sources), "resolution": decoder.resolution, "crop": decoder.crop, "flips": flips,
-            "dtype": args.dtype, "extra_keys": dict(decoder.extra_keys)}
+            "dtype": args.dtype, "extra_keys": dict(decoder.extra_keys), "buckets": decoder.buckets}
     write_info(args.out, info)
     index = write_index(args.out)
     print(f"rank {args.rank}/{args.world_size}: {done} shards cached now; index {index}")

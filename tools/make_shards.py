@@ -19,9 +19,11 @@ Shards are written by `webdataset.ShardWriter`: a shard closes once it holds
 `--max-samples-per-shard` samples or its entries reach `--max-bytes-per-shard` bytes (whichever
 comes first; the byte limit counts entry data, not tar headers, and is reached by the sample that
 passes it). Next to the shards go `shardindex.json` (sample counts) and, for the class modes,
-`classes.json`: `{"classes": [name, ...]}`, where a label is an index into that list; those
-samples also carry a `json` entry `{"caption", "label", "class"}`. Class folders come out
-class by class: pass `--shuffle` for training shards.
+`classes.json`: `{"classes": [name, ...]}`, where a label is an index into that list. Every sample
+carries a `json` entry `{"caption", ["label", "class",] "width", "height"}` (img2dataset's names):
+the stored image's size, read from its header, so readers can plan aspect-ratio buckets without
+decoding; "class" is set by the class modes. Class folders come out class by class: pass
+`--shuffle` for training shards.
 
     python tools/make_shards.py images/ --out shards/ --max-samples-per-shard 1000
     python tools/make_shards.py captions.csv --out 'shards/part-%05d.tar' --shuffle --seed 0
@@ -68,6 +70,14 @@ class SampleSpec:
     label: str | None = None  # as written in the sidecar or table; must parse as an int
     class_name: str | None = None  # set by the class modes: the sample also gets a `json` entry
     pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) uint8, written as PNG
+
+
+class Stored(NamedTuple):
+    """An image as a sample stores it: its entry name, encoded bytes and size in pixels."""
+
+    entry: str
+    data: bytes
+    size: tuple[int, int]  # (width, height)
 
 
 class Input(NamedTuple):
@@ -209,12 +219,12 @@ def from_table(path: str | Path) -> Input:
     return Input(specs)
 
 
-def _checked_image(data: bytes) -> tuple[str, bytes]:
-    """(entry name, data) of encoded image bytes that decode fully; raise SkipSample otherwise."""
+def _checked_image(data: bytes) -> Stored:
+    """Encoded image bytes that decode fully, stored as they are; raise SkipSample otherwise."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header: format and size
             image.verify()  # structure and checksums
-            key = E.PIL_FORMATS.get(image.format)
+            key, size = E.PIL_FORMATS.get(image.format), image.size
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # verify() does not decode: a truncated JPEG only fails here
     except UnidentifiedImageError:
@@ -225,14 +235,15 @@ def _checked_image(data: bytes) -> tuple[str, bytes]:
         raise SkipSample("corrupt or truncated image") from None
     if key is None:
         raise SkipSample("unsupported image format")
-    return key, data
+    return Stored(key, data, size)
 
 
-def _png(pixels: np.ndarray) -> tuple[str, bytes]:
-    """(entry name, data) of an (H, W) uint8 array as a grayscale PNG: lossless, so pixels round-trip."""
+def _png(pixels: np.ndarray) -> Stored:
+    """An (H, W) uint8 array as a grayscale PNG: lossless, so pixels round-trip."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return E.PIL_FORMATS["PNG"], buffer.getvalue()
+    image = Image.fromarray(pixels)
+    image.save(buffer, "PNG")
+    return Stored(E.PIL_FORMATS["PNG"], buffer.getvalue(), image.size)
 
 
 def load_sample(spec: SampleSpec) -> dict[str, bytes]:
@@ -241,16 +252,19 @@ def load_sample(spec: SampleSpec) -> dict[str, bytes]:
         raise SkipSample("missing file")
     if not spec.caption:
         raise SkipSample("missing caption")
-    key, data = _png(spec.pixels) if spec.pixels is not None else _checked_image(spec.path.read_bytes())
-    sample = {key: data, E.TXT: spec.caption.encode()}
+    image = _png(spec.pixels) if spec.pixels is not None else _checked_image(spec.path.read_bytes())
+    sample = {image.entry: image.data, E.TXT: spec.caption.encode()}
+    meta: dict[str, str | int] = {E.CAPTION: spec.caption}
     if spec.label is not None:
         try:
-            label = int(spec.label)
+            meta[E.LABEL] = int(spec.label)
         except ValueError:
             raise SkipSample("invalid label") from None
-        sample[E.CLS] = str(label).encode()
-        if spec.class_name is not None:
-            sample[E.JSON] = json.dumps({E.CAPTION: spec.caption, E.LABEL: label, "class": spec.class_name}).encode()
+        sample[E.CLS] = str(meta[E.LABEL]).encode()
+    if spec.class_name is not None:
+        meta["class"] = spec.class_name
+    meta[E.WIDTH], meta[E.HEIGHT] = image.size
+    sample[E.JSON] = json.dumps(meta).encode()
     return sample
 
 

@@ -4,12 +4,18 @@ Reads a folder written by `ldm predict` (`NNNNNN.png` plus `prompts.rank*.jsonl`
 `{"index": i, "caption": ...}`). In each image, after a 3x3 median filter against speckle noise,
 the shape is the set of pixels far (CIELAB distance) from the image's median colour, which is the
 dark neutral background of the shapes dataset. Its colour is the median of its most distinct half,
-classified to the nearest entry of `COLOURS`; its position is the 3x3 grid cell of its centroid.
-The prompted colour is the palette word in the caption. The report compares accuracy with
-chance: uniform (1 / colours) and shuffled (prompts permuted across images, which discounts a
-model that ignores its prompt but favours a few colours), with a permutation-test p-value.
+classified to the nearest entry of `COLOURS`; its position is the cell of its centroid in the
+image's 3x3 grid (thirds of each side, so on any aspect ratio). It is `cut` when it runs out of
+the frame: a pixel of its most distinct half lies in the outermost row or column (a soft or
+antialiased edge that merely grazes the frame does not count; mixed-aspect shapes data keeps every
+shape inside, square shapes data runs out in about 4% of images at 64 px). The prompted
+colour is the palette word in the caption. The report compares accuracy with chance: uniform
+(1 / colours) and shuffled (prompts permuted across images, which discounts a model that ignores
+its prompt but favours a few colours), with a permutation-test p-value, and gives the fraction of
+found shapes that are cut.
 
     python tools/measure_attributes.py --make-prompts prompts.jsonl --n 70
+    python tools/measure_attributes.py --make-prompts wide.jsonl --n 70 --width 96 --height 48
     ldm predict --config run.yaml --data.predict prompts.jsonl ...
     python tools/measure_attributes.py runs/.../predictions --position --out report.json
 """
@@ -27,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ldm.data import batch as B
+from ldm.data import entries as E
 from ldm.data.synthetic import COLOURS, POSITIONS, SCALES, SHAPES, caption_for
 
 NONE = "none"  # measured when no single shape stands out from the background
@@ -60,6 +67,7 @@ class Measurement:
     position: str
     delta_e: float | None  # Lab distance of the shape's colour to the chosen palette entry
     coverage: float  # fraction of pixels taken as the shape
+    cut: bool = False  # the shape runs out of the frame (False where none is found)
 
 
 def measure_image(image: Image.Image) -> Measurement:
@@ -75,7 +83,8 @@ def measure_image(image: Image.Image) -> Measurement:
     gaps = np.linalg.norm(PALETTE_LAB - colour, axis=-1)  # (K,)
     rows, cols = np.nonzero(mask)
     row, col = min(int(3 * rows.mean() / mask.shape[0]), 2), min(int(3 * cols.mean() / mask.shape[1]), 2)
-    return Measurement(list(COLOURS)[int(gaps.argmin())], POSITIONS[3 * row + col], float(gaps.min()), coverage)
+    cut = bool(core[[0, -1]].any() or core[:, [0, -1]].any())  # a solid shape pixel in the outermost row or column
+    return Measurement(list(COLOURS)[int(gaps.argmin())], POSITIONS[3 * row + col], float(gaps.min()), coverage, cut)
 
 
 def prompted_colour(caption: str) -> str | None:
@@ -132,12 +141,20 @@ def score(prompted: list[str | None], measured: list[str], classes: tuple[str, .
     }
 
 
+def cut_fraction(measured: list[Measurement]) -> dict:
+    """How many of the found shapes (colour not NONE) are cut by the frame, and their fraction."""
+    found = [m for m in measured if m.colour != NONE]
+    cut = sum(m.cut for m in found)
+    return {"found": len(found), "cut": cut, "cut_fraction": cut / len(found) if found else 0.0}
+
+
 def measure_folder(folder: str | Path, position: bool = False, seed: int = 0) -> dict:
-    """Measure every image of an `ldm predict` folder and score colour (and position) against its prompt."""
+    """Measure every image of an `ldm predict` folder: colour (and position) scored against its prompt,
+    and how many shapes the frame cuts."""
     entries = load_predictions(folder)
     measured = [measure_image(Image.open(path)) for _, _, path in entries]
     colours = [prompted_colour(caption) for _, caption, _ in entries]
-    report = {"folder": str(folder), "images": len(entries),
+    report = {"folder": str(folder), "images": len(entries), **cut_fraction(measured),
               "colour": score(colours, [m.colour for m in measured], tuple(COLOURS), seed)}
     positions = [prompted_position(caption) for _, caption, _ in entries]
     if position:
@@ -169,12 +186,25 @@ def format_score(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_prompts(path: str | Path, n: int, seed: int = 0) -> list[str]:
+def format_cut(report: dict) -> str:
+    """One line: how many of the found shapes run out of the frame."""
+    return (f"cut: {report['cut']} of {report['found']} found shapes run out of the frame "
+            f"(cut_fraction {report['cut_fraction']:.3f})")
+
+
+def write_prompts(path: str | Path, n: int, seed: int = 0, width: int | None = None,
+                  height: int | None = None) -> list[str]:
     """Write n shapes-style captions naming each colour (and position, shape, size) equally often.
 
-    `.jsonl` lines carry the shape index as `label` too (for class-conditional models); any other
-    suffix gets one caption per line. Returns the captions in file order.
+    `.jsonl` lines carry the shape index as `label` too (for class-conditional models) and, when given,
+    the `width` and `height` to generate; any other suffix gets one caption per line (no size: ValueError).
+    Returns the captions in file order.
     """
+    size = {} if width is None and height is None else {E.WIDTH: width, E.HEIGHT: height}
+    if size and not all(isinstance(side, int) and side > 0 for side in size.values()):
+        raise ValueError(f"width and height go together, as positive pixel counts: got {size}")
+    if size and Path(path).suffix != ".jsonl":
+        raise ValueError(f"{path}: a size needs a .jsonl prompt file (a .txt one holds captions only)")
     rng = np.random.default_rng(seed)
 
     def balanced(options: tuple[str, ...]) -> list[str]:  # counts differ by at most one, in random order
@@ -185,7 +215,7 @@ def write_prompts(path: str | Path, n: int, seed: int = 0) -> list[str]:
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     if file.suffix == ".jsonl":
-        lines = [json.dumps({"caption": c, "label": SHAPES.index(row[0])}) for c, row in zip(captions, rows)]
+        lines = [json.dumps({"caption": c, "label": SHAPES.index(row[0]), **size}) for c, row in zip(captions, rows)]
     else:
         lines = captions
     file.write_text("\n".join(lines) + "\n")
@@ -200,15 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation test / prompt sampling")
     parser.add_argument("--make-prompts", type=Path, metavar="FILE", help="write a balanced .jsonl/.txt prompt file")
     parser.add_argument("--n", type=int, default=70, help="prompts to write with --make-prompts")
+    parser.add_argument("--width", type=int, help="with --make-prompts FILE.jsonl: the width to generate, in pixels")
+    parser.add_argument("--height", type=int, help="with --make-prompts FILE.jsonl: the height to generate")
     args = parser.parse_args(argv)
     if args.make_prompts is None and args.folder is None:
         parser.error("give a predictions folder to measure, or --make-prompts FILE")
+    if args.make_prompts is None and (args.width, args.height) != (None, None):
+        parser.error("--width and --height go with --make-prompts")
     if args.make_prompts is not None:
-        write_prompts(args.make_prompts, args.n, args.seed)
+        try:
+            write_prompts(args.make_prompts, args.n, args.seed, args.width, args.height)
+        except ValueError as error:
+            parser.error(str(error))
         print(f"wrote {args.n} prompts to {args.make_prompts}")
     if args.folder is not None:
         report = measure_folder(args.folder, args.position, args.seed)
         print(f"{report['images']} images in {report['folder']}")
+        print(format_cut(report))
         print(format_score("colour", report["colour"]))
         if args.position:
             print(format_score("position", report["position"]))

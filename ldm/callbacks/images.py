@@ -9,17 +9,23 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
+from ldm.data import batch as B
+
 
 class ImageGrid(L.Callback):
     """At each validation, logs ``pl_module.log_images(first val batch)`` to TensorBoard and as PNGs.
 
     The first validation batch is the same every time (validation streams in a fixed order), so
-    the grids of successive validations show the same inputs, prompts and seeds.
+    the grids of successive validations show the same inputs, prompts and seeds. With ``sizes`` a stage-2
+    module also samples that batch's conditions at each (width, height), e.g. [[96, 48], [48, 96]]: one grid
+    per aspect ratio, named ``<grid>_<W>x<H>``.
     """
 
-    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, save_png: bool = True) -> None:
+    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, save_png: bool = True,
+                 sizes: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.every_n_epochs, self.nrow, self.save_png = every_n_epochs, nrow, save_png
+        self.sizes = [tuple(size) for size in sizes or ()]
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -29,7 +35,11 @@ class ImageGrid(L.Callback):
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask, or rank 0 waits forever
         if not trainer.is_global_zero:
             return
-        for name, images in pl_module.log_images(batch).items():
+        grids = pl_module.log_images(batch)
+        for width, height in self.sizes:
+            grids |= {f"{name}_{width}x{height}": images
+                      for name, images in pl_module.log_images(B.as_requests(batch, (height, width))).items()}
+        for name, images in grids.items():
             grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=self.nrow)  # (3, H', W') in [0, 1]
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

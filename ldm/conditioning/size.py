@@ -20,7 +20,9 @@ class SizeEmbedder(Embedder):
     Defaults follow SDXL: ``original_size`` (H, W) of the source image, ``crop_coords`` (top, left)
     of the crop, ``target_size`` (H, W) of the output, each number embedded to
     ``features_per_value`` sinusoidal features -> a (B, 2 * len(keys) * features_per_value) vector.
-    A batch without ``target_size`` (fixed-resolution training) uses (image_size, image_size).
+    A batch without ``target_size`` (fixed-resolution training) uses (image_size, image_size); one without
+    ``original_size`` or ``crop_coords`` (a generation request) uses the target size and no crop, the
+    values that ask for a whole, uncropped picture at that size (SDXL Sec. 2.2).
     The null value is zeros; SDXL never drops these, hence drop_rate 0.
     """
 
@@ -35,6 +37,7 @@ class SizeEmbedder(Embedder):
         self.features_per_value = features_per_value
         target = None if image_size is None else torch.tensor([[image_size, image_size]], dtype=torch.float32)
         self.register_buffer("default_target", target, persistent=False)  # (1, 2), follows the module's device
+        self.register_buffer("no_crop", torch.zeros(1, 2), persistent=False)  # (1, 2): crop_coords of a request
 
     def forward(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
         pairs = torch.broadcast_tensors(*(self._pair(batch, key) for key in self.keys))  # each (B, 2)
@@ -47,7 +50,11 @@ class SizeEmbedder(Embedder):
 
     def _pair(self, batch: Mapping[str, Any], key: str) -> Tensor:
         if key in batch:
-            return torch.as_tensor(batch[key], dtype=torch.float32).reshape(-1, 2)  # (B, 2)
+            return torch.as_tensor(batch[key], dtype=torch.float32, device=self.no_crop.device).reshape(-1, 2)  # (B, 2)
+        if key == B.ORIGINAL_SIZE and (B.TARGET_SIZE in batch or self.default_target is not None):
+            return self._pair(batch, B.TARGET_SIZE)  # (B, 2) or (1, 2)
+        if key == B.CROP_COORDS:
+            return self.no_crop  # (1, 2)
         if key == B.TARGET_SIZE and self.default_target is not None:
             return self.default_target  # (1, 2)
         raise KeyError(f"SizeEmbedder reads {key!r}, which the batch lacks (keys: {sorted(batch)})")

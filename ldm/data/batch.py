@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 KEY = "key"  # list[str]: the sample's key in its shard; per-sample seeds derive from it
@@ -40,6 +41,15 @@ def cached_embedding(index: int) -> str:
 def batch_size(batch: Mapping[str, Any]) -> int:
     """Number of samples in a batch: the length of its first tensor or list."""
     return len(next(v for v in batch.values() if isinstance(v, (Tensor, list, tuple))))
+
+
+def as_requests(batch: Mapping[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """The batch's conditions as generation requests for images of ``size`` (H, W): its images, latents and
+    size and crop fields left out, so sampling conditions on the requested size, uncropped."""
+    drop = {IMAGE, LATENT_MEAN, LATENT_STD, ORIGINAL_SIZE, CROP_COORDS, TARGET_SIZE}
+    out = {k: v for k, v in batch.items() if k not in drop}
+    out[TARGET_SIZE] = torch.tensor([size] * batch_size(batch))
+    return out
 
 
 def head(batch: Mapping[str, Any], n: int) -> dict[str, Any]:

@@ -13,21 +13,24 @@ from torch.utils.data import DataLoader
 
 from ldm.data import batch as B
 from ldm.data.collate import DROPPED
+from ldm.data.buckets import AspectBuckets
 from ldm.data.entries import MAP_KINDS, MapKind
 from ldm.data.formats import ShardFormat, decoder_for
 from ldm.data.images import ANNOTATIONS, ImageDecoder
 from ldm.data.latents import LatentCache
-from ldm.data.prompts import PromptDataset
+from ldm.data.prompts import PromptDataset, RequestBatches
 from ldm.data.shards import expand_shards, identify, unreadable_shards
 from ldm.data.stream import PADDED, EpochLoader, ShardStream
 
 log = logging.getLogger(__name__)
 # the least value each numeric option takes (None, where allowed, means its default)
-LOWEST = {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "resolution": 1, "shuffle_buffer": 0, "epoch_length": 1}
+LOWEST = {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "resolution": 1, "shuffle_buffer": 0, "epoch_length": 1,
+          "predict_width": 1, "predict_height": 1}
 
 
 class WebDataModule(L.LightningDataModule):
-    """Streams batches {key, image, caption, label?, original_size, crop_coords, extra maps} from shards.
+    """Streams batches {key, image, caption, label?, original_size, crop_coords, extra maps} from shards;
+    with ``buckets``, each batch of one aspect-ratio bucket, which it carries as target_size.
 
     Shard patterns take brace ranges (`shards-{0000..0099}.tar`), globs, and any URL webdataset
     opens (`pipe:`, http(s)). Every rank yields the same number of batches per epoch; corrupt samples,
@@ -43,11 +46,14 @@ class WebDataModule(L.LightningDataModule):
         train: str | None = None,  # shard pattern of the training split
         val: str | None = None,  # shard pattern of the validation split
         test: str | None = None,  # shard pattern of the test split
-        predict: str | None = None,  # .txt (a prompt per line) or .jsonl generation requests
+        predict: str | None = None,  # .txt (a prompt per line) or .jsonl generation requests (with width, height)
+        predict_width: int | None = None,  # the size of requests that give none (default: the square resolution)
+        predict_height: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,  # val/test batch size (default: batch_size)
         num_workers: int = 4,
-        resolution: int = 256,  # square output side
+        resolution: int = 256,  # square output side; with buckets, the side of the square of their area
+        buckets: AspectBuckets | None = None,  # aspect-ratio buckets, e.g. {max_ratio: 2.0, multiple: 64}; None: square crops
         crop: Literal["center", "random"] = "random",  # training crop; val/test always center
         hflip: bool = False,  # random horizontal flips in training
         extra_keys: dict[str, MapKind] | None = None,  # maps every sample carries, by kind (ldm.data.entries.MAP_KINDS): {seg.png: class} -> key "seg"
@@ -64,7 +70,8 @@ class WebDataModule(L.LightningDataModule):
         self.formats = [LatentCache()] if formats is None else list(formats)
         _check_options(self.hparams)
         self.patterns = {"train": train, "val": val, "test": test}
-        self.resolution = resolution  # the side of every image it yields (tools and the CLI's checks read it)
+        self.resolution = resolution  # the side of every square image it yields (tools and the CLI's checks read it)
+        self.buckets = None if buckets is None else buckets.sizes(resolution)  # (H, W) of each bucket
         self._prompts: PromptDataset | None = None
         self.skipped: Counter[str] = Counter()  # reason -> samples, filled by the loaders
         self._reported = 0  # skips already reported
@@ -72,10 +79,7 @@ class WebDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
-            if self.hparams.predict is None:
-                raise ValueError("WebDataModule: predict needs a prompt file (set data.init_args.predict)")
-            maps = {B.map_key(entry): kind for entry, kind in (self.hparams.extra_keys or {}).items()}
-            self._prompts = PromptDataset(self.hparams.predict, self.resolution, maps)
+            self.prompts()
             return
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -97,12 +101,23 @@ class WebDataModule(L.LightningDataModule):
                 epoch_length=hp.epoch_length if train else None,
             )
 
+    def prompts(self) -> PromptDataset:
+        """The prediction requests (read once), each with the size it asks for."""
+        hp = self.hparams
+        if hp.predict is None:
+            raise ValueError("WebDataModule: predict needs a prompt file (set data.init_args.predict)")
+        if self._prompts is None:
+            maps = {B.map_key(entry): kind for entry, kind in (hp.extra_keys or {}).items()}
+            size = (hp.predict_width or self.resolution, hp.predict_height or self.resolution)
+            self._prompts = PromptDataset(hp.predict, size, maps)
+        return self._prompts
+
     def image_decoder(self, train: bool) -> ImageDecoder:
         """How this module decodes image shards: training's crop and flips, or evaluation's center crop
         (val, test, and what tools/cache_latents.py encodes)."""
         hp = self.hparams
         return ImageDecoder(resolution=self.resolution, crop=hp.crop if train else "center", hflip=hp.hflip and train,
-                            extra_keys=dict(hp.extra_keys or {}), require=tuple(hp.require))
+                            extra_keys=dict(hp.extra_keys or {}), require=tuple(hp.require), buckets=self.buckets)
 
     def _readable_shards(self, split: str) -> list[str]:
         """The split's shards less those that do not open: each left out with one warning and counted as skipped."""
@@ -126,6 +141,7 @@ class WebDataModule(L.LightningDataModule):
         hp = self.hparams
         world = self.trainer.world_size if self.trainer else 1
         return {"files": identify(expand_shards(pattern)), "resolution": hp.resolution, "crop": "center", "require": sorted(hp.require),
+                **({"buckets": [list(b) for b in self.buckets]} if self.buckets else {}),
                 "layout": [world, hp.num_workers, hp.eval_batch_size or hp.batch_size]}
 
     def _loader(self, split: str) -> EpochLoader:
@@ -154,7 +170,8 @@ class WebDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self._prompts, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size)
+        """Requests in batches of one size each (see RequestBatches)."""
+        return DataLoader(RequestBatches(self.prompts(), self.hparams.eval_batch_size or self.hparams.batch_size), batch_size=None)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Report the samples skipped so far (log scalar + warning) whenever the count grows."""

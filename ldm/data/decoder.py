@@ -16,6 +16,10 @@ class SkipSample(Exception):
 
 class SampleDecoder(Protocol):
     """Decodes one raw sample ({"__key__", "__url__", entry name: bytes}) into a batch entry (keys of
-    ldm.data.batch), drawing any randomness (crops, flips) from ``rng``; raises SkipSample when it cannot."""
+    ldm.data.batch), drawing any randomness (crops, flips) from ``rng``; raises SkipSample when it cannot.
+    ``buckets`` are the sizes (H, W) its entries come at, each carrying its own as ``target_size`` (None: one
+    size): the stream batches by them (ldm.data.buckets)."""
+
+    buckets: tuple[tuple[int, int], ...] | None
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]: ...

@@ -23,6 +23,7 @@ TXT = "txt"  # the caption, UTF-8 text
 CLS = "cls"  # the class index, decimal digits
 JSON = "json"  # an object; its CAPTION and LABEL fields stand in for a missing txt / cls
 CAPTION, LABEL = "caption", "label"  # the json's fields
+WIDTH, HEIGHT = "width", "height"  # the json's fields: the image's size in pixels (img2dataset's names), read to plan buckets undecoded
 
 
 def image_entry(path: str | Path) -> str | None:

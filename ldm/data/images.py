@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldm.data import batch as B
 from ldm.data import entries as E
+from ldm.data.buckets import Size, nearest
 from ldm.data.decoder import SkipSample
 from ldm.data.entries import MAP_KINDS, MapKind
 
@@ -28,13 +29,19 @@ ANNOTATIONS = (B.CAPTION, B.LABEL)  # batch keys a sample may lack; `require` na
 
 @dataclass(frozen=True)
 class ImageDecoder:
-    """Decodes a sample of the img2dataset layout (SDXL's size and crop micro-conditioning kept)."""
+    """Decodes a sample of the img2dataset layout (SDXL's size and crop micro-conditioning kept).
+
+    Square by default: the short side resized to ``resolution``, a square crop. With ``buckets`` each image
+    goes to the bucket nearest its aspect ratio (ldm.data.buckets), resized to cover it and cropped; its
+    batch entry then carries the bucket as ``target_size``, which the stream batches by.
+    """
 
     resolution: int = 256  # output side (square crop)
     crop: Literal["center", "random"] = "center"
     hflip: bool = False  # random horizontal flip, p = 0.5
     extra_keys: Mapping[str, MapKind] = field(default_factory=dict)  # maps every sample carries, e.g. {"seg.png": "class"}
     require: tuple[str, ...] = (B.CAPTION,)  # ANNOTATIONS a sample must carry (a caption: a non-empty one)
+    buckets: tuple[Size, ...] | None = None  # (H, W) of each bucket; None: square crops
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         image_key = next((k for k in E.IMAGE_EXTENSIONS if k in raw), None)
@@ -44,45 +51,57 @@ class ImageDecoder:
         for key in self.require:
             if out.get(key) in (None, ""):
                 raise SkipSample(f"no {key}")
-        image, original = _open(raw[image_key], image_key, "RGB", self.resolution)
+        largest = self.resolution if self.buckets is None else max(map(max, self.buckets))  # covers any target
+        image, original = _open(raw[image_key], image_key, "RGB", largest)
+        target = self.target(original)
         out[B.ORIGINAL_SIZE] = torch.tensor(original)
-        crop = self._crop(image.size, rng)
+        crop = self._crop(image.size, target, rng)
         out[B.CROP_COORDS] = torch.tensor([crop.top, crop.left])
-        out[B.IMAGE] = map_tensor(image, crop, "image")  # (3, R, R)
+        out[B.IMAGE] = map_tensor(image, crop, "image")  # (3, H, W)
+        if self.buckets is not None:
+            out[B.TARGET_SIZE] = torch.tensor(target)
         for key, kind in self.extra_keys.items():
             out[B.map_key(key)] = map_tensor(_open_map(raw, key, kind, original), crop, kind)
         return out
 
-    def _crop(self, image_size: tuple[int, int], rng: random.Random) -> Crop:
-        """Resize the short side to the resolution, then a center or random square crop, maybe flipped."""
-        crop = Crop.center(image_size, self.resolution)
+    def target(self, original: Size) -> Size:
+        """The (H, W) an image of ``original`` (H, W) size comes out at: its bucket, or the square."""
+        return (self.resolution,) * 2 if self.buckets is None else self.buckets[nearest(self.buckets, original)]
+
+    def _crop(self, image_size: tuple[int, int], target: Size, rng: random.Random) -> Crop:
+        """Resize to cover the target, then a center or random crop of it, maybe flipped."""
+        crop = Crop.center(image_size, target)
         if self.crop == "random":
-            dx, dy = crop.size[0] - self.resolution, crop.size[1] - self.resolution
+            dx, dy = crop.size[0] - crop.width, crop.size[1] - crop.height
             crop = replace(crop, top=rng.randint(0, dy), left=rng.randint(0, dx))
         return replace(crop, flip=self.hflip and rng.random() < 0.5)
 
 
 @dataclass(frozen=True)
 class Crop:
-    """The geometry shared by an image and its maps: resize to `size` (W, H), a `side` square at (top, left), flip."""
+    """The geometry shared by an image and its maps: resize to `size` (W, H), a `height` x `width` crop at
+    (top, left), flip."""
 
     size: tuple[int, int]
     top: int
     left: int
-    side: int
+    height: int
+    width: int
     flip: bool = False
 
     @classmethod
-    def center(cls, image_size: tuple[int, int], side: int) -> Crop:
-        """Short side resized to `side`, the center square kept (evaluation and prediction inputs)."""
-        scale = side / min(image_size)
-        size = (max(side, round(image_size[0] * scale)), max(side, round(image_size[1] * scale)))
-        return cls(size, (size[1] - side) // 2, (size[0] - side) // 2, side)
+    def center(cls, image_size: tuple[int, int], target: Size) -> Crop:
+        """An image of PIL ``image_size`` (W, H) resized to just cover ``target`` (H, W), its center kept
+        (evaluation and prediction inputs): the short side, for a square target."""
+        height, width = target
+        scale = max(width / image_size[0], height / image_size[1])
+        size = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
+        return cls(size, (size[1] - height) // 2, (size[0] - width) // 2, height, width)
 
     def apply(self, img: Image.Image, resample: int) -> torch.Tensor:
-        """(C, side, side) tensor of the image's dtype (uint8, or int32/uint16 for integer maps)."""
+        """(C, height, width) tensor of the image's dtype (uint8, or int32/uint16 for integer maps)."""
         img = img.resize(self.size, resample, reducing_gap=None if resample == Image.NEAREST else 3.0)
-        img = img.crop((self.left, self.top, self.left + self.side, self.top + self.side))
+        img = img.crop((self.left, self.top, self.left + self.width, self.top + self.height))
         if self.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(img)
@@ -92,7 +111,7 @@ class Crop:
 
 def map_tensor(img: Image.Image, crop: Crop, kind: MapKind) -> torch.Tensor:
     """A map under the image's crop, as its kind's rule (ldm.data.entries.MAP_KINDS) decodes it: class ids
-    (1, R, R) int64 resized nearest, or float values in [-1, 1] (an image map RGB (3, R, R))."""
+    (1, H, W) int64 resized nearest, or float values in [-1, 1] (an image map RGB (3, H, W))."""
     rule = MAP_KINDS[kind]
     if rule.convert is not None and img.mode != rule.convert:
         img = img.convert(rule.convert)

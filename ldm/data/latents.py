@@ -3,7 +3,8 @@
 A cache shard holds, per sample, ``latent.safetensors`` (the posterior's ``mean`` and ``std`` at latent
 size, with ``flip.mean`` / ``flip.std`` for the mirrored image when training flips; each extra map at
 latent size, ``<name>`` and ``flip.<name>``; the frozen text encoders' outputs ``embedding.<i>``) and
-a ``json`` (caption, label, original size, crop, and the fingerprint hashes of the codec and text
+a ``json`` (caption, label, original size, crop, the pixel size it was encoded at as ``width``/``height``, its
+bucket as ``target_size`` when bucketed, and the fingerprint hashes of the codec and text
 encoders that made it). ``cache.json`` next to the shards describes the whole cache and marks its
 folder as one: ``LatentCache``, the data module's default shard format, recognises it by that file and
 reads it with ``LatentDecoder``.
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from ldm.data import batch as B
 from ldm.data import entries as E
+from ldm.data.buckets import Size
 from ldm.data.decoder import SkipSample
 from ldm.data.formats import ShardFormat
 from ldm.data.images import ImageDecoder
@@ -64,10 +66,13 @@ def cached_samples(batch: Mapping[str, Any], tensors: Mapping[str, Tensor], code
                    text_hash: str) -> Iterator[dict[str, Any]]:
     """The WebDataset samples of a batch's cache entries: each sample's slice of ``tensors`` and its
     annotations, size and crop fields, with the hashes of the codec and text encoders that made them."""
+    height, width = batch[B.IMAGE].shape[-2:]
     for i, key in enumerate(batch[B.KEY]):
         meta = {B.CAPTION: batch[B.CAPTION][i], B.LABEL: int(batch[B.LABEL][i]) if B.LABEL in batch else None,
                 B.ORIGINAL_SIZE: batch[B.ORIGINAL_SIZE][i].tolist(), B.CROP_COORDS: batch[B.CROP_COORDS][i].tolist(),
-                B.CACHE_CODEC: codec_hash, B.CACHE_TEXT: text_hash}
+                E.WIDTH: width, E.HEIGHT: height, B.CACHE_CODEC: codec_hash, B.CACHE_TEXT: text_hash}
+        if B.TARGET_SIZE in batch:  # bucketed: the bucket, which training batches by
+            meta[B.TARGET_SIZE] = batch[B.TARGET_SIZE][i].tolist()
         yield {"__key__": key, TENSORS: save_tensors({k: v[i].cpu().contiguous() for k, v in tensors.items()}),
                META: json.dumps(meta).encode()}
 
@@ -75,10 +80,12 @@ def cached_samples(batch: Mapping[str, Any], tensors: Mapping[str, Tensor], code
 @dataclass(frozen=True)
 class LatentDecoder:
     """Decodes one cached sample into a batch entry: posterior moments (float32), annotations, maps at latent
-    size and cached text embeddings; with ``hflip`` the mirrored image's tensors half of the time."""
+    size and cached text embeddings; with ``hflip`` the mirrored image's tensors half of the time. A cache
+    made with buckets (its samples record their bucket) serves only a run with those buckets."""
 
     hflip: bool = False
     require: tuple[str, ...] = (B.CAPTION,)
+    buckets: tuple[Size, ...] | None = None
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         if TENSORS not in raw or META not in raw:
@@ -101,6 +108,13 @@ class LatentDecoder:
                 out[name] = value.float() if value.is_floating_point() else value
         out[B.ORIGINAL_SIZE], out[B.CROP_COORDS] = torch.tensor(meta[B.ORIGINAL_SIZE]), torch.tensor(meta[B.CROP_COORDS])
         out[B.CACHE_CODEC], out[B.CACHE_TEXT] = meta[B.CACHE_CODEC], meta.get(B.CACHE_TEXT) or ""
+        target = meta.get(B.TARGET_SIZE)
+        if (target is None) != (self.buckets is None) or (target is not None and tuple(target) not in self.buckets):
+            raise ValueError(f"latent cache sample {out[B.KEY]} is {'at bucket ' + str(target) if target else 'square'}, "
+                             f"this run's data {'has buckets ' + str(list(self.buckets)) if self.buckets else 'none'}: "
+                             f"rebuild the cache with tools/cache_latents.py for this configuration")
+        if target is not None:
+            out[B.TARGET_SIZE] = torch.tensor(target)
         return out
 
 
@@ -122,4 +136,4 @@ class LatentCache(ShardFormat):
         return is_cache(urls)
 
     def decoder(self, images: ImageDecoder) -> LatentDecoder:
-        return LatentDecoder(hflip=images.hflip, require=images.require)
+        return LatentDecoder(hflip=images.hflip, require=images.require, buckets=images.buckets)

@@ -11,17 +11,24 @@ every sample is read exactly once.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import random
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-INDEX_NAME = "shardindex.json"  # wids-style index: {"shardlist": [{"url": ..., "nsamples": ...}]}
+from ldm.data import entries as E
+from ldm.data.buckets import Size, bucket_batches, bucket_quota, nearest
+
+INDEX_NAME = "shardindex.json"  # wids-style index: {"shardlist": [{"url": ..., "nsamples": ..., "sizes": [[H, W], ...]}]}
 
 
 def is_remote(url: str) -> bool:
@@ -101,36 +108,83 @@ def _count_tar_samples(path: str) -> int:
     return count
 
 
-def _index_counts(urls: list[str]) -> dict[str, int]:
-    """Sample counts from `shardindex.json` files next to the shards, where they exist."""
-    counts: dict[str, int] = {}
+def _index_entries(urls: list[str]) -> dict[str, dict]:
+    """The entries of `shardindex.json` files next to the shards, where they exist, by shard URL."""
+    entries: dict[str, dict] = {}
     for folder in {os.path.dirname(u) for u in urls if not is_remote(u)}:
         index = Path(folder) / INDEX_NAME
         if index.is_file():
             for entry in json.loads(index.read_text())["shardlist"]:
-                counts[os.path.join(folder, entry["url"])] = int(entry["nsamples"])
-    return counts
+                entries[os.path.join(folder, entry["url"])] = entry
+    return entries
+
+
+def _unindexed_remote(urls: list[str], known: dict[str, dict], field: str, need: str) -> None:
+    """Refuse remote shards whose index entry lacks ``field``: they cannot be scanned."""
+    remote = [u for u in urls if is_remote(u) and field not in known.get(u, {})]
+    if remote:
+        raise ValueError(f"cannot read the {field} of remote shards such as {remote[0]!r}: {need}. Put a "
+                         f"{INDEX_NAME} with them next to local copies (tools/make_shards.py writes one)")
 
 
 def count_samples(urls: list[str]) -> list[int]:
     """Samples per shard, from an index file or by scanning local tar headers."""
-    known = _index_counts(urls)
-    remote = [u for u in urls if is_remote(u) and u not in known]
-    if remote:
-        raise ValueError(
-            f"cannot count the samples of remote shards such as {remote[0]!r}: finite epochs need the counts "
-            f"to give every rank the same number of batches. Use resampled: true with epoch_length, "
-            f"or put a {INDEX_NAME} next to local copies."
-        )
-    return [known[u] if u in known else _count_tar_samples(u) for u in urls]
+    known = _index_entries(urls)
+    _unindexed_remote(urls, known, "nsamples", "finite epochs need the counts to give every rank the same number of "
+                      "batches. Use resampled: true with epoch_length, or")
+    return [int(known[u]["nsamples"]) if u in known else _count_tar_samples(u) for u in urls]
 
 
-def write_shard_index(paths: list[Path], counts: list[int] | None = None) -> Path:
-    """Write the wids-style index of shards all in one folder, with their sample counts (default: read
-    from the tars). Written whole, then renamed: processes that finish at once never leave a torn index."""
+def sample_sizes(urls: list[str]) -> list[list[Size | None]]:
+    """Every sample's image size (H, W) per shard, in shard order (None where unreadable): from the index
+    file's ``sizes``, else from each sample's json ``width``/``height``, else its image's header; never a decode."""
+    known = _index_entries(urls)
+    _unindexed_remote(urls, known, "sizes", "bucketed epochs plan each sample's bucket before reading it")
+    return [[tuple(s) if s else None for s in known[u]["sizes"]] if "sizes" in known.get(u, {})
+            else [size for _, size in scan_shard(u)] for u in urls]
+
+
+def scan_shard(path: str) -> list[tuple[str, Size | None]]:
+    """(key, size (H, W)) of each sample of a local tar in order, reading only its json and, without one,
+    its image header (None where neither gives a size)."""
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    with _open_tar(path) as tar:
+        try:
+            for member in tar:
+                key, extension = base_plus_ext(member.name)
+                if member.isfile() and key is not None:
+                    if not samples or samples[-1][0] != key:
+                        samples.append((key, {}))
+                    samples[-1][1][extension] = member
+        except (tarfile.TarError, OSError, EOFError):
+            pass  # a truncated tail, as when counting
+        return [(key, _member_size(tar, members)) for key, members in samples]
+
+
+def _member_size(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> Size | None:
+    try:
+        if E.JSON in members:
+            meta = json.loads(tar.extractfile(members[E.JSON]).read())
+            if isinstance(meta, dict) and isinstance(meta.get(E.WIDTH), int) and isinstance(meta.get(E.HEIGHT), int):
+                return meta[E.HEIGHT], meta[E.WIDTH]
+        image = next((members[k] for k in E.IMAGE_EXTENSIONS if k in members), None)
+        if image is not None:
+            width, height = Image.open(io.BytesIO(tar.extractfile(image).read())).size  # the header only
+            return height, width
+    except Exception:  # noqa: BLE001 - a damaged sample: no size, left out of the plan; the reader counts it
+        pass
+    return None
+
+
+def write_shard_index(paths: list[Path]) -> Path:
+    """Write the wids-style index of shards all in one folder: each one's sample count and every sample's
+    size (what a bucketed epoch plans with), read from the tars. Written whole, then renamed: processes
+    that finish at once never leave a torn index."""
     folder = Path(paths[0]).parent
-    counts = [_count_tar_samples(str(p)) for p in paths] if counts is None else counts
-    entries = [{"url": Path(p).name, "nsamples": n} for p, n in zip(paths, counts, strict=True)]
+    entries = []
+    for path in paths:
+        sizes = [size for _, size in scan_shard(str(path))]
+        entries.append({"url": Path(path).name, "nsamples": len(sizes), "sizes": [list(s) if s else None for s in sizes]})
     index, partial = folder / INDEX_NAME, folder / f"{INDEX_NAME}.partial{os.getpid()}"
     partial.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries}, indent=1))
     os.replace(partial, index)
@@ -155,6 +209,7 @@ class WorkerPlan:
 
     parts: tuple[Part, ...]
     sizes: tuple[int, ...]
+    buckets: tuple[int, ...] | None = None  # bucketed: the bucket of each batch
 
     @property
     def samples(self) -> int:
@@ -191,6 +246,32 @@ def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int
         slots = [tuple(sizes[w::workers]) for w in range(workers)]
         plans.append([WorkerPlan(runs.take(sum(slot)), slot) for slot in slots])
     return plans
+
+
+def plan_bucketed_epoch(urls: list[str], counts: list[int], buckets: list[list[int]], world_size: int, workers: int,
+                        batch_size: int, shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
+    """``plan_epoch``'s deal of samples to slots, in batches of one bucket each (``buckets``: every sample's
+    bucket per shard, -1 for a sample without a size, which is left out). Every rank yields the same number
+    of batches: the largest rank's need, the others halving batches to match (see ``bucket_batches``)."""
+    plans = plan_epoch(urls, counts, world_size, workers, batch_size, shuffle_seed)
+    of_url = dict(zip(urls, buckets, strict=True))
+    needs = [[Counter(b for part in plan.parts for b in of_url[part.url][part.start : part.stop] if b >= 0)
+              for plan in rank] for rank in plans]
+    natural = [[len(bucket_batches(need, batch_size, 0)) for need in rank] for rank in needs]
+    quota = max(bucket_quota(n, max(workers, 1)) for n in natural)
+    out = []
+    for rank, rank_needs in zip(plans, needs):
+        slots = []
+        for w, (plan, need) in enumerate(zip(rank, rank_needs)):
+            batches = bucket_batches(need, batch_size, quota // len(rank) + (w < quota % len(rank)))
+            slots.append(WorkerPlan(plan.parts, tuple(s for _, s in batches), tuple(b for b, _ in batches)))
+        out.append(slots)
+    return out
+
+
+def bucket_of_samples(sizes: list[list[Size | None]], buckets: tuple[Size, ...]) -> list[list[int]]:
+    """Each sample's bucket (-1 without a size), per shard."""
+    return [[-1 if s is None else nearest(buckets, s) for s in shard] for shard in sizes]
 
 
 class _Runs:

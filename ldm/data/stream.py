@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
@@ -13,14 +13,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from ldm.data import batch as B
 from ldm.data.collate import collate
 from ldm.data.decoder import SampleDecoder, SkipSample
-from ldm.data.shards import Part, count_samples, plan_epoch
+from ldm.data.shards import Part, bucket_of_samples, count_samples, plan_bucketed_epoch, plan_epoch, sample_sizes
 
 log = logging.getLogger(__name__)
 SKIPPED = "_skipped"  # batch entry: {reason: count} since this worker's previous batch
 WORKER = "_worker"  # batch entry: the (logical) worker that made the batch
 PADDED = "repeated to keep ranks in step"  # a reason that is not a skip: see ShardStream.batches
+BEYOND_BUCKET = "beyond its bucket's planned count (json width/height not the image's?)"
 MAX_SKIP_WARNINGS = 10  # per worker and epoch; the counts keep going
 
 
@@ -31,6 +33,12 @@ class ShardStream(IterableDataset):
     each epoch when training shuffles); resampled mode draws shards with replacement forever and cuts
     epochs of `epoch_length` batches per rank. What a worker yields depends only on the seed, the
     epoch, the rank and the worker, so a resumed epoch replays it exactly (see EpochLoader).
+
+    With a bucketed decoder (``decoder.buckets``; its samples carry their bucket as ``target_size``) a batch
+    holds one bucket. Finite mode plans every sample's bucket from its recorded size
+    (``plan_bucketed_epoch``); a worker fills each bucket up to its next planned batch size, and a
+    bucket's leftovers make one smaller batch, so every sample is still read once an epoch.
+    Resampled mode yields full batches of whichever bucket fills first.
     """
 
     def __init__(
@@ -52,17 +60,25 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.workers, self.shuffle_buffer, self.seed = rank, world_size, max(workers, 1), shuffle_buffer, seed
         self.resampled, self.epoch_length = resampled, epoch_length
         self.counts = None if resampled else count_samples(urls)
+        buckets = getattr(decoder, "buckets", None)  # a plain function decodes to one size
+        self.bucket_index = None if buckets is None else {size: i for i, size in enumerate(buckets)}
+        self.sample_buckets = None if buckets is None or resampled else bucket_of_samples(sample_sizes(urls), buckets)
         self.epoch = 0
         self.done = [0] * self.workers  # batches per worker already consumed this epoch: replayed, not yielded
         self.rotation = 0  # DataLoader worker p plays worker (p + rotation) % workers
 
-    def plan(self, worker: int) -> tuple[list[Part] | None, list[int]]:
-        """The parts (None in resampled mode) and batch sizes of worker ``worker`` in this epoch."""
+    def plan(self, worker: int) -> tuple[list[Part] | None, list[int], list[int] | None]:
+        """The parts (None in resampled mode), batch sizes and batch buckets (None unless planned) of worker
+        ``worker`` in this epoch."""
         if self.counts is None:
-            return None, [self.batch_size] * (self.epoch_length // self.workers + (worker < self.epoch_length % self.workers))
+            return None, [self.batch_size] * (self.epoch_length // self.workers + (worker < self.epoch_length % self.workers)), None
         shuffle = f"{self.seed}/{self.epoch}" if self.shuffle_buffer else None
-        plan = plan_epoch(self.urls, self.counts, self.world_size, self.workers, self.batch_size, shuffle)[self.rank][worker]
-        return list(plan.parts), list(plan.sizes)
+        layout = (self.world_size, self.workers, self.batch_size, shuffle)
+        if self.sample_buckets is None:
+            plan = plan_epoch(self.urls, self.counts, *layout)[self.rank][worker]
+        else:
+            plan = plan_bucketed_epoch(self.urls, self.counts, self.sample_buckets, *layout)[self.rank][worker]
+        return list(plan.parts), list(plan.sizes), None if plan.buckets is None else list(plan.buckets)
 
     def __len__(self) -> int:
         return sum(len(self.plan(w)[1]) for w in range(self.workers))
@@ -76,7 +92,7 @@ class ShardStream(IterableDataset):
         """The batches worker ``worker`` of this rank yields this epoch, after replaying its first ``done[worker]``."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         skipped: Counter[str] = Counter()
-        parts, sizes = self.plan(worker)
+        parts, sizes, buckets = self.plan(worker)
         if parts is None:
             raw = self._read_forever(rng, skipped)
         else:
@@ -86,9 +102,13 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer:
             raw = _shuffle(raw, self.shuffle_buffer, rng)
         samples = self._decode(raw, rng, skipped)
+        if self.bucket_index is None:
+            groups = (list(islice(samples, size)) for size in sizes)
+        else:
+            groups = self._by_bucket(samples, None if buckets is None else zip(buckets, sizes), skipped)
         last: list[dict[str, Any]] = []
-        for index, size in enumerate(sizes):
-            batch = list(islice(samples, size))
+        for index in range(len(sizes)):
+            batch = next(groups, [])
             if not batch:  # skips left this worker short
                 if self.world_size == 1:
                     break
@@ -104,6 +124,28 @@ class ShardStream(IterableDataset):
                 skipped["beyond the planned count"] += 1
         if last:
             yield from self._emit(last, len(sizes) - 1, worker, skipped)
+
+    def _by_bucket(self, samples: Iterator[dict[str, Any]], plan: Iterator[tuple[int, int]] | None,
+                   skipped: Counter[str]) -> Iterator[list[dict[str, Any]]]:
+        """Batches of one bucket each, in the order they fill: to the planned (bucket, size) batches, then the
+        planned buckets' leftovers (short of their plan after skips); with no plan, full batches forever."""
+        queues: dict[int, deque[int]] | None = None
+        if plan is not None:
+            queues = defaultdict(deque)
+            for bucket, size in plan:
+                queues[bucket].append(size)
+        held: dict[int, list[dict[str, Any]]] = {}
+        for sample in samples:
+            bucket = self.bucket_index.get(tuple(sample[B.TARGET_SIZE].tolist()), -1)
+            if queues is not None and not queues.get(bucket):
+                skipped[BEYOND_BUCKET] += 1
+                continue
+            held.setdefault(bucket, []).append(sample)
+            if len(held[bucket]) == (self.batch_size if queues is None else queues[bucket][0]):
+                if queues is not None:
+                    queues[bucket].popleft()
+                yield held.pop(bucket)
+        yield from held.values()
 
     def _emit(self, batch: list[dict[str, Any]], index: int, worker: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         """The collated batch with its worker and skip counts; nothing for a batch consumed before a resume."""

@@ -4,10 +4,17 @@ Each sample is one coloured shape (SHAPES x COLOURS x SCALES x POSITIONS) on a d
 background, with a caption naming all four attributes, the shape index as class label and a
 semantic map. Attributes follow a seeded permutation of every combination, so each combination
 appears exactly once per `len(COMBINATIONS)` consecutive indices. The key is the sample index:
-`render_sample(int(key), seed, size)` rebuilds any sample. Test and val take the first indices,
-so they stay the same when only `--train` changes.
+`render_sample(int(key), seed, size, aspect)` rebuilds any sample. Test and val take the first
+indices, so they stay the same when only `--train` changes.
+
+Canvases are `size` x `size` (`--aspect square`) or, with `--aspect mixed`, one of the ASPECTS
+(W:H from 2:1 to 1:2) of about `size`**2 pixels, each ratio once per 5 consecutive indices in a
+seeded order. Positions are cells of the canvas's own 3x3 grid and radii fractions of its short
+side, so a shape keeps its cell on any canvas; mixed canvases also keep every shape whole (at
+least a pixel inside the frame). Each sample's json gives its image's width and height.
 
     python -m ldm.data.synthetic --out data/shapes --train 2000 --val 200 --test 200 --size 64
+    python -m ldm.data.synthetic --out data/shapes-mixed --aspect mixed
 """
 
 from __future__ import annotations
@@ -38,12 +45,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 140, 30),
     "white": (240, 240, 240),
 }
-SCALES: dict[str, float] = {"small": 0.095, "large": 0.155}  # shape radius / image side
+SCALES: dict[str, float] = {"small": 0.095, "large": 0.155}  # shape radius / the canvas's short side
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # row-major 3x3 grid
+ASPECTS: dict[str, tuple[int, int]] = {"2:1": (2, 1), "3:2": (3, 2), "1:1": (1, 1), "2:3": (2, 3), "1:2": (1, 2)}  # W:H
+ASPECT_MODES: dict[str, tuple[str, ...]] = {"square": ("1:1",), "mixed": tuple(ASPECTS)}  # mode -> its canvases' ratios
+Aspect = Literal[tuple(ASPECT_MODES)]  # the names above
 COMBINATIONS: tuple[tuple[str, str, str, str], ...] = tuple(itertools.product(SHAPES, COLOURS, SCALES, POSITIONS))
 SPLITS: tuple[str, ...] = ("test", "val", "train")  # order in which splits take consecutive indices
 _PHRASES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
@@ -87,16 +97,30 @@ def attributes(index: int, seed: int = 0) -> tuple[str, str, str, str]:
     return COMBINATIONS[order[offset]]
 
 
+def aspect_of(index: int, seed: int = 0) -> str:
+    """The ASPECTS ratio of sample `index` in the mixed mode: a seeded permutation of ASPECTS per cycle."""
+    cycle, offset = divmod(index, len(ASPECTS))
+    order = np.random.default_rng([seed, 2, cycle]).permutation(len(ASPECTS))
+    return list(ASPECTS)[order[offset]]
+
+
+def canvas_size(size: int, ratio: str = "1:1") -> tuple[int, int]:
+    """(width, height) of a canvas of `ratio` with about `size`**2 pixels, in even sides: 64, "2:1" -> (90, 46)."""
+    w, h = ASPECTS[ratio]
+    return 2 * round(size * math.sqrt(w / h) / 2), 2 * round(size * math.sqrt(h / w) / 2)
+
+
 @dataclass(frozen=True)
 class ShapeSample:
     """One rendered sample and the attributes it was drawn from."""
 
-    image: Image.Image  # RGB, size x size
-    seg: Image.Image  # L, size x size: 0 background, 1 + label inside the shape
+    image: Image.Image  # RGB, width x height
+    seg: Image.Image  # L, width x height: 0 background, 1 + label inside the shape
     shape: str
     colour: str
     scale: str  # "small" | "large"
     position: str
+    aspect: str | None = None  # the ASPECTS ratio drawn in the mixed mode; None for square
 
     @property
     def label(self) -> int:
@@ -108,35 +132,53 @@ class ShapeSample:
 
     def meta(self) -> dict[str, str | int]:
         """The sample's `json` entry."""
+        width, height = self.image.size
         return {E.CAPTION: self.caption, "shape": self.shape, "colour": self.colour, "size": self.scale,
-                "position": self.position, E.LABEL: self.label}
+                "position": self.position, E.LABEL: self.label, E.WIDTH: width, E.HEIGHT: height,
+                **({} if self.aspect is None else {"aspect": self.aspect})}
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Dark neutral grey with a gentle vertical gradient and faint noise: far from every palette colour."""
     level, tilt = rng.uniform(25, 65), rng.uniform(-12, 12)
-    ramp = np.linspace(-0.5, 0.5, size)[:, None, None]  # (S, 1, 1)
-    return np.clip(level + tilt * ramp + rng.normal(0, 2.0, (size, size, 1)), 0, 255)  # (S, S, 1)
+    ramp = np.linspace(-0.5, 0.5, height)[:, None, None]  # (H, 1, 1)
+    return np.clip(level + tilt * ramp + rng.normal(0, 2.0, (height, width, 1)), 0, 255)  # (H, W, 1)
 
 
-def render_sample(index: int, seed: int = 0, size: int = 64) -> ShapeSample:
-    """Draw sample `index` of the dataset for `seed` at `size` x `size` pixels (64 keeps small shapes crisp)."""
+def _ratios(aspect: str) -> tuple[str, ...]:
+    """The ratios of an aspect mode's canvases; ValueError for an unknown mode."""
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"aspect must be one of {list(ASPECT_MODES)}, got {aspect!r}")
+    return ASPECT_MODES[aspect]
+
+
+def render_sample(index: int, seed: int = 0, size: int = 64, aspect: Aspect = "square") -> ShapeSample:
+    """Draw sample `index` of the dataset for `seed` on a canvas of about `size` x `size` pixels (64 keeps
+    small shapes crisp): square, or in the mixed mode of the ratio `aspect_of(index, seed)`."""
+    _ratios(aspect)
     shape, colour, scale, position = attributes(index, seed)
+    ratio = aspect_of(index, seed) if aspect == "mixed" else None
+    width, height = canvas_size(size, ratio or "1:1")
+    short = min(width, height)
     rng = np.random.default_rng([seed, 1, index])
     row, col = divmod(POSITIONS.index(position), 3)
     cx, cy = (col + 0.5) / 3 + rng.uniform(-0.015, 0.015), (row + 0.5) / 3 + rng.uniform(-0.015, 0.015)
-    radius = SCALES[scale] * rng.uniform(0.95, 1.05)  # all as fractions of the side
+    cx, cy = cx * (width / short), cy * (height / short)  # fractions of the grid -> of the short side
+    radius = SCALES[scale] * rng.uniform(0.95, 1.05)  # of the short side
+    if ratio is not None:  # whole shapes: every outline lies in the unit box, kept a pixel inside the frame
+        inset = radius + 1 / short  # (square keeps its jitter unclamped: the same pixels as ever)
+        cx, cy = np.clip(cx, inset, width / short - inset), np.clip(cy, inset, height / short - inset)
 
-    big = size * _SUPERSAMPLE
-    mask = Image.new("L", (big, big), 0)
+    big = short * _SUPERSAMPLE
+    mask = Image.new("L", (width * _SUPERSAMPLE, height * _SUPERSAMPLE), 0)
     outline = [(big * (cx + radius * x), big * (cy + radius * y)) for x, y in _OUTLINES[shape]]
     ImageDraw.Draw(mask).polygon(outline, fill=255)
-    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float64)[..., None] / 255  # (S, S, 1)
+    alpha = np.asarray(mask.resize((width, height), Image.Resampling.BOX), np.float64)[..., None] / 255  # (H, W, 1)
 
-    pixels = _background(rng, size) * (1 - alpha) + np.asarray(COLOURS[colour], np.float64) * alpha  # (S, S, 3)
-    image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
+    pixels = _background(rng, width, height) * (1 - alpha) + np.asarray(COLOURS[colour], np.float64) * alpha
+    image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")  # (H, W, 3)
     seg = Image.fromarray(np.where(alpha[..., 0] >= 0.5, 1 + SHAPES.index(shape), 0).astype(np.uint8), "L")
-    return ShapeSample(image, seg, shape, colour, scale, position)
+    return ShapeSample(image, seg, shape, colour, scale, position, ratio)
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -158,7 +200,7 @@ def sample_entries(sample: ShapeSample, image_format: Literal["jpg", "png"] = "j
 
 
 def _write_split(directory: Path, indices: range, seed: int, size: int, samples_per_shard: int,
-                 image_format: str) -> list[Path]:
+                 image_format: str, aspect: Aspect) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("shard-*.tar"):  # a smaller rewrite must not leave old shards behind
         stale.unlink()
@@ -168,7 +210,8 @@ def _write_split(directory: Path, indices: range, seed: int, size: int, samples_
     with wds.ShardWriter(str(directory / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
                          post=lambda name: shards.append(Path(name)), encoder=False, mtime=0) as sink:
         for index in indices:  # fixed mtime, user and mode: same arguments, same bytes
-            sink.write({"__key__": f"{index:08d}", **sample_entries(render_sample(index, seed, size), image_format)})
+            sample = render_sample(index, seed, size, aspect)
+            sink.write({"__key__": f"{index:08d}", **sample_entries(sample, image_format)})
     return shards
 
 
@@ -181,17 +224,19 @@ def write_shapes(
     seed: int = 0,
     samples_per_shard: int = 500,
     image_format: Literal["jpg", "png"] = "jpg",
+    aspect: Aspect = "square",
 ) -> dict[str, list[Path]]:
     """Write `<out>/{train,val,test}/shard-%06d.tar` and `<out>/meta.json`; return the shards per split."""
     if image_format not in _ENCODERS:
         raise ValueError(f"image_format must be one of {sorted(_ENCODERS)}, got {image_format!r}")
+    canvases = {ratio: list(canvas_size(size, ratio)) for ratio in _ratios(aspect)}  # ratio -> [width, height]
     root = Path(out)
     counts = {"train": train, "val": val, "test": test}
     shards: dict[str, list[Path]] = {}
     start = 0
     for split in SPLITS:
         indices = range(start, start + counts[split])
-        shards[split] = _write_split(root / split, indices, seed, size, samples_per_shard, image_format)
+        shards[split] = _write_split(root / split, indices, seed, size, samples_per_shard, image_format, aspect)
         if shards[split]:
             write_shard_index(shards[split])  # sample counts: readers plan epochs without scanning the tars
         start = indices.stop
@@ -203,6 +248,8 @@ def write_shapes(
         "label": "index into shapes; seg.png holds 0 for background and 1 + label inside the shape",
         "counts": counts,
         "image_size": size,
+        "aspect": aspect,
+        "canvases": canvases,
         "image_format": image_format,
         "seed": seed,
     }
@@ -216,13 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=2000, help="training samples")
     parser.add_argument("--val", type=int, default=200, help="validation samples")
     parser.add_argument("--test", type=int, default=200, help="test samples")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (mixed: of the same area)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--format", dest="image_format", choices=sorted(_ENCODERS), default="jpg")
+    parser.add_argument("--aspect", choices=list(ASPECT_MODES), default="square",
+                        help=f"square canvases, or mixed: each of {', '.join(ASPECTS)} (W:H) in turn")
     args = parser.parse_args(argv)
     shards = write_shapes(args.out, args.train, args.val, args.test, args.size, args.seed,
-                          args.samples_per_shard, args.image_format)
+                          args.samples_per_shard, args.image_format, args.aspect)
     for split, paths in shards.items():
         print(f"{split}: {getattr(args, split)} samples in {len(paths)} shards under {args.out / split}")
 

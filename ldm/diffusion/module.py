@@ -146,8 +146,10 @@ class LatentDiffusion(TrainingModule):
         return self.codec.downsample_factor * self.backbone.size_multiple
 
     def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
-        """(h, w) of the latents to generate for a batch: from its images, or its `target_size`."""
+        """(h, w) of the latents to generate for a batch: from its images or cached latents, or its `target_size`."""
         f = self.codec.downsample_factor
+        if B.LATENT_MEAN in batch:
+            return tuple(batch[B.LATENT_MEAN].shape[-2:])
         if B.IMAGE in batch:
             return tuple(s // f for s in batch[B.IMAGE].shape[-2:])
         h, w = batch[B.TARGET_SIZE][0].tolist()
