@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ldm.data.buckets import AspectBuckets
 from ldm.data.datamodule import WebDataModule
 
 
@@ -29,10 +30,13 @@ class CaptionRecorder(L.LightningModule):
         super().__init__()
         self.out = out
         self.weight = torch.nn.Parameter(torch.ones(()))
-        self.seen: dict[str, dict[int, list[list[str]]]] = {"train": defaultdict(list), "val": defaultdict(list)}
+        self.seen: dict[str, dict[int, list]] = {"train": defaultdict(list), "val": defaultdict(list), "buckets": defaultdict(list)}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.seen["train"][self.current_epoch].append(list(batch["caption"]))
+        if "target_size" in batch:  # bucketed: one bucket per batch, at its size
+            assert {tuple(s) for s in batch["target_size"].tolist()} == {tuple(batch["image"].shape[-2:])}
+            self.seen["buckets"][self.current_epoch].append(batch["image"].shape[-1])
         return (self.weight * batch["image"].mean()) ** 2  # backward all-reduces the gradient across ranks
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -59,9 +63,10 @@ def main() -> None:
     parser.add_argument("--val", required=True, help="val shard pattern")
     parser.add_argument("--out", type=Path, required=True, help="folder for rank<r>.json")
     parser.add_argument("--shuffle-buffer", type=int, default=4)
+    parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets (16x8, 8x8, 8x16)")
     args = parser.parse_args()
     data = WebDataModule(train=args.train, val=args.val, batch_size=2, num_workers=2, resolution=8,
-                         shuffle_buffer=args.shuffle_buffer)
+                         shuffle_buffer=args.shuffle_buffer, buckets=AspectBuckets(2.0, 8) if args.buckets else None)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(CaptionRecorder(args.out), datamodule=data)

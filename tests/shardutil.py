@@ -41,9 +41,11 @@ def write_tar(path: Path, samples: Iterable[dict[str, Any]]) -> str:
     return str(path)
 
 
-def write_shards(folder: Path, counts: list[int], size: tuple[int, int] = (40, 32)) -> list[str]:
-    """Shards with counts[i] samples each, numbered on across shards (see `sample`)."""
+def write_shards(folder: Path, counts: list[int], size: tuple[int, int] | list[tuple[int, int]] = (40, 32)) -> list[str]:
+    """Shards with counts[i] samples each, numbered on across shards (see `sample`); with a list of sizes,
+    sample n is of size[n * 7 % len(size)] (mixed aspect ratios)."""
     folder.mkdir(parents=True, exist_ok=True)
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [write_tar(folder / f"shard-{i:04d}.tar", (sample(start + j, size) for j in range(count)))
+    sizes = size if isinstance(size, list) else [size]
+    return [write_tar(folder / f"shard-{i:04d}.tar", (sample(n, sizes[n * 7 % len(sizes)]) for n in range(start, start + count)))
             for i, (start, count) in enumerate(zip(starts, counts))]

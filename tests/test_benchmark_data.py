@@ -53,3 +53,16 @@ def test_data_benchmark_writes_a_synthetic_set_without_shards(
     assert result["shards"] == "synthetic shapes, 24 x 48 px" and result["shards"] in lines[0]
     assert list(result["loader_images_per_s"]) == ["0"] and _positive(result["loader_images_per_s"]["0"])
     assert result["decode_images"] == 24 and _positive(result["decode_images_per_s_per_core"])
+
+
+def test_data_benchmark_times_buckets_beside_square_crops_on_the_same_shards(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(benchmark_data, "SYNTHETIC_SAMPLES", 24)
+    monkeypatch.setattr(benchmark_data, "SYNTHETIC_SIZE", 48)
+    cli.main([*DATA, "--workers", "0", "--buckets", "2", "16"])
+    lines, result = _lines_and_result(capsys.readouterr().out)
+    assert result["shards"] == "synthetic mixed-aspect shapes, 24 x 48 px" and result["buckets"] == [2, 16]
+    square, bucketed = result["loader_images_per_s"]["0"], result["loader_images_per_s_buckets"]["0"]
+    assert _positive(square) and _positive(bucketed) and result["buckets_over_square"]["0"] == bucketed / square
+    assert f"{0:>7}  {square:>9.1f}  {bucketed:>9.1f}  {bucketed / square:>5.2f}" in lines

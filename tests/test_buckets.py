@@ -20,9 +20,14 @@ from ldm.data import batch as B
 from ldm.data.buckets import AspectBuckets, bucket_batches, bucket_quota, nearest
 from ldm.data.datamodule import WebDataModule
 from ldm.data.images import ImageDecoder
-from ldm.data.shards import INDEX_NAME, plan_bucketed_epoch, sample_sizes, write_shard_index
+from ldm.data.shards import (
+    INDEX_NAME,
+    plan_bucketed_epoch,
+    sample_sizes,
+    write_shard_index,
+)
 from ldm.data.stream import BEYOND_BUCKET, PADDED, SKIPPED, ShardStream
-from tests.shardutil import sample, write_tar
+from tests.shardutil import sample, write_shards, write_tar
 
 BUCKETS = AspectBuckets(max_ratio=2.0, multiple=8).sizes(32)  # (H, W): 48x24, 40x24, 32x32, 24x40, 24x48
 CANVASES = [(64, 32), (48, 32), (32, 32), (32, 48), (32, 64), (40, 30), (90, 30)]  # PIL (W, H); 3:1 goes to 2:1
@@ -85,7 +90,7 @@ def test_size_conditioning_reads_the_bucket_and_requests_default_to_their_size_u
 def test_a_worker_makes_full_batches_and_one_of_each_buckets_leftovers() -> None:
     assert bucket_batches(Counter({0: 9, 2: 3}), 4, 0) == [(0, 4), (0, 4), (0, 1), (2, 3)]
     assert bucket_batches(Counter({0: 9, 2: 3}), 4, 6) == [(0, 2), (0, 2), (0, 2), (0, 2), (0, 1), (2, 3)]
-    assert bucket_batches(Counter({1: 2}), 4, 5) == [(1, 1), (1, 1)]  # cannot split further: the stream pads
+    assert bucket_batches(Counter({1: 2}), 4, 4) == [(1, 1), (1, 1), (-1, 0), (-1, 0)]  # too few: the stream pads
     assert bucket_quota([3, 1], 2) == 5  # worker 0 yields batches 0, 2, 4
     assert bucket_quota([2, 2], 2) == 4
 
@@ -100,25 +105,28 @@ def _mixed_shards(folder: Path, counts: list[int], seed: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("world, workers, batch", [(1, 1, 4), (2, 2, 4), (3, 1, 3), (4, 2, 2)])
-def test_every_sample_once_one_bucket_per_batch_and_equal_batches_per_rank(tmp_path: Path, world: int, workers: int,
+def test_every_sample_once_one_bucket_per_batch_and_the_same_batch_count_on_every_rank_and_epoch(tmp_path: Path, world: int, workers: int,
                                                                          batch: int) -> None:
     urls = _mixed_shards(tmp_path, [13, 7, 20])
     decoder = ImageDecoder(resolution=32, require=(), buckets=BUCKETS)
-    seen: Counter[str] = Counter()
-    batches_per_rank = []
-    for rank in range(world):
-        stream = ShardStream(urls, decoder, batch, rank=rank, world_size=world, workers=workers, shuffle_buffer=5, seed=1)
-        count = 0
-        for worker in range(workers):
-            for b in stream.batches(worker):
-                assert len({tuple(s) for s in b[B.TARGET_SIZE].tolist()}) == 1 and b[B.IMAGE].shape[-2:] == tuple(b[B.TARGET_SIZE][0])
-                assert 0 < len(b[B.KEY]) <= batch and PADDED not in b[SKIPPED]
-                seen.update(b[B.KEY])
-                count += 1
-        assert count == len(stream)
-        batches_per_rank.append(count)
-    assert len(set(batches_per_rank)) == 1
-    assert seen == Counter(f"{n:06d}" for n in range(40))
+    lengths = set()  # the trainer reads a loader's length once: it must not change with the epoch's deal
+    for epoch in range(2):
+        seen: Counter[str] = Counter()
+        for rank in range(world):
+            stream = ShardStream(urls, decoder, batch, rank=rank, world_size=world, workers=workers, shuffle_buffer=5, seed=1)
+            stream.epoch = epoch
+            count = 0
+            for worker in range(workers):
+                for b in stream.batches(worker):
+                    assert len({tuple(s) for s in b[B.TARGET_SIZE].tolist()}) == 1
+                    assert b[B.IMAGE].shape[-2:] == tuple(b[B.TARGET_SIZE][0])
+                    assert 0 < len(b[B.KEY]) <= batch and PADDED not in b[SKIPPED]
+                    seen.update(b[B.KEY])
+                    count += 1
+            assert count == len(stream)
+            lengths.add(count)
+        assert seen == Counter(f"{n:06d}" for n in range(40))
+    assert len(lengths) == 1  # every rank, every epoch
 
 
 def test_the_plan_reads_sizes_from_the_index_the_json_or_the_image_header(tmp_path: Path) -> None:
@@ -138,8 +146,8 @@ def test_a_json_size_that_is_not_the_images_is_skipped_and_counted_not_fatal(tmp
     samples = [sample(n, (64, 32)) for n in range(6)]  # all wide
     samples[2]["json"] = json.dumps({"width": 32, "height": 64}).encode()  # ... says this one is tall
     urls = [write_tar(tmp_path / "lying.tar", samples)]
-    plan = plan_bucketed_epoch(urls, [6], [[4, 4, 0, 4, 4, 4]], 1, 1, 4)[0][0]
-    assert list(plan.buckets) == [0, 4, 4] and list(plan.sizes) == [1, 4, 1]
+    plan = plan_bucketed_epoch(urls, [6], [[4, 4, 0, 4, 4, 4]], len(BUCKETS), 1, 1, 4)[0][0]
+    assert list(plan.buckets) == [0, 4, 4, 4, 4] and list(plan.sizes) == [1, 1, 1, 2, 1]  # 5 batches, any deal's most
     batches = list(ShardStream(urls, ImageDecoder(resolution=32, require=(), buckets=BUCKETS), 4).batches(0))
     keys = [k for b in batches for k in b[B.KEY]]
     skipped = sum((Counter(b[SKIPPED]) for b in batches), Counter())
@@ -167,3 +175,19 @@ def test_the_loader_state_resumes_a_bucketed_stream_exactly(tmp_path: Path, work
         resumed = loader()
         resumed.load_state_dict(interrupted.state_dict())
         assert seen + keys(resumed) + keys(resumed) == expected, stop
+
+
+def test_a_worker_with_fewer_samples_than_its_batch_quota_repeats_one_under_ddp(tmp_path: Path) -> None:
+    """9 samples in 3 buckets over 2 ranks x 2 workers: one slot holds 1 sample but owes 2 batches; it repeats
+    its sample (counted as padding, as a DistributedSampler pads) so both ranks yield 5 batches."""
+    urls = write_shards(tmp_path, [9], [(16, 8), (12, 10), (8, 16)])
+    decoder = ImageDecoder(resolution=8, require=(), buckets=AspectBuckets(2.0, 8).sizes(8))
+    counts, padded, seen = [], 0, Counter()
+    for rank in range(2):
+        stream = ShardStream(urls, decoder, 2, rank=rank, world_size=2, workers=2)
+        batches = [b for worker in range(2) for b in stream.batches(worker)]
+        counts.append(len(batches))
+        padded += sum(b[SKIPPED].get(PADDED, 0) for b in batches)
+        seen.update(k for b in batches for k in b[B.KEY])
+    assert counts == [5, 5] and padded == 1
+    assert set(seen) == {f"{n:06d}" for n in range(9)} and sum(seen.values()) == 10

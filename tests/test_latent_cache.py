@@ -175,3 +175,33 @@ def test_the_train_benchmark_times_a_cache_with_its_loader(setup: tuple[Path, Pa
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loader_workers"] == 1 and result["steps"] == 2 and result["samples_per_s"] > 0
     assert str(latents) in " ".join(result["ldm_options"])
+
+
+def test_a_bucketed_cache_gives_the_batches_and_latents_training_from_images_would(
+        setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed-aspect shards in buckets: the cache stores each sample at its bucket, in its source order, so a cached
+    epoch deals the same samples to the same batches (one bucket each) with the same latents; a square run refuses it."""
+    _, weights = setup
+    monkeypatch.setattr(sys, "argv", ["ldm"])
+    shards = tmp_path / "mixed"
+    write_shapes(shards, train=12, val=2, test=0, size=32, samples_per_shard=6, aspect="mixed")
+    options = [*args(shards, tmp_path / "run", weights), "--data.init_args.buckets", '{"max_ratio": 2.0, "multiple": 8}']
+    out = tmp_path / "latents"
+    info = cache_latents.main(["--config", options[1], *options[2:], "--out", str(out), "--dtype", "float32"])
+    assert info["buckets"] == ((48, 24), (40, 24), (32, 32), (24, 40), (24, 48))
+    model, images = instantiate(options)
+    cached = instantiate([*options, "--data.init_args.train", str(out / "shard-*.tar")])[1]
+    images.setup("fit")
+    cached.setup("fit")
+    sizes = set()
+    for step, (a, b) in enumerate(zip(images.train_dataloader(), cached.train_dataloader(), strict=True)):
+        assert a[B.KEY] == b[B.KEY] and torch.equal(a[B.TARGET_SIZE], b[B.TARGET_SIZE])
+        sizes.add(tuple(a[B.IMAGE].shape[-2:]))
+        z_images, z_cached = (model.latents(x, torch.Generator().manual_seed(step)) for x in (a, b))
+        torch.testing.assert_close(z_cached, z_images, rtol=1e-5, atol=1e-5)  # the posterior's mean, float32
+    assert len(sizes) > 2  # several buckets, each batch at one
+    square = instantiate([*options, "--data.init_args.train", str(out / "shard-*.tar"), "--data.init_args.buckets", "null",
+                          "--data.init_args.num_workers", "0"])[1]
+    square.setup("fit")
+    with pytest.raises(ValueError, match=r"is at bucket \[\d+, \d+\] \(H, W\), but this run's data has no buckets: rebuild the cache"):
+        next(iter(square.train_dataloader()))

@@ -10,6 +10,7 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.backbones.unet import UNet
+from ldm.callbacks.images import ImageGrid
 from ldm.cli import LdmCLI, build_cli, compose
 from ldm.conditioning.conditioner import Conditioner
 from ldm.conditioning.label import ClassEmbedder
@@ -317,6 +319,19 @@ def test_validation_and_predict_use_the_ema_and_restore_the_trained_weights() ->
     with model.ema_weights():
         torch.testing.assert_close(predicted, model.generate(prompts, indices=prompts["index"]))
     assert not torch.allclose(predicted, model.generate(prompts, indices=prompts["index"]), atol=1e-4)
+
+
+def test_the_image_grid_also_samples_the_first_val_batch_at_each_size_asked(tmp_path: Path) -> None:
+    model = tiny_model()
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, log_dir=str(tmp_path), is_global_zero=True,
+                              loggers=[], global_step=3)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 3]), "key": ["a", "b"]}
+    ImageGrid(nrow=2, sizes=[(32, 16), (16, 24)]).on_validation_batch_end(trainer, model, None, batch, 0)
+    grids = {p.name: Image.open(p).size for p in (tmp_path / "images").glob("*.png")}
+    tile = {"": (16, 16), "_32x16": (32, 16), "_16x24": (16, 24)}  # (W, H) of each grid's images
+    expected = {f"{name}{suffix}_step0000003.png": (2 * (w + 2) + 2, h + 4)  # make_grid: 2 px around each tile
+                for suffix, (w, h) in tile.items() for name in ("samples_cfg1", "samples_cfg4")}
+    assert grids == {**expected, "real_step0000003.png": (38, 20)}
 
 
 @pytest.mark.parametrize("sampler", [DDPMAncestral(3), DDIM(3, eta=1.0), DDIM(3), DPMSolverPP2M(3), Euler(3), Heun(3)],

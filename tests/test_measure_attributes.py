@@ -11,7 +11,14 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ldm.data.prompts import PromptDataset
-from ldm.data.synthetic import ASPECTS, COLOURS, POSITIONS, SHAPES, caption_for, render_sample
+from ldm.data.synthetic import (
+    ASPECTS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    caption_for,
+    render_sample,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import measure_attributes as ma  # noqa: E402

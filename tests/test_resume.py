@@ -139,6 +139,19 @@ def test_a_ddp_run_killed_and_resumed_continues_exactly(shards: Path, tmp_path: 
     assert_resumed_exactly(reference, out, 3)
 
 
+def test_a_bucketed_run_killed_and_resumed_continues_exactly(tmp_path: Path) -> None:
+    """Mixed-aspect shards in aspect-ratio buckets: batches of one bucket each, some short, resume bit for bit."""
+    shards, reference, out = tmp_path / "mixed", tmp_path / "reference", tmp_path / "run"
+    write_shapes(shards, train=16, val=2, test=0, size=32, samples_per_shard=5, aspect="mixed")
+    buckets = ["--data.init_args.buckets", "{max_ratio: 2.0, multiple: 8}"]
+    fit(shards, reference, *buckets)
+    fit(shards, out, *buckets, *crash_options(out, "KillAt", 7), expect_kill=True)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    fit(shards, out, *buckets, "--ckpt_path", str(last))
+    assert_resumed_exactly(reference, out, 6)
+
+
 def test_an_autoencoder_run_killed_and_resumed_continues_exactly(shards: Path, tmp_path: Path) -> None:
     """Stage 1: two optimizers stepped by hand (Lightning counts both in global_step), the GAN term's start,
     the discriminator's batch-norm statistics and both learning-rate schedules all continue exactly."""

@@ -48,12 +48,14 @@ Batches = list[tuple[int, int]]  # (bucket, batch size), in the order a worker f
 
 
 def bucket_batches(buckets: Counter[int], batch_size: int, count: int) -> Batches:
-    """A worker's batches for ``buckets`` ({bucket: samples}), ``count`` of them if its samples allow.
+    """A worker's batches for ``buckets`` ({bucket: samples}), at least ``count`` of them.
 
     Each bucket makes full batches and one smaller batch of its leftovers: every sample once, no batch
     mixing buckets (a rare bucket is never dropped, as it would be every epoch if leftovers were). To reach
     ``count`` (the same number on every rank, see ``bucket_quota``) the largest batch is halved, again and
-    again: only the batch sizes change, never which samples an epoch reads.
+    again: only the batch sizes change, never which samples an epoch reads. A worker with fewer samples
+    than ``count`` gets empty batches (bucket -1, size 0) to make it up: the stream repeats a sample there,
+    as a DistributedSampler pads, to keep the ranks in step.
     """
     batches: Batches = []
     for bucket in sorted(buckets):
@@ -62,7 +64,7 @@ def bucket_batches(buckets: Counter[int], batch_size: int, count: int) -> Batche
     while len(batches) < count:
         i = max(range(len(batches)), key=lambda j: batches[j][1], default=None)
         if i is None or batches[i][1] < 2:
-            break  # too few samples: the stream repeats one to keep the ranks in step
+            return batches + [(-1, 0)] * (count - len(batches))
         bucket, size = batches[i]
         batches[i : i + 1] = [(bucket, size - size // 2), (bucket, size // 2)]
     return batches

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data import batch as B
-from ldm.data.collate import DROPPED
 from ldm.data.buckets import AspectBuckets
+from ldm.data.collate import DROPPED
 from ldm.data.entries import MAP_KINDS, MapKind
 from ldm.data.formats import ShardFormat, decoder_for
 from ldm.data.images import ANNOTATIONS, ImageDecoder

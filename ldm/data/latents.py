@@ -110,8 +110,9 @@ class LatentDecoder:
         out[B.CACHE_CODEC], out[B.CACHE_TEXT] = meta[B.CACHE_CODEC], meta.get(B.CACHE_TEXT) or ""
         target = meta.get(B.TARGET_SIZE)
         if (target is None) != (self.buckets is None) or (target is not None and tuple(target) not in self.buckets):
-            raise ValueError(f"latent cache sample {out[B.KEY]} is {'at bucket ' + str(target) if target else 'square'}, "
-                             f"this run's data {'has buckets ' + str(list(self.buckets)) if self.buckets else 'none'}: "
+            stored = "square" if target is None else f"at bucket {target} (H, W)"
+            wanted = f"the buckets {list(self.buckets)}" if self.buckets else "no buckets"
+            raise ValueError(f"latent cache sample {out[B.KEY]} is {stored}, but this run's data has {wanted}: "
                              f"rebuild the cache with tools/cache_latents.py for this configuration")
         if target is not None:
             out[B.TARGET_SIZE] = torch.tensor(target)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
@@ -248,21 +247,25 @@ def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int
     return plans
 
 
-def plan_bucketed_epoch(urls: list[str], counts: list[int], buckets: list[list[int]], world_size: int, workers: int,
-                        batch_size: int, shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
+def plan_bucketed_epoch(urls: list[str], counts: list[int], buckets: list[list[int]], bucket_count: int, world_size: int,
+                        workers: int, batch_size: int, shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
     """``plan_epoch``'s deal of samples to slots, in batches of one bucket each (``buckets``: every sample's
-    bucket per shard, -1 for a sample without a size, which is left out). Every rank yields the same number
-    of batches: the largest rank's need, the others halving batches to match (see ``bucket_batches``)."""
+    bucket per shard, -1 for a sample without a size, which is left out).
+
+    Every rank yields the same number of batches in every epoch: the trainer reads a loader's length once,
+    so it cannot follow the reshuffled deal. A slot of n samples has at most min(n, (n + K (b - 1)) // b)
+    batches of size b in K buckets, whatever the deal: the ranks' quota comes from that bound, and each
+    slot halves batches to meet it (see ``bucket_batches``).
+    """
     plans = plan_epoch(urls, counts, world_size, workers, batch_size, shuffle_seed)
+    bound = [[min(p.samples, (p.samples + bucket_count * (batch_size - 1)) // batch_size) for p in rank] for rank in plans]
+    quota = max(bucket_quota(b, max(workers, 1)) for b in bound)
     of_url = dict(zip(urls, buckets, strict=True))
-    needs = [[Counter(b for part in plan.parts for b in of_url[part.url][part.start : part.stop] if b >= 0)
-              for plan in rank] for rank in plans]
-    natural = [[len(bucket_batches(need, batch_size, 0)) for need in rank] for rank in needs]
-    quota = max(bucket_quota(n, max(workers, 1)) for n in natural)
     out = []
-    for rank, rank_needs in zip(plans, needs):
+    for rank in plans:
         slots = []
-        for w, (plan, need) in enumerate(zip(rank, rank_needs)):
+        for w, plan in enumerate(rank):
+            need = Counter(b for part in plan.parts for b in of_url[part.url][part.start : part.stop] if b >= 0)
             batches = bucket_batches(need, batch_size, quota // len(rank) + (w < quota % len(rank)))
             slots.append(WorkerPlan(plan.parts, tuple(s for _, s in batches), tuple(b for b, _ in batches)))
         out.append(slots)

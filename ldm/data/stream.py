@@ -16,7 +16,14 @@ from webdataset.tariterators import tarfile_samples
 from ldm.data import batch as B
 from ldm.data.collate import collate
 from ldm.data.decoder import SampleDecoder, SkipSample
-from ldm.data.shards import Part, bucket_of_samples, count_samples, plan_bucketed_epoch, plan_epoch, sample_sizes
+from ldm.data.shards import (
+    Part,
+    bucket_of_samples,
+    count_samples,
+    plan_bucketed_epoch,
+    plan_epoch,
+    sample_sizes,
+)
 
 log = logging.getLogger(__name__)
 SKIPPED = "_skipped"  # batch entry: {reason: count} since this worker's previous batch
@@ -77,7 +84,7 @@ class ShardStream(IterableDataset):
         if self.sample_buckets is None:
             plan = plan_epoch(self.urls, self.counts, *layout)[self.rank][worker]
         else:
-            plan = plan_bucketed_epoch(self.urls, self.counts, self.sample_buckets, *layout)[self.rank][worker]
+            plan = plan_bucketed_epoch(self.urls, self.counts, self.sample_buckets, len(self.bucket_index), *layout)[self.rank][worker]
         return list(plan.parts), list(plan.sizes), None if plan.buckets is None else list(plan.buckets)
 
     def __len__(self) -> int:
@@ -133,7 +140,8 @@ class ShardStream(IterableDataset):
         if plan is not None:
             queues = defaultdict(deque)
             for bucket, size in plan:
-                queues[bucket].append(size)
+                if size:  # an empty batch keeps the ranks in step: the caller repeats a sample
+                    queues[bucket].append(size)
         held: dict[int, list[dict[str, Any]]] = {}
         for sample in samples:
             bucket = self.bucket_index.get(tuple(sample[B.TARGET_SIZE].tolist()), -1)
