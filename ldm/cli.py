@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
+from ldm.training.preemption import Preemption  # noqa: E402
 from ldm.training.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
 
 CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
@@ -43,10 +44,10 @@ HARMLESS_WARNINGS = (
 class LdmCLI(LightningCLI):
     """Any LightningModule / LightningDataModule is chosen by `class_path`; runs log to `runs/`.
 
-    Every fit writes `last.ckpt` every 500 optimizer steps and at its end (`--checkpoint.*`), each file
-    written whole or not at all, with every random state and the data stream's position, so
-    `--ckpt_path <run>/checkpoints/last.ckpt` resumes exactly; and it ends by exporting the model's
-    weights as safetensors (`--export.path`, default `<log dir>/export.safetensors`).
+    Every fit writes `last.ckpt` every 500 optimizer steps, at its end and when SIGTERM or SIGUSR1 stops it
+    (`--checkpoint.*`, ldm.training.preemption), each file written whole or not at all, with every random
+    state and the data stream's position, so `--ckpt_path <run>/checkpoints/last.ckpt` resumes exactly; and it
+    ends by exporting the model's weights as safetensors (`--export.path`, default `<log dir>/export.safetensors`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -113,7 +114,7 @@ class LdmCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
-        trainer.callbacks.append(RandomStates())
+        trainer.callbacks += [RandomStates(), Preemption()]
         return trainer
 
 

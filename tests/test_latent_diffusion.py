@@ -178,6 +178,12 @@ def test_a_request_of_a_size_the_model_cannot_take_is_refused_naming_its_line(sh
         build_cli(["predict", *cli_args(TXT2IMG, shards, tmp_path), "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
 
 
+def test_buckets_whose_sides_the_model_cannot_take_are_refused_before_training(shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data.init_args.buckets: the buckets \[.*'24x44'.*\] \(width x height\) have "
+                                         r"sides that are not multiples of 8.*set buckets.multiple to a multiple of 8"):
+        build_cli(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--data.init_args.buckets", "{max_ratio: 2.0, multiple: 4}"])
+
+
 def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: tuple) -> None:
     cli, args, ckpt = trained
     model = cli.model.eval()

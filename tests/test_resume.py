@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,19 +47,19 @@ LOADER = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1
           "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]
 
 
-def _ldm_fit(args: list[str], expect_kill: bool) -> str:
+def _ldm_fit(args: list[str], expect_kill: bool, status: int = 0) -> str:
     """`ldm fit <args>` in a process group of its own; its output."""
     return run_isolated([sys.executable, "-m", "ldm.cli", "fit", *args], ROOT, TIMEOUT_S, {"OMP_NUM_THREADS": "1"},
-                        killed=expect_kill)
+                        killed=expect_kill, status=status)
 
 
-def fit(shards: Path, out: Path, *options: str, ddp: bool = False, expect_kill: bool = False) -> None:
-    """`ldm fit` of the tiny txt2img run into ``out`` (logs, checkpoints, export)."""
+def fit(shards: Path, out: Path, *options: str, ddp: bool = False, expect_kill: bool = False, status: int = 0) -> str:
+    """`ldm fit` of the tiny txt2img run into ``out`` (logs, checkpoints, export); its output."""
     args = [*cli_args(TXT2IMG, shards, out), "--model.init_args.backbone", str(ROOT / "configs/backbone/unet-tiny.yaml"),
             *LOADER, "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY), *options]
     if ddp:
         args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    _ldm_fit(args, expect_kill)
+    return _ldm_fit(args, expect_kill, status)
 
 
 def fit_autoencoder(shards: Path, out: Path, *options: str, expect_kill: bool = False) -> str:
@@ -74,10 +75,11 @@ def fit_autoencoder(shards: Path, out: Path, *options: str, expect_kill: bool = 
     return _ldm_fit([*args, *options], expect_kill)
 
 
-def crash_options(out: Path, kind: str, step: int, callbacks: str = "stage2") -> list[str]:
-    """Options making the run SIGKILL itself: at the end of ``step`` or in the middle of its checkpoint save."""
-    maker = {"class_path": f"tests.tiny_modules.{kind}", "init_args": {"step": step}}
-    if kind == "KillAt":  # added to the experiment's own callbacks
+def crash_options(out: Path, kind: str, step: int, callbacks: str = "stage2", **init_args: Any) -> list[str]:
+    """Options making the run SIGKILL itself (at the end of ``step`` or in the middle of its checkpoint save),
+    or signal itself (SignalAt)."""
+    maker = {"class_path": f"tests.tiny_modules.{kind}", "init_args": {"step": step, **init_args}}
+    if kind != "KilledDuringSave":  # a callback, added to the experiment's own
         experiment = yaml.safe_load((ROOT / "configs" / "callbacks" / f"{callbacks}.yaml").read_text())
         trainer = {"callbacks": [*experiment, maker]}
     else:
@@ -129,14 +131,36 @@ def test_a_run_killed_and_resumed_continues_exactly(crash: str, shards: Path, un
     assert_resumed_exactly(uninterrupted, out, saved)
 
 
-def test_a_ddp_run_killed_and_resumed_continues_exactly(shards: Path, tmp_path: Path) -> None:
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    fit(shards, reference, ddp=True)
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp-uninterrupted")
+    fit(shards, out, ddp=True)
+    return out
+
+
+def test_a_ddp_run_killed_and_resumed_continues_exactly(shards: Path, ddp_uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
     fit(shards, out, *crash_options(out, "KillAt", 5), ddp=True, expect_kill=True)
     last = out / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
     fit(shards, out, "--ckpt_path", str(last), ddp=True)
-    assert_resumed_exactly(reference, out, 3)
+    assert_resumed_exactly(ddp_uninterrupted, out, 3)
+
+
+@pytest.mark.parametrize("name, ddp", [("SIGUSR1", False), ("SIGTERM", True)], ids=["sigusr1", "sigterm-ddp-rank1"])
+def test_a_signalled_run_stops_after_its_step_with_a_checkpoint_and_resumes_exactly(
+        name: str, ddp: bool, shards: Path, uninterrupted: Path, ddp_uninterrupted: Path, tmp_path: Path) -> None:
+    """SLURM's --signal (SIGUSR1) or a spot instance's SIGTERM, here to rank 1 alone under DDP: every rank finishes
+    step 7, last.ckpt holds it (not the step-6 periodic one), nothing is exported, one line says where to resume."""
+    out = tmp_path / "run"
+    log = fit(shards, out, *crash_options(out, "SignalAt", 7, name=name, rank=int(ddp)), ddp=ddp, status=1)
+    last = out / "checkpoints" / "last.ckpt"
+    assert f"ldm: error: stopped by {name} after step 7; {last} holds it: resume with --ckpt_path {last}" in log
+    assert "Traceback" not in log
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
+    assert not (out / "export.safetensors").exists()
+    fit(shards, out, "--ckpt_path", str(last), ddp=ddp)
+    assert_resumed_exactly(ddp_uninterrupted if ddp else uninterrupted, out, 7)
 
 
 def test_a_bucketed_run_killed_and_resumed_continues_exactly(tmp_path: Path) -> None:

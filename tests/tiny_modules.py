@@ -39,6 +39,17 @@ class KillAt(Callback):
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
+class SignalAt(Callback):
+    """Sends signal ``name`` to its own process on ``rank`` when a training step ends, as a cluster tells a job to stop."""
+
+    def __init__(self, step: int, name: str = "SIGTERM", rank: int = 0) -> None:
+        self.step, self.name, self.rank = step, name, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signal, self.name))
+
+
 class KilledDuringSave(AtomicCheckpointIO):
     """Atomic checkpoint writing that SIGKILLs the run in the middle of the save at ``step``: the new file is
     half written to its temporary name and never renamed, as when a crash hits a save."""
