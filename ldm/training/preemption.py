@@ -29,7 +29,7 @@ class Preemption(L.Callback):
     """Stops a fit cleanly on ``signals``: every rank at the end of the same optimizer step (a signal to any
     rank counts: the flag is all-reduced after each step), ``last.ckpt`` written (atomically, as every
     checkpoint), no export (the run is not finished). Under SLURM (``SLURM_JOB_ID`` set) with ``requeue``,
-    rank 0 requeues the job, whose `--ckpt_path last` then resumes it (configs/slurm/fit.sbatch)."""
+    rank 0 requeues the job; relaunched with `--ckpt_path last`, it resumes from that file."""
 
     def __init__(self, signals: tuple[str, ...] = SIGNALS, requeue: bool = True) -> None:
         super().__init__()
