@@ -31,7 +31,7 @@ from ldm.cli import instantiate
 from ldm.data import batch as B
 from ldm.data.images import ImageDecoder
 from ldm.data.latents import cached_samples, view_tensors, write_info
-from ldm.data.shards import expand_shards, identify, scan_shard, write_shard_index
+from ldm.data.shards import expand_shards, identify, shard_keys, write_shard_index
 from ldm.data.stream import ShardStream
 from ldm.diffusion.module import LatentDiffusion
 
@@ -64,7 +64,7 @@ def cache_shard(model: LatentDiffusion, source: str, target: Path, decoder: Imag
         cached |= {sample["__key__"]: sample for sample in cached_samples(batch, tensors, codec_hash, text_hash)}
     partial = target.with_suffix(".partial")
     with wds.TarWriter(str(partial)) as sink:
-        for key, _ in scan_shard(source):
+        for key in shard_keys(source):
             if key in cached:  # skipped samples are not cached
                 sink.write(cached[key])
     os.replace(partial, target)

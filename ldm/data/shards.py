@@ -91,20 +91,32 @@ def unreadable_shards(urls: list[str]) -> dict[str, str]:
     return bad
 
 
+def _sample_members(tar: tarfile.TarFile) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Each sample (a run of members sharing a key) of an open tar in order, with its members by extension,
+    reading headers only; a truncated tail ends the list (the reader skips and counts the rest)."""
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    try:
+        for member in tar:
+            key, extension = base_plus_ext(member.name)
+            if member.isfile() and key is not None:
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][extension] = member
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return samples
+
+
 def _count_tar_samples(path: str) -> int:
-    """Number of samples (runs of members sharing a key) in a local tar, reading headers only."""
-    count, last = 0, None
+    """Number of samples in a local tar, reading headers only."""
     with _open_tar(path) as tar:
-        try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key = base_plus_ext(member.name)[0]
-                if key is not None and key != last:
-                    count, last = count + 1, key
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # a truncated tail: count what can be read; the reader skips and counts the rest
-    return count
+        return len(_sample_members(tar))
+
+
+def shard_keys(path: str) -> list[str]:
+    """The keys of a local tar's samples in order, reading headers only."""
+    with _open_tar(path) as tar:
+        return [key for key, _ in _sample_members(tar)]
 
 
 def _index_entries(urls: list[str]) -> dict[str, dict]:
@@ -146,18 +158,8 @@ def sample_sizes(urls: list[str]) -> list[list[Size | None]]:
 def scan_shard(path: str) -> list[tuple[str, Size | None]]:
     """(key, size (H, W)) of each sample of a local tar in order, reading only its json and, without one,
     its image header (None where neither gives a size)."""
-    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     with _open_tar(path) as tar:
-        try:
-            for member in tar:
-                key, extension = base_plus_ext(member.name)
-                if member.isfile() and key is not None:
-                    if not samples or samples[-1][0] != key:
-                        samples.append((key, {}))
-                    samples[-1][1][extension] = member
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # a truncated tail, as when counting
-        return [(key, _member_size(tar, members)) for key, members in samples]
+        return [(key, _member_size(tar, members)) for key, members in _sample_members(tar)]
 
 
 def _member_size(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> Size | None:
