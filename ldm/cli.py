@@ -38,6 +38,9 @@ HARMLESS_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # the frozen autoencoder and text encoders stay in eval mode on purpose (ldm.nn.frozen)
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    # predict batches are whole batches of one size each (RequestBatches); the writer names files by each
+    # request's own index, never by Lightning's batch indices
+    r"Couldn't infer the batch indices fetched from your dataloader",
 )
 
 
