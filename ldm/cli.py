@@ -25,8 +25,9 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
+from ldm.callbacks.finite_metrics import FiniteMetrics  # noqa: E402
 from ldm.training.preemption import Preemption  # noqa: E402
-from ldm.training.resume import AtomicCheckpointIO, Checkpoint, RandomStates  # noqa: E402
+from ldm.training.resume import AtomicCheckpointIO, Checkpoint, EpochLength, RandomStates  # noqa: E402
 
 CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
 OWN_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tools")  # where refusals come from
@@ -110,14 +111,17 @@ class LdmCLI(LightningCLI):
             prompts().refuse_sizes(multiple)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with every rank's random states in its checkpoints and checkpoint files written
-        atomically (unless the config names a CheckpointIO plugin of its own)."""
+        """The trainer, with every rank's random states in its checkpoints, checkpoint files written
+        atomically (unless the config names a CheckpointIO plugin of its own), each epoch's batch count read
+        again (an elastic resume changes it), preemption signals handled, and a run whose validation or test
+        metrics come out NaN/inf stopped before anything is written with them (FiniteMetrics)."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
-        trainer.callbacks += [RandomStates(), Preemption()]
+        trainer.callbacks += [RandomStates(), EpochLength(), Preemption()]
+        trainer.callbacks.insert(0, FiniteMetrics())  # first: its on_test_end runs before EvaluationReport's
         return trainer
 
 

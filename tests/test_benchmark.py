@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from ldm.training.speed import channels_last_pays, channels_last_weights
 from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
 from tools.bench import cli, compare, experiment
 
@@ -97,6 +98,21 @@ def test_options_the_data_benchmark_does_not_know_are_refused(capsys: pytest.Cap
     assert "unrecognized arguments: --model.init_args.backbone x.yaml" in capsys.readouterr().err
 
 
+def check_compare_row(row: dict, lines: list[str], size: int, batch_size: int, fast: bool) -> None:
+    """One point of compare: its settings, each one-step ratio the quotient of its step times, and its table line."""
+    ms, ratio = row["ms_per_step"], row["ratio_ldm_over_diffusers"]
+    assert (row["size"], row["batch_size"], row["steps"], row["channels_last"]) == (size, batch_size, 1, fast)
+    assert set(ms) == {"ldm", "diffusers"} | ({"ldm_fast"} if fast else set()) and all(v > 0 for v in ms.values())
+    assert set(ratio) == {"plain"} | ({"fast"} if fast else set())
+    for name, column in (("ldm", "plain"), ("ldm_fast", "fast")):
+        if fast or column == "plain":  # one step: one pair, its quartiles the same number
+            assert ratio[column] == pytest.approx(dict.fromkeys(("median", "q1", "q3"), ms[name] / ms["diffusers"]))
+    cells = [f"{size:>5}", f"{batch_size:>5}", f"{ms['ldm']:9.1f}", f"{ms['ldm_fast']:9.1f}" if fast else f"{'—':>9}",
+             f"{ms['diffusers']:12.1f}", f"{compare._ratio(ratio['plain']):<20}",
+             f"{compare._ratio(ratio.get('fast')):<20}", f"{row['load_average']:.1f}"]
+    assert f"  {' '.join(cells[:5])}  {' '.join(cells[5:])}" in lines
+
+
 @pytest.mark.parametrize("arch", ["unet", "dit", "vae"])
 def test_compare_builds_the_same_function_twice_and_times_both(arch: str, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,17 +121,25 @@ def test_compare_builds_the_same_function_twice_and_times_both(arch: str, monkey
     ours.eval(), theirs.eval()  # diffusers' DiT drops class labels at random in training
     with torch.random.fork_rng():  # the VAE draws its posterior sample: the same draw for both
         torch.manual_seed(0)
-        a = ours_step()
+        a = ours_step(ours)
         torch.manual_seed(0)
-        b = theirs_step()
+        b = theirs_step(theirs)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # the same weights, the same loss
 
     ours.train(), theirs.train()  # as built: the command times training steps
     monkeypatch.setattr(compare, "build", lambda *args: pair)  # DiT-S/2 and kl-f8 take seconds to build: once
     out, result = run(["compare", "--arch", arch, "--batch-size", "1", "--size", "8", "--steps", "1", "--warmup", "0",
                        "--device", "cpu", "--fast"], capsys)
-    ms = result["ms_per_step"]
-    assert (result["arch"], result["batch_size"], result["size"], result["steps"]) == (arch, 1, 8, 1)
-    assert set(ms) == {"ldm", "diffusers"} and all(v > 0 for v in ms.values())
-    assert result["median_ratio_ldm_over_diffusers"] == pytest.approx(ms["ldm"] / ms["diffusers"])  # one step: one pair
-    assert "median of paired ratios" in out and result["channels_last"] == (arch != "dit")
+    assert (result["arch"], result["steps"], len(result["rows"])) == (arch, 1, 1)
+    fast = arch != "dit" and channels_last_pays(ours)  # the fast column: where speed_up chooses channels-last
+    check_compare_row(result["rows"][0], out.splitlines(), 8, 1, fast=fast)
+    assert not channels_last_weights(ours)  # the fast column trains a copy
+
+
+def test_compare_sweeps_every_size_with_every_batch_size(capsys: pytest.CaptureFixture[str]) -> None:
+    out, result = run(["compare", "--arch", "unet", "--sizes", "8", "16", "--batch-sizes", "1", "2", "--steps", "1",
+                       "--warmup", "0", "--device", "cpu", "--fast"], capsys)
+    points = [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert [(row["size"], row["batch_size"]) for row in result["rows"]] == points
+    for row, (size, batch_size) in zip(result["rows"], points):
+        check_compare_row(row, out.splitlines(), size, batch_size, fast=True)

@@ -66,3 +66,14 @@ def test_data_benchmark_times_buckets_beside_square_crops_on_the_same_shards(
     square, bucketed = result["loader_images_per_s"]["0"], result["loader_images_per_s_buckets"]["0"]
     assert _positive(square) and _positive(bucketed) and result["buckets_over_square"]["0"] == bucketed / square
     assert f"{0:>7}  {square:>9.1f}  {bucketed:>9.1f}  {bucketed / square:>5.2f}" in lines
+
+
+def test_resume_benchmark_times_a_restored_loader_to_its_first_batch(tmp_path: Path, capsys) -> None:
+    """`tools/benchmark.py resume`: a time to the first batch for each position in the epoch, in the table and the JSON."""
+    write_shards(tmp_path, [30, 30], (16, 16))
+    cli.main(["resume", "--shards", str(tmp_path / "shard-*.tar"), "--resolution", "16", "--batch-size", "4",
+              "--workers", "0", "--shuffle-buffer", "4", "--fractions", "0.2", "0.8", "--repeats", "1"])
+    lines, result = _lines_and_result(capsys.readouterr().out)
+    assert result["batches_per_epoch"] == 15 and list(result["seconds_to_first_batch"]) == ["0.2", "0.8"]
+    assert all(_positive(s) for s in result["seconds_to_first_batch"].values())
+    assert any(line.split()[0] == "80%" for line in lines[2:-1])

@@ -27,6 +27,8 @@ from tests.stage2 import (
 EXPERIMENTS = ROOT / "experiments"
 TXT2IMG = EXPERIMENTS / "shapes" / "txt2img_unet.yaml"
 PARTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "autoencoder")
+BENCHMARKED = {"dit-XL-2-256.yaml": EXPERIMENTS / "cifar10" / "dit.yaml",  # a benchmark part -> the experiment it sets up
+               "sd15-random.yaml": EXPERIMENTS / "sd" / "finetune_sd15.yaml"}
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 
 
@@ -57,6 +59,13 @@ USED_BY_EXPERIMENTS = set().union(*(references(e) for e in EXPERIMENTS.rglob("*.
 def _run(args: list[str]) -> None:
     cli = build_cli(["fit", *args, "--trainer.fast_dev_run", "1"])
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def holds(composed: Any, written: Any) -> bool:
+    """Does ``composed`` hold every value ``written`` states? (A class's init_args compose with their defaults.)"""
+    if isinstance(written, dict):
+        return isinstance(composed, dict) and all(k in composed and holds(composed[k], v) for k, v in written.items())
+    return composed == written
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +103,22 @@ def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Pat
         _run(cli_args(TXT2IMG, shards, tmp_path, parts=(name,)))
     elif kind == "trainer":  # GPU settings: they compose here and run where CUDA is
         composed = compose(["--config", str(TXT2IMG), "--config", name])["trainer"]
-        assert all(composed[k] == v for k, v in yaml.safe_load(part.read_text())["trainer"].items())
+        assert holds(composed, yaml.safe_load(part.read_text())["trainer"])
         if not torch.cuda.is_available():
             pytest.skip("a GPU trainer part: it composes here (checked above) and trains a step where CUDA is")
         _run(cli_args(TXT2IMG, shards, tmp_path, parts=(name,)))
-    elif kind == "benchmark":  # a setup tools/benchmark.py times on a CIFAR-10 experiment: composes as written
-        composed = compose(["--config", str(EXPERIMENTS / "cifar10" / "dit.yaml"), "--config", name])
+    elif kind == "benchmark":  # a setup tools/benchmark.py and tools/gpu_check.py time: composes as written, random weights
+        composed = compose(["--config", str(BENCHMARKED[part.name]), "--config", name])
         model, data = composed["model"]["init_args"], composed["data"]["init_args"]
         written = yaml.safe_load(part.read_text())
-        backbone = yaml.safe_load((part.parent / written["model.init_args.backbone"]).read_text())
-        assert model["backbone"]["init_args"]["width"] == backbone["init_args"]["width"]
-        assert model["codec"]["init_args"].get("weights") is None and model["codec"]["init_args"]["vae"]["init_args"]["base_channels"] == 128
-        assert data["resolution"] == written["data.init_args.resolution"] and data["batch_size"] == written["data.init_args.batch_size"]
+        assert model.get("init_weights") is None and model["codec"]["init_args"].get("weights") is None  # nothing to load
+        assert model["codec"]["init_args"]["vae"]["init_args"]["base_channels"] == 128  # kl-f8
+        if "model.init_args.backbone" in written:  # DiT-XL/2 at 256 px
+            backbone = yaml.safe_load((part.parent / written["model.init_args.backbone"]).read_text())
+            assert model["backbone"]["init_args"]["width"] == backbone["init_args"]["width"]
+            assert data["resolution"] == written["data.init_args.resolution"] and data["batch_size"] == written["data.init_args.batch_size"]
+        else:  # the SD-1.5 fine-tune: its text tower random too
+            assert all(e["init_args"]["clip"]["random_init"] for e in model["conditioner"]["init_args"]["embedders"])
     elif kind == "callbacks":  # an evaluation setup for a CIFAR-10 experiment (tools/sampler_table.py): composes as written
         composed = compose(["--config", str(EXPERIMENTS / "cifar10" / "unet.yaml"), "--trainer.callbacks", name])
         written = yaml.safe_load(part.read_text())

@@ -4,6 +4,7 @@ and the tool resumes and splits across processes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.cli import build_cli, compose, instantiate
 from ldm.data import batch as B
+from ldm.data.datamodule import WebDataModule
 from ldm.data.entries import resize_map
-from ldm.data.latents import CACHE_INFO, MEAN, TENSORS
+from ldm.data.latents import CACHE_INFO, MEAN, TENSORS, LatentDecoder
 from ldm.data.shards import expand_shards
 from ldm.data.stream import ShardStream
 from ldm.data.synthetic import write_shapes
@@ -205,3 +207,26 @@ def test_a_bucketed_cache_gives_the_batches_and_latents_training_from_images_wou
     square.setup("fit")
     with pytest.raises(ValueError, match=r"is at bucket \[\d+, \d+\] \(H, W\), but this run's data has no buckets: rebuild the cache"):
         next(iter(square.train_dataloader()))
+
+
+def test_a_cache_loader_resumes_at_its_position_decoding_nothing_before_it(float_cache: tuple[Path, dict],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latent-cache shards resume as image shards do: the shards reopened at the workers' positions."""
+    latents, _ = float_cache
+
+    def loader():
+        data = WebDataModule(train=str(latents / "shard-*.tar"), batch_size=2, num_workers=0, resolution=32,
+                             shuffle_buffer=2, pin_memory=False)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    expected = [list(b[B.KEY]) for b in loader()]
+    interrupted = loader()
+    seen = [list(b[B.KEY]) for b in itertools.islice(iter(interrupted), 4)]  # 8 of 12 samples
+    decoded = []
+    original = LatentDecoder.__call__
+    monkeypatch.setattr(LatentDecoder, "__call__", lambda self, raw, rng: decoded.append(raw["__key__"]) or original(self, raw, rng))
+    resumed = loader()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert len(expected) == 6 and seen + [list(b[B.KEY]) for b in resumed] == expected
+    assert len(decoded) == 4  # the 2 in the shuffle buffer and the 2 still unread

@@ -330,7 +330,7 @@ def test_validation_and_predict_use_the_ema_and_restore_the_trained_weights() ->
 def test_the_image_grid_also_samples_the_first_val_batch_at_each_size_asked(tmp_path: Path) -> None:
     model = tiny_model()
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, log_dir=str(tmp_path), is_global_zero=True,
-                              loggers=[], global_step=3)
+                              loggers=[], global_step=3, strategy=SimpleNamespace(model=model))
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 3]), "key": ["a", "b"]}
     ImageGrid(nrow=2, sizes=[(32, 16), (16, 24)]).on_validation_batch_end(trainer, model, None, batch, 0)
     grids = {p.name: Image.open(p).size for p in (tmp_path / "images").glob("*.png")}

@@ -27,8 +27,10 @@ from ldm.metrics.base import metric_classes
 from ldm.metrics.clip_score import CLIPScore, clip_score
 from ldm.metrics.evaluation import load_metrics
 from ldm.metrics.features import InceptionFeatures
-from ldm.metrics.fid import FID, KID, kid
+from ldm.metrics.fid import FID, KID, SFID, kid
+from ldm.metrics.inception_score import InceptionScore
 from ldm.metrics.paired import LPIPS, PSNR, SSIM
+from ldm.metrics.precision_recall import PrecisionRecall
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
 from tests.assets import asset
 from tests.shardutil import write_shards
@@ -159,17 +161,22 @@ def test_reference_cache_keys_by_content_and_keeps_features_only_when_asked(tmp_
     assert cache.load(key, keep=True) is None  # KID needs the features, which this entry lacks
 
 
-@pytest.fixture
-def random_inception(tmp_path) -> tuple[Path, nn.Module]:
-    """torch-fidelity's Inception with random weights, and the state dict file it was saved to."""
+def random_inception_file(path: Path, features: tuple[str, ...] = ("2048",)) -> nn.Module:
+    """torch-fidelity's Inception with random weights (seed 0) giving ``features``, its state dict saved to ``path``."""
     with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
         mp.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
         mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
         torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path / "inception.pth"
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", list(features))
     torch.save(net.state_dict(), path)
-    return path, net
+    return net
+
+
+@pytest.fixture
+def random_inception(tmp_path) -> tuple[Path, nn.Module]:
+    """torch-fidelity's Inception with random weights, and the state dict file it was saved to."""
+    path = tmp_path / "inception.pth"
+    return path, random_inception_file(path)
 
 
 @pytest.mark.parametrize("where", ["path", "torch hub cache"])
@@ -256,7 +263,7 @@ def test_a_metric_without_weights_is_left_out_in_one_line(pretrained, caplog, of
 
 def test_every_metric_is_found_by_the_name_it_reports():
     classes = metric_classes()
-    for cls in (FID, KID, CLIPScore, PSNR, SSIM, LPIPS):
+    for cls in (FID, SFID, KID, InceptionScore, PrecisionRecall, CLIPScore, PSNR, SSIM, LPIPS):
         assert classes[cls.names[0]] is cls
 
 
@@ -358,5 +365,6 @@ def test_cli_help(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     for option in ("--generated", "--reference", "--metrics", "--captions", "--inception-weights", "--clip-pretrained",
-                   "--kid", "--out", "fid", "kid", "clip_score", "psnr", "ssim", "lpips"):
+                   "--kid", "--out", "--write-reference", "fid", "sfid", "inception_score", "precision", "kid",
+                   "clip_score", "psnr", "ssim", "lpips", ".npz"):
         assert option in out

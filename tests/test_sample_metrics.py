@@ -1,5 +1,6 @@
 """Evaluation callbacks: SampleMetrics (its metric list: FID against the exact feature statistics, KID, CLIP
-score, PSNR / SSIM / LPIPS, a metric defined here; the reference cache, seeds that make FID independent of the
+score, PSNR / SSIM / LPIPS, precision and recall by name, a metric defined here (the rest of the ADM suite:
+tests/test_eval_suite.py); the reference cache, seeds that make FID independent of the
 world size), the names shared with EvaluationReport and tools/evaluate.py, and TrainingMonitor.
 
 CLI runs use the shapes experiments on tiny 16 px shards with a tiny feature extractor
@@ -213,10 +214,11 @@ def test_a_metric_defined_outside_ldm_plugs_in_and_keeps_its_name_everywhere(sha
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The callback logs ``test/<name>`` for every name of every metric, the report writes those keys, and
     tools/evaluate.py prints and writes the bare names for the same metrics asked by name."""
-    entries = [metric(f"{__name__}.MeanGap"), FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=3)]
+    entries = [metric(f"{__name__}.MeanGap"), FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=3),
+               metric("ldm.metrics.precision_recall.PrecisionRecall")]
     cli = run("test", cli_args(AUTOENCODER, shards, tmp_path / "run", [metrics_callback(tmp_path / "cache", metrics=entries)]))
     names = [name for m in sample_metrics(cli).metrics for name in m.names]
-    assert names == ["mean_gap", "fid", "kid", "kid_std"]
+    assert names == ["mean_gap", "fid", "kid", "kid_std", "precision", "recall"]
     reported = report(tmp_path / "run")["metrics"]
     assert all(math.isfinite(reported[f"test/{name}"]) for name in names) and reported["test/mean_gap"] > 0
     assert reported == pytest.approx({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
@@ -224,7 +226,8 @@ def test_a_metric_defined_outside_ldm_plugs_in_and_keeps_its_name_everywhere(sha
     monkeypatch.setattr(evaluate, "inception_for", lambda metrics, weights: TinyFeatures())
     test_shards = str(shards / "test" / "shard-*.tar")
     out = evaluate.main(["--generated", test_shards, "--reference", test_shards, "--resolution", str(RESOLUTION),
-                         "--metrics", "mean_gap", "fid", "kid", "--kid-subset-size", "3", "--out", str(tmp_path / "ev.json")])
+                         "--metrics", "mean_gap", "fid", "kid", "precision", "--kid-subset-size", "3",
+                         "--out", str(tmp_path / "ev.json")])
     assert [k for k in out if k in names] == names and out["mean_gap"] == 0  # the same images: no gap
     printed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [name for name in printed if name in names] == names

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.training import module as training_module
-from ldm.training.speed import clip_gradients, speed_up
+from ldm.training.speed import channels_last_pays, channels_last_weights, clip_gradients, speed_up
 from tests.test_guards import _autoencoder, _batches
 from tests.test_latent_diffusion import tiny_model
 
@@ -54,12 +54,28 @@ def test_latent_diffusion_fast_paths_agree_with_eager(fast: dict) -> None:
 
 
 def test_autoencoder_options_build_the_fast_paths(fresh_dynamo) -> None:
+    """``channels_last`` reaches the discriminator; the VAE keeps NCHW weights (speed_up's per-module choice)."""
     x = _batches(1)[0]["image"]
     with torch.no_grad():
         eager = _autoencoder().vae(x, sample=False)[0]
-        model = _autoencoder(channels_last=True, compile=COMPILE)
-        assert model.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+        with pytest.warns(UserWarning, match="channels_last: VAE keeps its NCHW weights"):
+            model = _autoencoder(channels_last=True, compile=COMPILE)
+        assert channels_last_weights(model.loss.discriminator) and not channels_last_weights(model.vae)
         torch.testing.assert_close(model.vae(x, sample=False)[0], eager, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_is_chosen_per_module_where_it_measured_faster() -> None:
+    """The UNet goes channels-last; SD's autoencoder, which measured no faster with it (README, Performance),
+    stays NCHW and says so; a module without the class attribute goes channels-last by default."""
+    model = tiny_model()
+    speed_up(model.backbone, channels_last=True)
+    assert channels_last_pays(model.backbone) and channels_last_weights(model.backbone)
+    with pytest.warns(UserWarning, match="channels_last: VAE keeps its NCHW weights"):
+        speed_up(model.codec.vae, channels_last=True)
+    assert not channels_last_pays(model.codec.vae) and not channels_last_weights(model.codec.vae)
+    conv = torch.nn.Conv2d(2, 3, 3)
+    speed_up(conv, channels_last=True)
+    assert channels_last_weights(conv)
 
 
 @pytest.mark.parametrize("dynamic", [None, False], ids=["default: dynamic after a recompile", "dynamic: false"])
@@ -133,7 +149,7 @@ def test_both_modules_clip_with_the_fused_default_optimizers(precision: str, mon
     stage 2 reach ``clip_gradients``, fused AdamW and bf16 included."""
     calls = []
     monkeypatch.setattr(training_module, "clip_gradients",
-                        lambda o, v, a, s: calls.append((type(o), v)) or clip_gradients(o, v, a, s))
+                        lambda o, v, a, s, model=None: calls.append((type(o), v)) or clip_gradients(o, v, a, s, model=model))
     trainer = dict(max_steps=2, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_val_batches=0)
     fused = lambda params: torch.optim.Adam(params, lr=1e-4, fused=True)  # noqa: E731

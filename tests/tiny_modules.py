@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
@@ -48,6 +50,18 @@ class SignalAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), getattr(signal, self.name))
+
+
+class RecordKeys(Callback):
+    """Appends each training batch's sample keys, with its epoch and step, to ``<folder>/keys-rank<r>.jsonl``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"keys-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step, "keys": list(batch["key"])}) + "\n")
 
 
 class KilledDuringSave(AtomicCheckpointIO):

@@ -1,20 +1,30 @@
-"""Score generated images against a reference set with any of ldm's metrics: FID (default), KID, CLIP score,
-PSNR, SSIM, LPIPS, ...
+"""Score generated images against a reference set with any of ldm's metrics: FID (default), sFID, Inception
+Score, precision and recall, KID, CLIP score, PSNR, SSIM, LPIPS, ...
 
 Each set is a folder of images (png / jpg / jpeg / webp, searched recursively, captions in
-sidecar .txt files) or a WebDataset shard pattern (captions from the samples' txt). Images are
-resized on their shorter side and center-cropped to --resolution, as training data is.
+sidecar .txt files), a WebDataset shard pattern (captions from the samples' txt), or an ADM-style
+.npz batch (guided-diffusion's evaluations/, e.g. VIRTUAL_imagenet256_labeled.npz: images in arr_0,
+used at their size). Images of folders and shards are resized on their shorter side and
+center-cropped to --resolution, as training data is. An .npz reference's published statistics
+(mu / sigma, mu_s / sigma_s) are read as they are for FID and sFID, so the figures compare with
+the papers' (ADM, DiT, SiT, EDM2, REPA: fid sfid inception_score precision recall); its images
+serve the metrics needing features (precision, recall, KID). --write-reference OUT.npz writes the
+--reference set as such a batch (images and Inception statistics), from our own data.
 
     python tools/evaluate.py --generated samples/ --reference 'data/val-{0000..0004}.tar' \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --metrics fid kid clip_score --out report.json
+    python tools/evaluate.py --generated samples.npz --reference VIRTUAL_imagenet256_labeled.npz \
+        --metrics fid sfid inception_score precision --out report.json      # the ADM evaluator's five numbers
 
---metrics takes the metrics' names, those `ldm test` logs (fid, kid, clip_score, psnr, ssim, lpips, ...),
+--metrics takes the metrics' names, those `ldm test` logs (fid, sfid, inception_score, precision, kid,
+clip_score, psnr, ssim, lpips, ...; a metric reporting two values, as precision and recall, by its first),
 and the report and the printout give each value under those names. Paired metrics (psnr, ssim, lpips)
 compare the i-th generated image with the i-th reference image, in sorted file (or shard) order:
 reconstructions against their originals. Pretrained weights load as their libraries do: a local path
 if given, else the library's cache, else its download (none with LDM_OFFLINE=1). Without Inception
-weights the tool stops, naming the option. CLIP score needs captions for the generated images
-(sidecars, shard txt or --captions, one line per image in sorted file order) and OpenCLIP weights;
+weights the tool stops, naming the option; with an Inception file lacking the classifier (the
+Inception Score's), that metric alone is left out, in one line. CLIP score needs captions for the generated
+images (sidecars, shard txt or --captions, one line per image in sorted file order) and OpenCLIP weights;
 without either it is left out.
 """
 
@@ -39,14 +49,28 @@ from ldm.data.stream import ShardStream
 from ldm.metrics.base import SampleMetric, TextMetric, metric_classes
 from ldm.metrics.clip_score import CLIPScore
 from ldm.metrics.evaluation import Evaluation, inception_for, load_metrics
+from ldm.metrics.features import FeaturesUnavailable, InceptionFeatures
 from ldm.metrics.fid import KID
 from ldm.metrics.paired import LPIPS
+from ldm.metrics.reference_batch import (
+    STATISTICS,
+    image_count,
+    is_reference_batch,
+    read_images,
+    read_statistics,
+    write_reference_batch,
+)
 from ldm.metrics.statistics import ReferenceCache
 from ldm.weights.io import WeightsUnavailable, state_sha256
 
 
 def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tuple[Tensor, list[str]]]:
-    """(images (B, 3, R, R) in [-1, 1], captions, "" where none) from a folder or a shard pattern."""
+    """(images (B, 3, R, R) in [-1, 1], captions, "" where none) from a folder or a shard pattern; from an ADM
+    .npz batch its images at their own size, without captions."""
+    if is_reference_batch(source):
+        for images in read_images(source, batch_size):
+            yield images, [""] * len(images)
+        return
     decoder = ImageDecoder(resolution=resolution, crop="center", require=())
     if not Path(source).is_dir():
         for batch in ShardStream(expand_shards(source), decoder, batch_size).batches(worker=0):
@@ -78,7 +102,9 @@ def _load(path: Path, decoder: ImageDecoder, rng: random.Random) -> dict:
 
 
 def _sources(source: str) -> list[str]:
-    """The files a folder or shard pattern reads, in order."""
+    """The files a folder, shard pattern or .npz batch reads, in order."""
+    if is_reference_batch(source):
+        return [source]
     return [str(p) for p in _images(source)] if Path(source).is_dir() else expand_shards(source)
 
 
@@ -98,11 +124,13 @@ def evaluate(
     for true FID). ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps the
     reference's features on disk, keyed by its files (sizes and modification times), the resolution, the
     feature kind and the extractor's weights, so an edited reference is never served from a stale entry.
+    An .npz ``reference`` gives its published statistics (``ldm.metrics.reference_batch``) as they are.
     """
     run = Evaluation(metrics, extractor)
-    modules = [m for m in (extractor, *metrics) if m is not None]
-    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
-    cache = ReferenceCache(reference_cache) if reference_cache is not None and run.kinds else None
+    if is_reference_batch(reference):
+        run.use_statistics(read_statistics(reference), image_count(reference))
+    device = _device(extractor, *metrics)
+    cache = ReferenceCache(reference_cache) if reference_cache is not None and run.compared else None
     if cache is not None:
         key = {"data": identify(_sources(reference)), "resolution": resolution, "extractor": state_sha256(extractor)}
         run.reference = run.cached_reference(cache, key)
@@ -129,6 +157,20 @@ def evaluate(
     if run.reference is not None:
         report["reference_count"] = next(iter(run.reference.values())).count
     return report | values
+
+
+def _device(*modules: nn.Module | None) -> torch.device:
+    """Where the first module with parameters lives (the CPU if none has any)."""
+    return next((p.device for m in modules if m is not None for p in m.parameters()), torch.device("cpu"))
+
+
+def write_reference(source: str, out: str, extractor: nn.Module, resolution: int = 256, batch_size: int = 50) -> int:
+    """Write ``source`` (a folder, shards or an .npz) as an ADM reference batch ``out``: its images as this tool
+    reads them and the mean and covariance of their features of each kind of ``STATISTICS`` (pool3 and spatial,
+    from ``extractor``: ``InceptionFeatures``); returns the number of images."""
+    device = _device(extractor)
+    batches = (images.to(device) for images, _ in iter_batches(source, resolution, batch_size))
+    return write_reference_batch(out, batches, extractor)
 
 
 PAIRS = "paired metrics need as many reference images as generated ones, in the same order"
@@ -161,8 +203,10 @@ def build_metrics(names: Sequence[str], args: argparse.Namespace) -> list[Sample
 def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     names = sorted(metric_classes())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generated", required=True, help="folder of images or shard pattern")
-    parser.add_argument("--reference", required=True, help="folder of images or shard pattern")
+    parser.add_argument("--generated", help="folder of images, shard pattern or .npz batch (arr_0)")
+    parser.add_argument("--reference", required=True, help="folder of images, shard pattern or ADM reference .npz")
+    parser.add_argument("--write-reference", metavar="OUT.npz", help="write --reference as an ADM reference batch "
+                        "(images in arr_0, Inception mu / sigma and mu_s / sigma_s) before evaluating, if --generated")
     parser.add_argument("--metrics", nargs="+", default=["fid", "clip_score"], choices=names, metavar="NAME",
                         help=f"metrics to compute, of {', '.join(names)} (default: fid clip_score)")
     parser.add_argument("--captions", help="text file, one caption per generated image in sorted file order")
@@ -181,20 +225,36 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--reference-cache", help="folder caching the reference's features, keyed by its files' content")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="JSON report path")
+    parser.add_argument("--out", help="JSON report path (required with --generated)")
     args = parser.parse_args(argv)
+    if args.generated is None and args.write_reference is None:
+        parser.error("--generated (to evaluate) or --write-reference (to write a reference batch) is required")
+    if args.generated is not None and args.out is None:
+        parser.error("--out is required with --generated")
 
+    if args.write_reference is not None:
+        try:
+            writer = InceptionFeatures(args.inception_weights, list(STATISTICS)).to(args.device)
+        except WeightsUnavailable as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        count = write_reference(args.reference, args.write_reference, writer, args.resolution, args.batch_size)
+        print(f"wrote {count} reference images and their statistics to {args.write_reference}")
+        if args.generated is None:
+            return {"reference": args.reference, "reference_count": count}
     metrics = build_metrics([*args.metrics, *(["kid"] if args.kid else [])], args)
     try:
         extractor = inception_for(metrics, args.inception_weights)
+    except FeaturesUnavailable:
+        extractor = None  # load_metrics leaves out the metrics reading the missing kinds, in one line
     except WeightsUnavailable as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    metrics, extractor = load_metrics(metrics, extractor)
+    metrics, extractor = load_metrics(metrics, extractor, args.inception_weights)
     for module in (extractor, *metrics):
         if module is not None:
             module.to(args.device)
     captions = Path(args.captions).read_text().splitlines() if args.captions else None
-    report = evaluate(args.generated, args.reference, metrics, extractor, args.resolution, args.batch_size, captions,
+    reference = args.write_reference or args.reference  # a reference just written is read back, statistics and all
+    report = evaluate(args.generated, reference, metrics, extractor, args.resolution, args.batch_size, captions,
                       args.reference_cache)
     for metric in metrics:
         if isinstance(metric, TextMetric) and metric.names[0] not in report:

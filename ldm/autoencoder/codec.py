@@ -40,7 +40,11 @@ class LatentCodec(StaysInEval):
         self.vae.requires_grad_(False).eval()
         self.sample_posterior = sample_posterior
         self.weights = weights
-        self._weights_hash: str | None = None
+        # hashed now and after every state-dict load (a checkpoint's weights): once a sharding strategy (FSDP) has
+        # split the weights, no rank holds them whole
+        self._weights_hash = state_sha256(self.vae, exclude=STATS_KEYS)
+        self.register_load_state_dict_post_hook(_rehash)
+        self._fingerprint: tuple[tuple[int, ...], dict[str, Any]] | None = None  # (statistics' versions, fingerprint)
         if scale is not None:
             mean, std = torch.zeros_like(vae.latent_mean), torch.full_like(vae.latent_std, 1 / scale)
         else:
@@ -61,9 +65,13 @@ class LatentCodec(StaysInEval):
         Stage-2 checkpoints and latent caches record it; latents from another codec or other
         statistics mean something else, so they are refused rather than silently decoded.
         """
-        if self._weights_hash is None:  # the weights are frozen: hash them once
-            self._weights_hash = state_sha256(self.vae, exclude=STATS_KEYS)
-        return {"weights_sha256": self._weights_hash, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        # read from the device once per value of the statistics (their version counters and storage): a latent-cache
+        # step compares fingerprints, and must not wait for the device to do so
+        key = (self.mean._version, self.std._version, self.mean.data_ptr(), self.std.data_ptr())
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, {"weights_sha256": self._weights_hash, "mean": self.mean.flatten().tolist(),
+                                       "std": self.std.flatten().tolist()})
+        return self._fingerprint[1]
 
     @property
     def latent_channels(self) -> int:
@@ -120,3 +128,8 @@ def check_same_codec(recorded: dict[str, Any] | None, codec: LatentCodec, source
             f"{source} was made with other latent statistics (mean {recorded['mean']}, std {recorded['std']}) than "
             f"{where} (mean {current['mean']}, std {current['std']}): load the autoencoder export it was made with"
         )
+
+
+def _rehash(codec: LatentCodec, incompatible_keys: Any) -> None:
+    """The loaded weights are the codec's now: hash them."""
+    codec._weights_hash = state_sha256(codec.vae, exclude=STATS_KEYS)

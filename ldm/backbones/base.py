@@ -11,10 +11,13 @@ class Backbone(nn.Module):
     Subclasses take ``in_channels, out_channels, context_dim, vector_dim`` as their first four
     constructor arguments, in that order: LatentDiffusion fills them (it alone knows the latent,
     concat, token and vector sizes), and a backbone YAML holds only the remaining knobs. They set
-    ``size_multiple``, the number the latent's sides must be multiples of.
+    ``size_multiple``, the number the latent's sides must be multiples of, and declare in
+    ``block_types`` the classes of their repeated blocks: sharded training (``ldm.training.fsdp``)
+    makes each such block one FSDP unit and checkpoints its activations.
     """
 
     size_multiple: int = 1
+    block_types: tuple[type[nn.Module], ...] = ()  # repeated blocks; none: the backbone is one FSDP unit
 
     def forward(
         self,

@@ -85,6 +85,8 @@ class DiT(Backbone):
     ``context_dim``, are read by a cross-attention in each block.
     """
 
+    block_types = (DiTBlock,)
+
     def __init__(
         self,
         in_channels: int,  # latent channels, concat conditioning included

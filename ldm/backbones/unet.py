@@ -31,6 +31,8 @@ class UNet(Backbone):
     of ``2 ** (len(channel_mult) - 1)``.
     """
 
+    block_types = (ResBlock, SpatialTransformer)
+
     def __init__(
         self,
         in_channels: int,  # latent channels plus concat-conditioning channels

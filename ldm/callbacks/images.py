@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
 from ldm.data import batch as B
+from ldm.training.fsdp import call_as_forward, sharded
 
 
 class ImageGrid(L.Callback):
@@ -18,7 +20,8 @@ class ImageGrid(L.Callback):
     The first validation batch is the same every time (validation streams in a fixed order), so
     the grids of successive validations show the same inputs, prompts and seeds. With ``sizes`` a stage-2
     module also samples that batch's conditions at each (width, height), e.g. [[96, 48], [48, 96]]: one grid
-    per aspect ratio, named ``<grid>_<W>x<H>``.
+    per aspect ratio, named ``<grid>_<W>x<H>``. Rank zero alone samples and logs, except under FSDP, where every
+    rank samples its first batch (each backbone unit gathers its parameters collectively) and rank zero logs.
     """
 
     def __init__(self, every_n_epochs: int = 1, nrow: int = 8, save_png: bool = True,
@@ -33,12 +36,15 @@ class ImageGrid(L.Callback):
         if batch_idx or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask, or rank 0 waits forever
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or sharded(trainer.strategy)):
             return
-        grids = pl_module.log_images(batch)
+        log_images = partial(call_as_forward, trainer.strategy, pl_module, "log_images")
+        grids = log_images(batch)
         for width, height in self.sizes:
             grids |= {f"{name}_{width}x{height}": images
-                      for name, images in pl_module.log_images(B.as_requests(batch, (height, width))).items()}
+                      for name, images in log_images(B.as_requests(batch, (height, width))).items()}
+        if not trainer.is_global_zero:
+            return
         for name, images in grids.items():
             grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=self.nrow)  # (3, H', W') in [0, 1]
             for logger in trainer.loggers:

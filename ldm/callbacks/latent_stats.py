@@ -10,6 +10,7 @@ import torch
 
 from ldm.autoencoder.vae import estimate_latent_stats
 from ldm.data import batch as B
+from ldm.training.nonfinite import diverged
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 class LatentStatistics(L.Callback):
     """At the end of training, stores the per-channel mean/std of posterior samples of ``batches``
     training batches in the autoencoder's buffers (``pl_module.vae``), where the export (and
-    every later checkpoint) carries them: stage 2 normalises latents with them.
+    every later checkpoint) carries them: stage 2 normalises latents with them. Statistics with NaN/inf (a
+    diverged run whose latents overflow, its weights still finite) end the run instead: nothing carries them.
 
     The posterior samples come from a generator of its own, seeded by ``seed`` (plus the rank), so
     the estimate does not depend on how the run used the global RNG. Under DDP every rank encodes
@@ -42,5 +44,9 @@ class LatentStatistics(L.Callback):
         pl_module.eval()
         mean, std = estimate_latent_stats(pl_module.vae, images, generator, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         pl_module.train(was_training)
+        if not (mean.isfinite().all() and std.isfinite().all()):  # equal on every rank (all-reduced): all stop
+            raise diverged(f"at step {trainer.global_step} the latent statistics are not finite (mean {mean.tolist()}, "
+                           f"std {std.tolist()}): the autoencoder's latents overflow",
+                           "Nothing was written with them.")
         pl_module.vae.set_latent_stats(mean, std)
         log.info("latent statistics: mean %s, std %s", [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()])

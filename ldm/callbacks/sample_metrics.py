@@ -1,5 +1,6 @@
-"""Metrics of generated images (FID, KID, CLIP score, PSNR/SSIM/LPIPS of reconstructions, ...) at validation
-and test, for either stage: the SampleMetric list of ``ldm.metrics`` run over the split."""
+"""Metrics of generated images (FID, sFID, Inception Score, precision and recall, KID, CLIP score, PSNR/SSIM/LPIPS
+of reconstructions, ...) at validation and test, for either stage: the SampleMetric list of ``ldm.metrics`` run
+over the split."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ import torch
 from torch import nn
 
 from ldm.data import batch as B
+from ldm.data.shards import identify
 from ldm.metrics.base import SampleMetric
 from ldm.metrics.evaluation import Evaluation, load_metrics
 from ldm.metrics.fid import FID
+from ldm.metrics.reference_batch import (
+    image_count,
+    is_reference_batch,
+    read_images,
+    read_statistics,
+)
 from ldm.metrics.statistics import ReferenceCache
+from ldm.training.fsdp import call_as_forward
 from ldm.weights.io import state_sha256
 
 log = logging.getLogger(__name__)
@@ -36,7 +45,8 @@ def _order(batch: dict[str, Any], n: int) -> torch.Tensor | None:
 class SampleMetrics(L.Callback):
     """Generates one image per evaluation sample with ``pl_module.evaluation_images(batch)`` (samples for
     LatentDiffusion, reconstructions for AutoencoderKL: rFID) and logs each of ``metrics`` under its names
-    (``<split>/fid``, ``<split>/kid`` and ``<split>/kid_std``, ``<split>/clip_score``, ...) and the number of
+    (``<split>/fid``, ``<split>/sfid``, ``<split>/inception_score``, ``<split>/precision`` and ``<split>/recall``,
+    ``<split>/kid`` and ``<split>/kid_std``, ``<split>/clip_score``, ...) and the number of
     generated images, ``<split>/samples``. Distribution metrics compare the generated images with the
     split's real images, paired metrics each with its original, text metrics each with its caption.
 
@@ -47,8 +57,11 @@ class SampleMetrics(L.Callback):
     The real images' features are computed once and cached in ``cache_dir`` under the data module's
     description of the split (every shard file with its size and modification time, resolution, ...), the
     sample cap, the feature kind and the extractor's weights, so edited shards never reuse stale
-    statistics. A metric whose weights (Inception, CLIP, LPIPS) are not on the machine, with no way to
-    download them, is disabled with one log line naming the option to set.
+    statistics. With ``reference``, an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``), the
+    distribution metrics compare with it instead: its published statistics as they are, its images (dealt
+    to the ranks) where features are needed, so the figures compare with the papers'. A metric whose weights
+    (Inception, CLIP, LPIPS) are not on the machine, with no way to download them, is disabled with one log
+    line naming the option to set.
     """
 
     def __init__(
@@ -61,6 +74,7 @@ class SampleMetrics(L.Callback):
         full_reference: bool = False,  # the whole split is the reference, whatever max_samples (FID-5k vs 10k)
         every_n_validations: int = 1,  # 0: only at test
         cache_dir: str = "~/.cache/ldm/fid_stats",
+        reference: str | None = None,  # an ADM reference batch (.npz) in place of the split's real images
     ) -> None:
         super().__init__()
         self.metrics = [FID()] if metrics is None else list(metrics)
@@ -68,6 +82,9 @@ class SampleMetrics(L.Callback):
         self.max_samples, self.draws, self.full_reference = max_samples, draws, full_reference
         self.every_n_validations = every_n_validations
         self.cache = ReferenceCache(cache_dir)
+        if reference is not None and not is_reference_batch(reference):
+            raise ValueError(f"reference of SampleMetrics: {reference} is not an ADM reference batch (.npz)")
+        self.reference = reference
         self._validations = 0
         self._active = self._loaded = False
 
@@ -92,6 +109,17 @@ class SampleMetrics(L.Callback):
             found = torch.tensor(float(cached is not None), device=pl_module.device)
             if trainer.strategy.reduce(found, reduce_op="min"):
                 self._evaluation.reference = cached
+        if self.reference is not None:
+            self._evaluation.use_statistics(read_statistics(self.reference), image_count(self.reference))
+            if self._evaluation.needs_reference:
+                self._add_reference_batch(trainer, pl_module)
+
+    def _add_reference_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int = 50) -> None:
+        """The reference batch's images, dealt to the ranks batch by batch, ordered by their index in the file."""
+        for i, images in enumerate(read_images(self.reference, batch_size)):
+            if i % trainer.world_size == trainer.global_rank:
+                order = torch.arange(i * batch_size, i * batch_size + len(images))
+                self._evaluation.add_reference(images.to(pl_module.device), order)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validations += not trainer.sanity_checking
@@ -114,14 +142,14 @@ class SampleMetrics(L.Callback):
         size = B.batch_size(batch)
         take = size if cap is None else max(0, min(size, cap - self._seen))  # the batch's samples to generate from
         real = size if self.full_reference else take  # real images the reference takes from it
-        if self._evaluation.needs_reference and real:
+        if self._evaluation.needs_reference and self.reference is None and real:
             self._evaluation.add_reference(batch[B.IMAGE][:real], _order(batch, real))
         if not take:
             return
         batch = B.head(batch, take)
         order = _order(batch, take)
         for draw in range(self.draws):
-            images = pl_module.evaluation_images(batch, draw)  # (B, 3, H, W) in [-1, 1]
+            images = call_as_forward(trainer.strategy, pl_module, "evaluation_images", batch, draw)  # (B, 3, H, W) in [-1, 1]
             self._evaluation.add_generated(images, batch[B.IMAGE], batch.get(B.CAPTION),
                                            None if order is None else order + (draw << 32))
         self._seen += take
@@ -155,7 +183,9 @@ class SampleMetrics(L.Callback):
     def _reference_key(self, trainer: L.Trainer, split: str) -> dict[str, Any] | None:
         """What the split's real features depend on, or None (no caching) when the data cannot say."""
         data = trainer.datamodule
-        if not self._evaluation.kinds or not isinstance(data, DescribedData):
+        if self._evaluation.compared and self.reference is not None:
+            return {"data": identify([self.reference]), "extractor": self._extractor_id}
+        if not self._evaluation.compared or not isinstance(data, DescribedData):
             return None
         description = data.describe(split)
         whole = self.max_samples is None or self.full_reference

@@ -17,8 +17,10 @@ import os
 import random
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from webdataset.shardlists import expand_urls
@@ -117,6 +119,54 @@ def shard_keys(path: str) -> list[str]:
     """The keys of a local tar's samples in order, reading headers only."""
     with _open_tar(path) as tar:
         return [key for key, _ in _sample_members(tar)]
+
+
+def sample_offsets(path: str) -> list[int] | None:
+    """The byte offset of each sample's first member in a local uncompressed tar, where reading can start
+    without reading what comes before (headers only); None for a compressed tar, which cannot seek."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [min(m.offset for m in members.values()) for _, members in _sample_members(tar)]
+    except tarfile.ReadError:
+        return None
+
+
+def is_plain_tar(path: str) -> bool:
+    """True for an uncompressed tar, where reading can start at any member's byte offset."""
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except (tarfile.TarError, OSError):
+        return False
+
+
+def plain_tar_samples(path: str, byte: int, handler: Callable[[Exception], bool]) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """(byte offset, raw sample, the next sample's byte offset or -1) of an uncompressed tar read from ``byte``, a
+    sample's first member: webdataset's samples ({"__key__", "__url__", extension: bytes}, members grouped by key),
+    with the offsets its reader does not give, so a position can seek back to its sample. An error ends the
+    reading, after ``handler`` (webdataset's kind) is told."""
+    with open(path, "rb") as f:
+        f.seek(byte)
+        sample: dict[str, Any] | None = None
+        start = byte
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as stream:
+                for member in stream:
+                    key, extension = base_plus_ext(member.name)
+                    if not member.isreg() or key is None:
+                        continue
+                    data = stream.extractfile(member).read()  # a member cut short raises before it joins a sample
+                    stream.members = []
+                    if sample is not None and key != sample["__key__"]:
+                        yield start, sample, byte + member.offset
+                        sample = None
+                    if sample is None:
+                        sample, start = {"__key__": key, "__url__": path}, byte + member.offset
+                    sample[extension.lower()] = data
+        except (tarfile.TarError, OSError, EOFError) as err:
+            handler(err)
+        if sample is not None:
+            yield start, sample, -1
 
 
 def _index_entries(urls: list[str]) -> dict[str, dict]:
@@ -221,15 +271,28 @@ def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int
                shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
     """Deal every sample once over ``world_size`` ranks x ``workers`` slots; plans[rank][worker].
 
+    The shards are laid end to end in order, or in an order shuffled by ``shuffle_seed`` (a new one each
+    epoch), and dealt by ``deal``.
+    """
+    order = list(range(len(urls)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    return deal([Part(urls[i], 0, counts[i]) for i in order], world_size, workers, batch_size)
+
+
+def deal(segments: list[Part], world_size: int, workers: int, batch_size: int) -> list[list[WorkerPlan]]:
+    """Deal the samples of ``segments`` (runs of shards, laid end to end) once over ``world_size`` ranks x
+    ``workers`` slots; plans[rank][worker]. A whole epoch deals whole shards; an elastic resume deals what its
+    interrupted epoch had left.
+
     Ranks get N // R or N // R + 1 samples and the same number of batches Q (the largest rank's
     ceil(n / batch_size)); every batch of every rank holds m or m + 1 samples, so ranks stay in step
     and weigh their gradients alike. The one exception: with batch_size 1 and N not divisible by R,
     Q is the smaller rank's count and one batch of the larger ranks holds 2. Batch i of a rank comes
     from slot i % workers, the order a DataLoader interleaves its workers in. Slots read consecutive
-    runs of the shards, concatenated in order, or in an order shuffled by ``shuffle_seed`` (a new one
-    each epoch), so a rank reads few shards and reads each at most once.
+    runs of the segments, so a rank reads few shards and reads each at most once.
     """
-    total, workers = sum(counts), max(workers, 1)
+    total, workers = sum(p.stop - p.start for p in segments), max(workers, 1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if total < world_size:
@@ -237,10 +300,7 @@ def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int
                          f"for {world_size} ranks x {workers} workers x batch {batch_size}")
     per_rank = [total // world_size + (r < total % world_size) for r in range(world_size)]
     quota = min(-(-per_rank[0] // batch_size), per_rank[-1])  # batches per rank
-    order = list(range(len(urls)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    runs = _Runs([urls[i] for i in order], [counts[i] for i in order])
+    runs = _Runs(segments)
     plans = []
     for n in per_rank:
         sizes = [n // quota + (i < n % quota) for i in range(quota)]  # larger batches first
@@ -252,22 +312,27 @@ def plan_epoch(urls: list[str], counts: list[int], world_size: int, workers: int
 def plan_bucketed_epoch(urls: list[str], counts: list[int], buckets: list[list[int]], bucket_count: int, world_size: int,
                         workers: int, batch_size: int, shuffle_seed: str | None = None) -> list[list[WorkerPlan]]:
     """``plan_epoch``'s deal of samples to slots, in batches of one bucket each (``buckets``: every sample's
-    bucket per shard, -1 for a sample without a size, which is left out).
+    bucket per shard, -1 for a sample without a size, which is left out); see ``in_buckets``."""
+    plans = plan_epoch(urls, counts, world_size, workers, batch_size, shuffle_seed)
+    return in_buckets(plans, dict(zip(urls, buckets, strict=True)), bucket_count, batch_size)
+
+
+def in_buckets(plans: list[list[WorkerPlan]], buckets: dict[str, list[int]], bucket_count: int,
+               batch_size: int) -> list[list[WorkerPlan]]:
+    """The slots of ``plans`` in batches of one bucket each (``buckets``: every sample's bucket per shard URL).
 
     Every rank yields the same number of batches in every epoch: the trainer reads a loader's length once,
     so it cannot follow the reshuffled deal. A slot of n samples has at most min(n, (n + K (b - 1)) // b)
     batches of size b in K buckets, whatever the deal: the ranks' quota comes from that bound, and each
     slot halves batches to meet it (see ``bucket_batches``).
     """
-    plans = plan_epoch(urls, counts, world_size, workers, batch_size, shuffle_seed)
     bound = [[min(p.samples, (p.samples + bucket_count * (batch_size - 1)) // batch_size) for p in rank] for rank in plans]
-    quota = max(bucket_quota(b, max(workers, 1)) for b in bound)
-    of_url = dict(zip(urls, buckets, strict=True))
+    quota = max(bucket_quota(b, len(b)) for b in bound)
     out = []
     for rank in plans:
         slots = []
         for w, plan in enumerate(rank):
-            need = Counter(b for part in plan.parts for b in of_url[part.url][part.start : part.stop] if b >= 0)
+            need = Counter(b for part in plan.parts for b in buckets[part.url][part.start : part.stop] if b >= 0)
             batches = bucket_batches(need, batch_size, quota // len(rank) + (w < quota % len(rank)))
             slots.append(WorkerPlan(plan.parts, tuple(s for _, s in batches), tuple(b for b, _ in batches)))
         out.append(slots)
@@ -280,18 +345,22 @@ def bucket_of_samples(sizes: list[list[Size | None]], buckets: tuple[Size, ...])
 
 
 class _Runs:
-    """Consecutive runs of samples cut from shards laid end to end."""
+    """Consecutive runs of samples cut from segments laid end to end."""
 
-    def __init__(self, urls: list[str], counts: list[int]) -> None:
-        self.shards = [(u, n) for u, n in zip(urls, counts) if n > 0]
-        self.shard, self.offset = 0, 0
+    def __init__(self, segments: list[Part]) -> None:
+        self.segments = [p for p in segments if p.stop > p.start]
+        self.segment, self.offset = 0, self.segments[0].start if self.segments else 0
 
     def take(self, samples: int) -> tuple[Part, ...]:
         parts = []
         while samples:
-            url, count = self.shards[self.shard]
-            stop = min(count, self.offset + samples)
-            parts.append(Part(url, self.offset, stop))
+            segment = self.segments[self.segment]
+            stop = min(segment.stop, self.offset + samples)
+            parts.append(Part(segment.url, self.offset, stop))
             samples -= stop - self.offset
-            self.shard, self.offset = (self.shard + 1, 0) if stop == count else (self.shard, stop)
+            if stop == segment.stop and self.segment + 1 < len(self.segments):
+                self.segment += 1
+                self.offset = self.segments[self.segment].start
+            else:
+                self.offset = stop
         return tuple(parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import random
 from collections import Counter, defaultdict, deque
@@ -18,19 +20,31 @@ from ldm.data.collate import collate
 from ldm.data.decoder import SampleDecoder, SkipSample
 from ldm.data.shards import (
     Part,
+    WorkerPlan,
     bucket_of_samples,
     count_samples,
+    deal,
+    in_buckets,
+    is_plain_tar,
+    is_remote,
+    plain_tar_samples,
     plan_bucketed_epoch,
     plan_epoch,
+    sample_offsets,
     sample_sizes,
 )
 
 log = logging.getLogger(__name__)
 SKIPPED = "_skipped"  # batch entry: {reason: count} since this worker's previous batch
 WORKER = "_worker"  # batch entry: the (logical) worker that made the batch
+POSITION = "_position"  # batch entry: where its worker stands after it
 PADDED = "repeated to keep ranks in step"  # a reason that is not a skip: see ShardStream.batches
 BEYOND_BUCKET = "beyond its bucket's planned count (json width/height not the image's?)"
 MAX_SKIP_WARNINGS = 10  # per worker and epoch; the counts keep going
+
+
+Position = list[int]  # a sample: [shard (its index in the stream's urls), place in the shard, draw (resampled; -1),
+# byte offset of its first tar member (-1: unknown)]
 
 
 class ShardStream(IterableDataset):
@@ -39,7 +53,14 @@ class ShardStream(IterableDataset):
     Finite mode reads every sample once per epoch following `plan_epoch` (the shard order reshuffled
     each epoch when training shuffles); resampled mode draws shards with replacement forever and cuts
     epochs of `epoch_length` batches per rank. What a worker yields depends only on the seed, the
-    epoch, the rank and the worker, so a resumed epoch replays it exactly (see EpochLoader).
+    epoch, the rank and the worker; a sample's random crop and flip depend on the seed, the epoch and
+    the sample alone.
+
+    Every batch carries its worker's position after it (``POSITION``: what is left to read, the
+    shuffle buffer's samples and RNG state, the samples held for unfilled buckets), so a resumed epoch
+    reopens each shard where its worker stood, seeking to the sample in an uncompressed local tar,
+    and decodes nothing twice (see EpochLoader). A compressed or remote shard is read from its start
+    and the samples before the position are passed over undecoded.
 
     With a bucketed decoder (``decoder.buckets``; its samples carry their bucket as ``target_size``) a batch
     holds one bucket. Finite mode plans every sample's bucket from its recorded size
@@ -70,25 +91,67 @@ class ShardStream(IterableDataset):
         buckets = getattr(decoder, "buckets", None)  # a plain function decodes to one size
         self.bucket_index = None if buckets is None else {size: i for i, size in enumerate(buckets)}
         self.sample_buckets = None if buckets is None or resampled else bucket_of_samples(sample_sizes(urls), buckets)
+        self.shard_of = {url: i for i, url in enumerate(urls)}
+        self.fingerprint = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]  # which shards positions refer to
         self.epoch = 0
-        self.done = [0] * self.workers  # batches per worker already consumed this epoch: replayed, not yielded
+        self.positions: list[dict[str, Any] | None] = [None] * self.workers  # where each worker resumes (None: its start)
         self.rotation = 0  # DataLoader worker p plays worker (p + rotation) % workers
+        self._plans: tuple[int, list[WorkerPlan] | None] | None = None  # (epoch, this rank's slots), computed once
 
     def plan(self, worker: int) -> tuple[list[Part] | None, list[int], list[int] | None]:
         """The parts (None in resampled mode), batch sizes and batch buckets (None unless planned) of worker
         ``worker`` in this epoch."""
         if self.counts is None:
             return None, [self.batch_size] * (self.epoch_length // self.workers + (worker < self.epoch_length % self.workers)), None
-        shuffle = f"{self.seed}/{self.epoch}" if self.shuffle_buffer else None
-        layout = (self.world_size, self.workers, self.batch_size, shuffle)
-        if self.sample_buckets is None:
-            plan = plan_epoch(self.urls, self.counts, *layout)[self.rank][worker]
-        else:
-            plan = plan_bucketed_epoch(self.urls, self.counts, self.sample_buckets, len(self.bucket_index), *layout)[self.rank][worker]
+        if self._plans is None or self._plans[0] != self.epoch:
+            shuffle = f"{self.seed}/{self.epoch}" if self.shuffle_buffer else None
+            layout = (self.world_size, self.workers, self.batch_size, shuffle)
+            if self.sample_buckets is None:
+                plans = plan_epoch(self.urls, self.counts, *layout)
+            else:
+                plans = plan_bucketed_epoch(self.urls, self.counts, self.sample_buckets, len(self.bucket_index), *layout)
+            self._plans = (self.epoch, plans[self.rank])
+        plan = self._plans[1][worker]
         return list(plan.parts), list(plan.sizes), None if plan.buckets is None else list(plan.buckets)
 
     def __len__(self) -> int:
         return sum(len(self.plan(w)[1]) for w in range(self.workers))
+
+    def start(self, worker: int, plan: WorkerPlan | None = None) -> dict[str, Any]:
+        """The position of worker ``worker`` before its first batch of this epoch: its own plan's, or ``plan``'s."""
+        parts, sizes, buckets = self.plan(worker) if plan is None else (list(plan.parts), list(plan.sizes), plan.buckets)
+        if parts is not None and self.shuffle_buffer:
+            random.Random(self._seed(worker, "shards")).shuffle(parts)
+        queues: dict[int, list[int]] = defaultdict(list)
+        for bucket, size in zip(buckets or (), sizes):
+            if size:  # an empty batch keeps the ranks in step: the worker repeats a sample
+                queues[bucket].append(size)
+        return {"batches": 0, "sizes": list(sizes), "queues": None if buckets is None else [[b, q] for b, q in queues.items()],
+                "parts": None if parts is None else [[self.shard_of[p.url], p.start, p.stop, 0 if p.start == 0 else -1] for p in parts],
+                "draw": 0, "index": 0, "byte": -1, "buffer": [], "draining": False, "rng": None, "held": [], "last": None}
+
+    def rest_of_epoch(self, positions: list[dict[str, Any]], offset: int) -> list[dict[str, Any]]:
+        """This rank's workers' starting positions for the rest of an epoch that another layout of ranks and
+        workers began (an elastic resume): every sample the old workers had left (unread, in a shuffle buffer
+        or held for a bucket), dealt once over this layout. Resampled streams owe no sample: each rank goes
+        on with fresh draws for the batches its epoch has left (``offset`` delivered)."""
+        if self.counts is None:
+            owed = max(self.epoch_length - offset, 0)
+            return [{**self.start(w), "sizes": [self.batch_size] * (owed // self.workers + (w < owed % self.workers))}
+                    for w in range(self.workers)]
+        segments = []
+        for at in positions:
+            singles = [pos for _, held in at["held"] for pos in held] + at["buffer"]
+            segments += [Part(self.urls[s], i, i + 1) for s, i, _, _ in singles] + [Part(self.urls[s], a, b) for s, a, b, _ in at["parts"]]
+        left = _merged(segments, self.shard_of)
+        total = sum(p.stop - p.start for p in left)
+        if total < self.world_size:
+            raise ValueError(f"the interrupted epoch has {total} samples left, fewer than the {self.world_size} ranks to deal them "
+                             f"to: resume on at most {max(total, 1)} ranks, or from an earlier checkpoint")
+        plans = deal(left, self.world_size, self.workers, self.batch_size)
+        if self.sample_buckets is not None:
+            plans = in_buckets(plans, dict(zip(self.urls, self.sample_buckets)), len(self.bucket_index), self.batch_size)
+        return [self.start(w, plans[self.rank][w]) for w in range(self.workers)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -96,93 +159,204 @@ class ShardStream(IterableDataset):
         return self.batches(worker)
 
     def batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        """The batches worker ``worker`` of this rank yields this epoch, after replaying its first ``done[worker]``."""
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        """The batches worker ``worker`` of this rank yields this epoch from its position (``positions[worker]``)."""
+        at = copy.deepcopy(self.positions[worker]) if self.positions[worker] is not None else self.start(worker)
         skipped: Counter[str] = Counter()
-        parts, sizes, buckets = self.plan(worker)
-        if parts is None:
-            raw = self._read_forever(rng, skipped)
-        else:
-            if self.shuffle_buffer:
-                rng.shuffle(parts)
-            raw = self._read_parts(parts, skipped)
+        reader = _Reader(self.urls, skipped, at["parts"], self._seed(worker, "shards"), at["draw"], at["index"], at["byte"])
+        raw: Iterator[tuple[Position, dict[str, Any]]] = iter(reader)
+        shuffler = None
         if self.shuffle_buffer:
-            raw = _shuffle(raw, self.shuffle_buffer, rng)
-        samples = self._decode(raw, rng, skipped)
+            rng = random.Random(self._seed(worker, "buffer"))
+            if at["rng"] is not None:
+                version, state, gauss = at["rng"]
+                rng.setstate((version, tuple(state), gauss))
+            shuffler = _Shuffler(self.shuffle_buffer, rng, list(reader.read_at(at["buffer"])), at["draining"])
+            raw = shuffler(raw)
+        samples = self._decode(raw, worker, skipped)
+        held = {bucket: list(self._decode(reader.read_at(positions), worker, skipped)) for bucket, positions in at["held"]}
+        queues = None if at["queues"] is None else {bucket: deque(sizes) for bucket, sizes in at["queues"]}
         if self.bucket_index is None:
-            groups = (list(islice(samples, size)) for size in sizes)
+            groups = (list(islice(samples, size)) for size in at["sizes"])
         else:
-            groups = self._by_bucket(samples, None if buckets is None else zip(buckets, sizes), skipped)
-        last: list[dict[str, Any]] = []
+            groups = self._by_bucket(samples, held, queues, skipped)
+        last, sizes, done = at["last"], at["sizes"], at["batches"]
+
+        def position(formed: int) -> dict[str, Any]:  # where the worker stands, ``formed`` batches into ``sizes``
+            return {"batches": done + formed, "sizes": sizes[formed:], "last": last,
+                    "queues": None if queues is None else [[b, list(q)] for b, q in queues.items()],
+                    "held": [[b, [pos for pos, _ in items]] for b, items in held.items()], **reader.state(),
+                    **(shuffler.state() if shuffler else {"buffer": [], "draining": False, "rng": None})}
+
+        # one batch of lookahead: the skips behind a worker's final batch are reported with it; each batch
+        # otherwise carries the skips before it, and its position from when it formed, so none counts twice
+        pending: tuple[list, Counter[str], int] | None = None
         for index in range(len(sizes)):
             batch = next(groups, [])
             if not batch:  # skips left this worker short
                 if self.world_size == 1:
                     break
-                if not last:  # nothing to repeat: fail rather than hang the other ranks
+                if last is None:  # nothing to repeat: fail rather than hang the other ranks
                     raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in its shards")
-                batch = last[-1:]  # DDP needs every rank to step: repeat a sample, as DistributedSampler pads
-                skipped[PADDED] += 1
-            if last:  # one batch of lookahead, so the skips behind the final batch are reported with it
-                yield from self._emit(last, index - 1, worker, skipped)
-            last = batch
-        if parts is not None:  # finite: read to the end, trailing bad samples get counted too
+                batch = list(self._decode(reader.read_at([last]), worker, skipped))  # DDP needs every rank to
+                skipped[PADDED] += 1  # step: repeat a sample, as DistributedSampler pads
+            if pending is not None:
+                yield {**self._emit(*pending), WORKER: worker}
+            last = batch[-1][0]
+            pending = (batch, skipped.copy(), position(index + 1))
+            skipped.clear()
+        if reader.parts is not None:  # finite: read to the end, trailing bad samples get counted too
             for _ in samples:
                 skipped["beyond the planned count"] += 1
-        if last:
-            yield from self._emit(last, len(sizes) - 1, worker, skipped)
+        if pending is not None:
+            batch, counts, at = pending
+            yield {**self._emit(batch, counts + skipped, position(at["batches"] - done)), WORKER: worker}
 
-    def _by_bucket(self, samples: Iterator[dict[str, Any]], plan: Iterator[tuple[int, int]] | None,
-                   skipped: Counter[str]) -> Iterator[list[dict[str, Any]]]:
-        """Batches of one bucket each, in the order they fill: to the planned (bucket, size) batches, then the
-        planned buckets' leftovers (short of their plan after skips); with no plan, full batches forever."""
-        queues: dict[int, deque[int]] | None = None
-        if plan is not None:
-            queues = defaultdict(deque)
-            for bucket, size in plan:
-                if size:  # an empty batch keeps the ranks in step: the caller repeats a sample
-                    queues[bucket].append(size)
-        held: dict[int, list[dict[str, Any]]] = {}
-        for sample in samples:
-            bucket = self.bucket_index.get(tuple(sample[B.TARGET_SIZE].tolist()), -1)
+    def _seed(self, worker: int, stream: str) -> str:
+        return f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}"
+
+    def _by_bucket(self, samples: Iterator[tuple[Position, dict[str, Any]]], held: dict[int, list],
+                   queues: dict[int, deque[int]] | None, skipped: Counter[str]) -> Iterator[list]:
+        """Batches of one bucket each, in the order they fill: to the planned sizes (``queues``: each bucket's
+        batches to come), then the planned buckets' leftovers (short of their plan after skips); with no plan,
+        full batches forever. ``held`` holds each bucket's samples until its batch fills."""
+        for item in samples:
+            bucket = self.bucket_index.get(tuple(item[1][B.TARGET_SIZE].tolist()), -1)
             if queues is not None and not queues.get(bucket):
                 skipped[BEYOND_BUCKET] += 1
                 continue
-            held.setdefault(bucket, []).append(sample)
+            held.setdefault(bucket, []).append(item)
             if len(held[bucket]) == (self.batch_size if queues is None else queues[bucket][0]):
                 if queues is not None:
                     queues[bucket].popleft()
                 yield held.pop(bucket)
-        yield from held.values()
+        for bucket in list(held):
+            yield held.pop(bucket)
 
-    def _emit(self, batch: list[dict[str, Any]], index: int, worker: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        """The collated batch with its worker and skip counts; nothing for a batch consumed before a resume."""
-        counts = skipped.copy()
-        skipped.clear()
-        if index >= self.done[worker]:
-            collated, dropped = collate(batch)  # an optional key some samples lack leaves the batch, counted
-            yield {**collated, SKIPPED: dict(counts + dropped), WORKER: worker}
+    def _emit(self, batch: list[tuple[Position, dict[str, Any]]], skipped: Counter[str], position: dict[str, Any]) -> dict[str, Any]:
+        """The collated batch with its skip counts and its worker's position after it."""
+        collated, dropped = collate([sample for _, sample in batch])  # an optional key some samples lack leaves the batch, counted
+        return {**collated, SKIPPED: dict(skipped + dropped), POSITION: position}
 
-    def _read_parts(self, parts: list[Part], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        for part in parts:
-            samples = tarfile_samples([{"url": part.url}], handler=_tar_handler(skipped, part.url))
-            yield from islice(samples, part.start, part.stop)
-
-    def _read_forever(self, rng: random.Random, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        while True:
-            url = rng.choice(self.urls)
-            yield from tarfile_samples([{"url": url}], handler=_tar_handler(skipped, url))
-
-    def _decode(self, raw: Iterator[dict[str, Any]], rng: random.Random, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    def _decode(self, raw: Iterator[tuple[Position, dict[str, Any]]], worker: int,
+                skipped: Counter[str]) -> Iterator[tuple[Position, dict[str, Any]]]:
+        """Decoded samples with their positions; each sample's randomness (crop, flip) seeded by the sample."""
         warned = 0  # `skipped` restarts with every batch: this counts the whole epoch
-        for sample in raw:
+        for position, sample in raw:
+            shard, index, draw, _ = position
+            own = f"{self.seed}/{self.epoch}/{shard}/{index}" + (f"/{self.rank}/{worker}/{draw}" if draw >= 0 else "")
             try:
-                yield self.decoder(sample, rng)
+                yield position, self.decoder(sample, random.Random(own))
             except SkipSample as err:
                 skipped[str(err)] += 1
                 warned += 1
                 if warned <= MAX_SKIP_WARNINGS:
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+
+
+class _Reader:
+    """A worker's raw samples in order, each with its position, from its parts (finite: [shard, start, stop,
+    byte offset of start or -1] still to read, consumed as it reads) or from shards drawn with replacement
+    (resampled: ``draws`` seeds the draws; ``draw``, ``index`` and ``byte`` say where to start). ``state()``
+    says where it stands; a position's byte offset lets a resume seek straight to its sample."""
+
+    def __init__(self, urls: list[str], skipped: Counter[str], parts: list[list[int]] | None, draws: str,
+                 draw: int = 0, index: int = 0, byte: int = -1) -> None:
+        self.urls, self.skipped, self.parts = urls, skipped, parts
+        self.draws = random.Random(draws)
+        for _ in range(draw):
+            self.draws.randrange(len(urls))
+        self.draw, self.index, self.byte = draw, index, byte
+        self._plain: dict[int, bool] = {}
+        self._offsets: dict[int, list[int]] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"parts": None if self.parts is None else [list(p) for p in self.parts], "draw": self.draw,
+                "index": self.index, "byte": self.byte}
+
+    def __iter__(self) -> Iterator[tuple[Position, dict[str, Any]]]:
+        if self.parts is not None:
+            while self.parts:
+                shard, start, stop, byte = self.parts[0]
+                for index, at, raw, following in self._read(shard, start, stop, byte):
+                    self.parts[0][1:] = [index + 1, stop, following]
+                    yield [shard, index, -1, at], raw
+                self.parts.pop(0)
+            return
+        while True:
+            shard = self.draws.randrange(len(self.urls))
+            for index, at, raw, following in self._read(shard, self.index, None, self.byte):
+                self.index, self.byte = index + 1, following
+                yield [shard, index, self.draw, at], raw
+            self.draw, self.index, self.byte = self.draw + 1, 0, -1
+
+    def read_at(self, positions: list[Position]) -> Iterator[tuple[Position, dict[str, Any]]]:
+        """The raw samples at ``positions`` (a resumed shuffle buffer or bucket), each read on its own."""
+        for shard, index, draw, byte in positions:
+            for _, _, raw, _ in self._read(shard, index, index + 1, byte):
+                yield [shard, index, draw, byte], raw
+
+    def _read(self, shard: int, start: int, stop: int | None, byte: int) -> Iterator[tuple[int, int, dict[str, Any], int]]:
+        """(index, byte offset, raw sample, the next sample's byte offset) of samples ``start`` to ``stop`` (None:
+        the end) of shard ``shard``. An uncompressed local tar is read from ``byte`` (or the offset its headers give
+        for ``start``); another is read from its start, passing over the samples before ``start`` undecoded."""
+        url = self.urls[shard]
+        handler = _tar_handler(self.skipped, url)
+        if shard not in self._plain:
+            self._plain[shard] = not is_remote(url) and is_plain_tar(url)
+        if not self._plain[shard]:
+            for index, raw in enumerate(tarfile_samples([{"url": url}], handler=handler)):
+                if stop is not None and index >= stop:
+                    break
+                if index >= start:
+                    yield index, -1, raw, -1
+            return
+        if byte < 0 and start:
+            if shard not in self._offsets:
+                self._offsets[shard] = sample_offsets(url)
+            if start >= len(self._offsets[shard]):
+                return
+            byte = self._offsets[shard][start]
+        for index, raw in enumerate(plain_tar_samples(url, max(byte, 0), handler), start):
+            if stop is not None and index >= stop:
+                break
+            yield index, *raw
+
+
+class _Shuffler:
+    """Reservoir-style shuffle buffer of ``size`` items, resumable: ``state()`` gives its items' positions,
+    whether it is emptying (its input ended) and its RNG state."""
+
+    def __init__(self, size: int, rng: random.Random, buffer: list[tuple[Position, Any]], draining: bool = False) -> None:
+        self.size, self.rng, self.buffer, self.draining = size, rng, buffer, draining
+
+    def state(self) -> dict[str, Any]:
+        version, state, gauss = self.rng.getstate()
+        return {"buffer": [pos for pos, _ in self.buffer], "draining": self.draining, "rng": [version, list(state), gauss]}
+
+    def __call__(self, items: Iterator[tuple[Position, Any]]) -> Iterator[tuple[Position, Any]]:
+        if not self.draining:
+            for item in items:
+                if len(self.buffer) < self.size:
+                    self.buffer.append(item)
+                    continue
+                i = self.rng.randrange(self.size)
+                out, self.buffer[i] = self.buffer[i], item
+                yield out
+            self.rng.shuffle(self.buffer)
+            self.draining = True
+        while self.buffer:
+            yield self.buffer.pop(0)
+
+
+def _merged(segments: list[Part], shard_of: dict[str, int]) -> list[Part]:
+    """The segments in shard order, adjacent runs of one shard joined (an elastic resume reads few runs)."""
+    out: list[Part] = []
+    for part in sorted(segments, key=lambda p: (shard_of[p.url], p.start)):
+        if out and out[-1].url == part.url and out[-1].stop == part.start:
+            out[-1] = Part(part.url, out[-1].start, part.stop)
+        elif part.stop > part.start:
+            out.append(part)
+    return out
 
 
 def _tar_handler(skipped: Counter[str], url: str):
@@ -203,31 +377,21 @@ def _tar_handler(skipped: Counter[str], url: str):
     return handle
 
 
-def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Reservoir-style shuffle buffer of `size` items."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 class EpochLoader(DataLoader):
     """A DataLoader over a ShardStream whose position is saved in checkpoints and restored exactly.
 
     Each iteration is one epoch, numbered by ``epoch`` (the trainer's epoch; without one, the loader
-    counts its own iterations). The workers' skip counts travel inside their batches and are taken out
-    here into ``skipped``. ``state_dict`` records the
-    epoch, how many batches each worker has delivered and which worker delivers next; after
-    ``load_state_dict``, the epoch's iteration replays (decodes and drops) what was delivered and
-    rotates the workers so the next batch comes from the worker that was next: the remaining batches
-    arrive in the same order as without the interruption. Lightning saves and restores this state
-    with the checkpoint (a loader with ``state_dict``/``load_state_dict`` is resumable to it).
+    counts its own iterations). The workers' skip counts and positions travel inside their batches and
+    are taken out here (``skipped``). ``state_dict`` records, for every rank (gathered under DDP), each
+    worker's position after its last delivered batch and which worker delivers next; after
+    ``load_state_dict`` the epoch's iteration reopens every worker where it stood and rotates the workers
+    so the next batch comes from the worker that was next: the remaining batches arrive in the same
+    order as without the interruption, and start-up does not grow with the position in the epoch.
+    Lightning saves and restores this state with the checkpoint.
+
+    A checkpoint of another layout (number of ranks or workers) resumes elastically: what every old
+    worker had left of the epoch is dealt once over the new ranks and workers, and the epoch's length
+    becomes the batches already delivered plus the new share.
     """
 
     def __init__(self, dataset: ShardStream, skipped: Counter[str] | None = None,
@@ -237,30 +401,77 @@ class EpochLoader(DataLoader):
         self.skipped: Counter[str] = Counter() if skipped is None else skipped  # reason -> samples, all epochs
         self.iterations = 0
         self.epoch = epoch or (lambda: self.iterations)
-        workers = dataset.workers
-        self._position = {"epoch": 0, "done": [0] * workers, "next": 0}
-        self._restored: dict[str, Any] | None = None
+        self._position: dict[str, Any] = {"epoch": 0, "next": 0, "offset": 0, "workers": [None] * dataset.workers}
+        self._restored: dict[str, Any] | None = None  # a checkpoint's state, until its epoch starts
+        self._resumed: tuple[int, dict[str, Any] | None] | None = None  # (epoch, where this rank resumes in it)
+
+    def __len__(self) -> int:
+        resumed = self._resume(self.epoch())
+        if resumed is None:
+            return len(self.dataset)
+        return resumed["offset"] + sum(at["batches"] + len(at["sizes"]) for at in resumed["workers"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, restored, self._restored = self.epoch(), self._restored, None
+        epoch = self.epoch()
+        resumed = self._resume(epoch) or {"next": 0, "offset": 0, "workers": [None] * self.dataset.workers}
+        self._restored = self._resumed = None
         self.iterations += 1
         workers = self.dataset.workers
-        resumed = restored is not None and restored["epoch"] == epoch  # else a new epoch starts from its beginning
-        position = {"epoch": epoch, "done": list(restored["done"]) if resumed else [0] * workers,
-                    "next": restored["next"] if resumed else 0}
-        self._position = position
-        self.dataset.epoch, self.dataset.done, self.dataset.rotation = epoch, list(position["done"]), position["next"]
+        position = self._position = {"epoch": epoch, **copy.deepcopy(resumed)}
+        self.dataset.epoch, self.dataset.rotation = epoch, position["next"]
+        self.dataset.positions = copy.deepcopy(position["workers"])
         for batch in super().__iter__():
-            worker = batch.pop(WORKER)
+            worker, at = batch.pop(WORKER), batch.pop(POSITION)
             self.skipped.update(batch.pop(SKIPPED))
-            position["done"][worker] += 1
+            position["workers"][worker] = at
             position["next"] = (worker + 1) % workers
             yield batch
 
+    def _resume(self, epoch: int) -> dict[str, Any] | None:
+        """Where this rank resumes in ``epoch``: the checkpoint's position when it was taken in that epoch (its
+        own rank's, or an elastic share of every rank's), else None (the epoch starts from its beginning)."""
+        if self._resumed is None or self._resumed[0] != epoch:
+            state, dataset = self._restored, self.dataset
+            resumed = None
+            if state is not None and state["epoch"] == epoch:
+                dataset.epoch = epoch
+                ranks = state["ranks"]
+                if len(ranks) == dataset.world_size and all(len(r["workers"]) == dataset.workers for r in ranks):
+                    resumed = {k: ranks[dataset.rank][k] for k in ("next", "offset", "workers")}
+                else:
+                    done = {r["offset"] + sum(at["batches"] for at in r["workers"]) for r in ranks}
+                    if len(done) != 1:
+                        raise ValueError(f"the checkpoint's ranks delivered different numbers of batches ({sorted(done)}): "
+                                         f"it cannot be resumed with another number of ranks or workers")
+                    offset = done.pop()
+                    old = [at for r in ranks for at in r["workers"]]
+                    resumed = {"next": 0, "offset": offset, "workers": dataset.rest_of_epoch(old, offset)}
+            self._resumed = (epoch, resumed)
+        return self._resumed[1]
+
     def state_dict(self) -> dict[str, Any]:
-        return {**self._position, "done": list(self._position["done"]), "skipped": dict(self.skipped)}
+        """The epoch and every rank's position and skip counts (a collective under DDP)."""
+        own = copy.deepcopy(self._position)
+        for worker, at in enumerate(own["workers"]):
+            if at is None:  # not started: its whole share is left
+                self.dataset.epoch = own["epoch"]
+                own["workers"][worker] = self.dataset.start(worker)
+        own = {**own, "skipped": dict(self.skipped)}
+        ranks = [own]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, own)
+        return {"epoch": own["epoch"], "shards": self.dataset.fingerprint, "ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._restored = state
+        if "ranks" not in state:
+            raise ValueError("the checkpoint's data position is in the replay format of earlier ldm versions: resume "
+                             "it with that version, or start the epoch anew (fit from its weights)")
+        if state["shards"] != self.dataset.fingerprint:
+            raise ValueError("the checkpoint's data position refers to another list of training shards than "
+                             "data.init_args.train gives now: resume with the same shards")
+        self._restored, self._resumed = state, None
+        ranks = state["ranks"]
         self.skipped.clear()
-        self.skipped.update(state["skipped"])
+        if self.dataset.rank < len(ranks):
+            self.skipped.update(ranks[self.dataset.rank]["skipped"])

@@ -49,18 +49,31 @@ class EMA(nn.Module):
             b_ema.copy_(torch.where(apply, b.to(b_ema.dtype), b_ema))
         self.num_updates += apply.long()
 
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(``model``'s tensor, the shadow's): parameters, then buffers, matched by position.
+
+        The tensors themselves, not ``state_dict()``: under FSDP a state dict holds gathered clones, while each
+        parameter is a view into this rank's shard, laid out as the shadow's (each backbone is one FSDP unit,
+        see ``ldm.training.fsdp.wrap_policy``), so writing them pairwise writes the shards.
+        """
+        model_tensors = [*model.parameters(), *model.buffers()]
+        return list(zip(model_tensors, [*self.module.parameters(), *self.module.buffers()], strict=True))
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA parameters and buffers into ``model`` (cast to its dtypes)."""
-        for dst, src in zip(model.state_dict().values(), self.module.state_dict().values()):
+        """Write the EMA parameters and buffers into ``model``'s own (cast to its dtypes; under FSDP, its shards)."""
+        for dst, src in self._pairs(model):
             dst.copy_(src)
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """Run a block with the EMA weights in ``model``; its trained weights come back afterwards."""
-        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        pairs = self._pairs(model)
+        trained = [dst.detach().clone() for dst, _ in pairs]
         self.copy_to(model)
         try:
             yield model
         finally:
-            model.load_state_dict(trained)
+            with torch.no_grad():
+                for (dst, _), saved in zip(pairs, trained):
+                    dst.copy_(saved)

@@ -8,8 +8,10 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from ldm.autoencoder.codec import LatentCodec, check_same_codec
@@ -20,7 +22,9 @@ from ldm.data.latents import check_cache
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.guidance import CFGDenoiser, predict
 from ldm.diffusion.init_weights import load_init_weights
+from ldm.diffusion.loss_by_noise import LossByNoise
 from ldm.diffusion.objectives import DDPM, Objective
+from ldm.diffusion.posthoc_ema import PostHocEMA, PowerEMASnapshots, power_emas
 from ldm.diffusion.samplers import DPMSolverPP2M, Sampler, randn
 from ldm.nn.frozen import frozen_names
 from ldm.training.module import ParameterGroups, TrainingModule
@@ -56,6 +60,8 @@ class LatentDiffusion(TrainingModule):
         max_nonfinite_steps: int = 10,  # consecutive NaN/inf steps (each skipped) before the run stops
         channels_last: bool = False,  # the backbone's 4-d weights NHWC (convolutional backbones)
         compile: dict[str, Any] | bool = False,  # torch.compile the backbone (True, or its keyword arguments)
+        loss_buckets: int = 10,  # loss per noise level: buckets of t (DDPM) or log-SNR (flow), */loss_by_t/<k>
+        posthoc_ema: PostHocEMA | None = None,  # {sigma_rels, every_n_steps}: EDM2 power EMAs, snapshots to reconstruct
     ) -> None:
         super().__init__(lr_scheduler, max_nonfinite_steps)
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
@@ -71,11 +77,13 @@ class LatentDiffusion(TrainingModule):
             load_init_weights(self.backbone, self.conditioner, init_weights)
         speed_up(self.backbone, channels_last)
         self.ema = EMA(self.backbone, ema_decay) if ema_decay is not None else None  # an uncompiled copy
+        self.power_emas = power_emas(self.backbone, posthoc_ema)  # post-hoc EMA profiles (tools/posthoc_ema.py)
         speed_up(self.backbone, compile=compile)
         self.optimizer = optimizer
         self._ema_stack = ExitStack()
         self._loss: Tensor | None = None  # the last training loss, which the guard checks
         self._step_finite: Tensor | bool = True
+        self.train_loss_by_t, self.eval_loss_by_t = (LossByNoise(self.objective, loss_buckets) for _ in range(2))
 
     # --- training -----------------------------------------------------------------------------
     def optimizer_groups(self) -> ParameterGroups:
@@ -91,17 +99,48 @@ class LatentDiffusion(TrainingModule):
 
     def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Per-sample objective loss at random times; the conditioner drops conditions while training."""
+        return self.timed_loss(batch, generator)[0]
+
+    def timed_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``diffusion_loss`` and the times it was drawn at, (B,) each."""
         z = self.latents(batch, generator)  # (B, C, h, w)
         cond = self.conditioner(batch, tuple(z.shape[-2:]))
         t = self.objective.sample_t(z.shape[0], z.device, generator)  # (B,)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if generator else torch.randn_like(z)
         pred = predict(self.backbone, self.objective.add_noise(z, noise, t), self.objective.model_time(t), cond)
-        return self.objective.loss(pred.float(), z, noise, t)  # (B,)
+        return self.objective.loss(pred.float(), z, noise, t), t  # (B,), (B,)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        self._loss = loss = self.diffusion_loss(batch).mean()
+        losses, t = self.timed_loss(batch)
+        self.train_loss_by_t.update(losses, t)  # on the device: no host sync
+        self._loss = loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.trainer._logger_connector.should_update_logs:  # a step Lightning writes (its own monitors ask so too)
+            self.log_loss_by_t(self.train_loss_by_t, "train")
+
+    def log_loss_by_t(self, metric: LossByNoise, split: str) -> None:
+        """Log the mean loss of each noise bucket since the last log, over all ranks (the one all-reduce and host
+        read), as ``<split>/loss_by_t/<k>`` and, at evaluations, a bar chart; then start afresh."""
+        if not metric.update_count:  # e.g. the end of a predict epoch
+            return
+        means, counts = metric.compute()
+        metric.reset()
+        scalars = metric.scalars(means, counts, f"{split}/loss_by_t")
+        if split == "train":  # to the loggers, as Lightning's LearningRateMonitor: self.log would repeat the last
+            for logger in self.loggers:  # value of a bucket empty in this interval (its step keys live an epoch)
+                logger.log_metrics(scalars, self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+            return
+        self.log_dict(scalars, sync_dist=True)  # already over all ranks; said so Lightning does not warn
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                picture = metric.picture(means, f"{split} loss at step {self.global_step}")
+                logger.experiment.add_image(f"{split}/loss_by_t", picture, self.global_step)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A NaN/inf loss or gradient makes the optimizer step that follows change nothing (see NonFiniteGuard)."""
@@ -113,11 +152,20 @@ class LatentDiffusion(TrainingModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.backbone, self._step_finite)
+        for ema in self.power_emas:
+            ema.update(self.backbone, self._step_finite)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The writer of the post-hoc EMA snapshots, with ``posthoc_ema``."""
+        settings = self.hparams.posthoc_ema
+        return [PowerEMASnapshots(settings["every_n_steps"])] if settings else []
 
     def _eval_loss(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
         # fixed times and noise per batch, so successive validations compare like with like
         generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
-        loss = self.diffusion_loss(batch, generator).mean()
+        losses, t = self.timed_loss(batch, generator)
+        self.eval_loss_by_t.update(losses, t)
+        loss = losses.mean()
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -127,15 +175,17 @@ class LatentDiffusion(TrainingModule):
         self._eval_loss(batch, batch_idx, "test")
 
     # --- evaluation and sampling use the EMA weights, swapped in once per epoch ------------------
-    def ema_weights(self) -> AbstractContextManager:
-        """Context in which self.backbone holds the EMA weights (a no-op without EMA)."""
-        return self.ema.swapped(self.backbone) if self.ema is not None else nullcontext()
+    def ema_weights(self, ema: EMA | None = None) -> AbstractContextManager:
+        """Context in which self.backbone holds ``ema``'s weights (default the EMA's; a no-op without EMA)."""
+        ema = self.ema if ema is None else ema
+        return ema.swapped(self.backbone) if ema is not None else nullcontext()
 
     def on_validation_epoch_start(self) -> None:
         self._ema_stack.enter_context(self.ema_weights())
 
     def on_validation_epoch_end(self) -> None:
         self._ema_stack.close()
+        self.log_loss_by_t(self.eval_loss_by_t, "test" if self.trainer.testing else "val")
 
     on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
     on_test_epoch_end = on_predict_epoch_end = on_validation_epoch_end
@@ -214,10 +264,10 @@ class LatentDiffusion(TrainingModule):
         current = self.state_dict()
         checkpoint["state_dict"].update({k: current[k] for k in self._frozen_keys()})
 
-    def export_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+    def export_state(self, ema: EMA | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The weights that sample (the EMA backbone, the trained conditioning), with the codec's fingerprint
-        as metadata; the frozen parts load from their own files."""
-        with self.ema_weights():
+        as metadata; the frozen parts load from their own files. ``ema``: another EMA's backbone (a post-hoc profile)."""
+        with self.ema_weights(ema):
             state = {f"backbone.{k}": v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
         frozen = self._frozen_keys()
         state |= {f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items() if f"conditioner.{k}" not in frozen}

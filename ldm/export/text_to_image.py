@@ -2,14 +2,16 @@
 
 ``TextToImage`` picks the parts those formats hold out of a LatentDiffusion (or says why it cannot);
 ``attention_heads`` and ``linear_projections`` read how a UNet's attention is laid out there; and
-``load_for_export`` builds an experiment's model with a stage-2 checkpoint's weights, refusing one
-trained in another latent space (what ``tools/export.py`` runs before writing).
+``load_for_export`` builds an experiment's model with a stage-2 checkpoint's weights (a Lightning ``.ckpt``,
+a sharded FSDP checkpoint folder or our export), refusing one trained in another latent space (what
+``tools/export.py`` runs before writing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from ldm.conditioning.text import OpenCLIPTextEmbedder
 from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.module import CODEC_KEY, LatentDiffusion
 from ldm.diffusion.objectives import DDPM
+from ldm.training.fsdp import load_sharded_checkpoint
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,17 @@ def recorded_codec(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def load_for_export(model: LatentDiffusion, ckpt: str | os.PathLike[str]) -> LatentDiffusion:
     """``model`` (built without init weights) with a stage-2 checkpoint's or export's (EMA) weights, in eval mode.
 
-    A checkpoint trained in another latent space than ``model``'s codec is refused naming the file.
+    ``ckpt`` may be a sharded FSDP checkpoint folder: it is read whole and loaded as the ``.ckpt`` it
+    amounts to. A checkpoint trained in another latent space than ``model``'s codec is refused naming it.
     """
-    check_same_codec(recorded_codec(ckpt), model.codec, os.fspath(ckpt))
-    load_init_weights(model.backbone, model.conditioner, ckpt)
+    if not os.path.isdir(ckpt):
+        check_same_codec(recorded_codec(ckpt), model.codec, os.fspath(ckpt))
+        load_init_weights(model.backbone, model.conditioner, ckpt)
+        return model.eval()
+    checkpoint = load_sharded_checkpoint(ckpt)
+    check_same_codec(checkpoint.get(CODEC_KEY), model.codec, os.fspath(ckpt))
+    with tempfile.TemporaryDirectory() as folder:  # the one weights reader reads files
+        consolidated = Path(folder) / "consolidated.ckpt"
+        torch.save(checkpoint, consolidated)
+        load_init_weights(model.backbone, model.conditioner, consolidated)
     return model.eval()

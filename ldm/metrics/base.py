@@ -3,8 +3,9 @@
 Three kinds, by what a metric reduces over:
 
 - ``DistributionMetric``: the generated set against a reference set, through features of one kind
-  (``feature``: Inception's "pool3", ...). The evaluation extracts each kind once per batch and shares it
-  among the metrics that read it (FID and KID both read pool3), and caches the reference's.
+  (``feature``: Inception's "pool3", "spatial", "logits"). The evaluation extracts each kind once per batch and
+  shares it among the metrics that read it (FID, KID, precision and recall all read pool3), and caches the
+  reference's. One that does not ``compare`` (the Inception Score) reads the generated set alone.
 - ``PairedMetric``: each generated image against the real image it was made from (PSNR, SSIM, LPIPS of
   an autoencoder's reconstructions).
 - ``TextMetric``: each generated image against its caption (CLIP score).
@@ -46,10 +47,12 @@ class DistributionMetric(SampleMetric):
 
     feature: ClassVar[str] = "pool3"  # the feature kind it reads (ldm.metrics.features.INCEPTION_LAYERS)
     keep: ClassVar[bool] = False  # needs the features themselves, not only their count, mean and covariance
+    compares: ClassVar[bool] = True  # reads the reference set; False: a function of the generated set alone (IS)
 
     @abstractmethod
-    def compute(self, generated: FeatureSet, reference: FeatureSet) -> dict[str, float]:
-        """Its ``names`` with their values, from both sets merged over every rank."""
+    def compute(self, generated: FeatureSet, reference: FeatureSet | None) -> dict[str, float]:
+        """Its ``names`` with their values, from both sets merged over every rank (``reference`` None unless
+        it ``compares``)."""
 
 
 class PerSampleMetric(SampleMetric):

@@ -10,7 +10,7 @@ and at the end merges everything over the ranks and reports each metric under it
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,18 +21,19 @@ from ldm.metrics.base import (
     PerSampleMetric,
     SampleMetric,
 )
-from ldm.metrics.features import InceptionFeatures
+from ldm.metrics.features import FeaturesUnavailable, InceptionFeatures
 from ldm.metrics.statistics import FeatureSet, Gather, Reduce, ReferenceCache
 from ldm.weights.io import WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def feature_kinds(metrics: Sequence[SampleMetric]) -> dict[str, bool]:
-    """The feature kinds the distribution metrics read, each with whether its features are kept (any reader's ``keep``)."""
+def feature_kinds(metrics: Sequence[SampleMetric], compared: bool = False) -> dict[str, bool]:
+    """The feature kinds the distribution metrics read (with ``compared``, those they read of the reference too),
+    each with whether its features are kept (any reader's ``keep``)."""
     kinds: dict[str, bool] = {}
     for metric in metrics:
-        if isinstance(metric, DistributionMetric):
+        if isinstance(metric, DistributionMetric) and (metric.compares or not compared):
             kinds[metric.feature] = kinds.get(metric.feature, False) or metric.keep
     return kinds
 
@@ -49,15 +50,18 @@ def load_metrics(
     """The metrics that can run, loaded, and the feature extractor they share (``extractor``, else Inception).
 
     Where weights cannot be had (``WeightsUnavailable``: not on the machine, no download), the metrics
-    needing them are left out with one log line saying what to set, and the rest run.
+    needing them are left out with one log line saying what to set, and the rest run; where the Inception
+    file lacks some feature kinds (``FeaturesUnavailable``: no classifier for the Inception Score), only the
+    metrics reading those are.
     """
     if extractor is None:
         try:
             extractor = inception_for(metrics, inception_weights)
+        except FeaturesUnavailable as err:
+            metrics = _leave_out(metrics, err.kinds, err)
+            extractor = inception_for(metrics, inception_weights)
         except WeightsUnavailable as err:
-            readers = [m for m in metrics if isinstance(m, DistributionMetric)]
-            log.warning("%s disabled: %s", ", ".join(m.label for m in readers), err)
-            metrics = [m for m in metrics if m not in readers]
+            metrics = _leave_out(metrics, feature_kinds(metrics), err)
     ready = []
     for metric in metrics:
         try:
@@ -69,6 +73,14 @@ def load_metrics(
     return ready, extractor if feature_kinds(ready) else None
 
 
+def _leave_out(metrics: Sequence[SampleMetric], kinds: Iterable[str], err: Exception) -> list[SampleMetric]:
+    """The metrics but the distribution metrics reading ``kinds``, which are named in one log line with ``err``."""
+    kinds = set(kinds)
+    readers = [m for m in metrics if isinstance(m, DistributionMetric) and m.feature in kinds]
+    log.warning("%s disabled: %s", ", ".join(m.label for m in readers), err)
+    return [m for m in metrics if m not in readers]
+
+
 def _one_rank(t: Tensor) -> Tensor:
     """A reduction over a world of one."""
     return t
@@ -77,9 +89,10 @@ def _one_rank(t: Tensor) -> Tensor:
 class Evaluation:
     """The running state of one evaluation of ``metrics`` (loaded) on one rank.
 
-    Per feature kind, a ``FeatureSet`` of the generated images and one of the reference, unless
-    ``reference`` is set (e.g. from ``cached_reference``); per per-sample metric, the sum and count
-    of its values. ``compute`` merges them over the ranks with ``reduce`` (sum) and ``gather``.
+    Per feature kind, a ``FeatureSet`` of the generated images and one of the reference (of the kinds a
+    metric compares), unless ``reference`` is set (e.g. from ``cached_reference``); per per-sample metric, the
+    sum and count of its values. ``compute`` merges them over the ranks with ``reduce`` (sum) and ``gather``.
+    Published statistics of the reference (``use_statistics``) replace those computed of its images.
     """
 
     def __init__(self, metrics: Sequence[SampleMetric], extractor: nn.Module | None = None) -> None:
@@ -93,8 +106,10 @@ class Evaluation:
             raise ValueError(f"{', '.join(m.label for m in self.distribution)} need a feature extractor")
         self.extractor = extractor
         self.generated = {kind: FeatureSet(keep) for kind, keep in self.kinds.items()}
-        self.real = {kind: FeatureSet(keep) for kind, keep in self.kinds.items()}
+        self.compared = feature_kinds(metrics, compared=True)  # the kinds read of the reference -> kept
+        self.real = {kind: FeatureSet(keep) for kind, keep in self.compared.items()}
         self.reference: Mapping[str, FeatureSet] | None = None  # merged (or cached) reference sets, by kind
+        self.statistics: dict[str, tuple[Tensor, Tensor]] = {}  # published (mu, sigma) of the reference, by kind
         self.samples = 0  # generated images, over every rank once computed
         self._totals = torch.zeros(1 + 2 * len(self.per_sample), dtype=torch.float64)  # [images, (sum, count) each]
 
@@ -106,14 +121,22 @@ class Evaluation:
     @property
     def needs_reference(self) -> bool:
         """Whether real reference images must still be added (the distribution metrics have no reference yet)."""
-        return bool(self.kinds) and self.reference is None
+        return bool(self.compared) and self.reference is None
+
+    def use_statistics(self, statistics: Mapping[str, tuple[Tensor, Tensor]], count: int) -> None:
+        """Take the reference's mean and covariance of some kinds as given (an ADM reference batch's, read as they
+        are, so figures compare with published ones) over those of its ``count`` images. Where they are all the
+        reference metrics read, its images are not needed at all."""
+        self.statistics = {kind: stats for kind, stats in statistics.items() if kind in self.compared}
+        if self.reference is None and all(k in self.statistics and not keep for k, keep in self.compared.items()):
+            self.reference = {kind: FeatureSet.from_statistics(*self.statistics[kind], count) for kind in self.compared}
 
     def _key(self, key: Mapping[str, object], kind: str) -> dict[str, object]:
         return {**key, "feature": kind}
 
     def cached_reference(self, cache: ReferenceCache, key: Mapping[str, object]) -> dict[str, FeatureSet] | None:
         """The reference sets cached under ``key`` (naming the reference's content and the extractor), if all are."""
-        sets = {kind: cache.load(self._key(key, kind), keep) for kind, keep in self.kinds.items()}
+        sets = {kind: cache.load(self._key(key, kind), keep) for kind, keep in self.compared.items()}
         return sets if all(s is not None for s in sets.values()) else None
 
     def save_reference(self, cache: ReferenceCache, key: Mapping[str, object]) -> None:
@@ -150,8 +173,10 @@ class Evaluation:
             generated = {kind: s.merged(reduce, gather) for kind, s in self.generated.items()}
             if self.reference is None:
                 self.reference = {kind: s.merged(reduce, gather) for kind, s in self.real.items()}
+            reference = {kind: s.with_statistics(*self.statistics[kind]) if kind in self.statistics else s
+                         for kind, s in self.reference.items()}
             for metric in self.distribution:
-                values |= metric.compute(generated[metric.feature], self.reference[metric.feature])
+                values |= metric.compute(generated[metric.feature], reference[metric.feature] if metric.compares else None)
         images, *sums = reduce(self._totals).tolist()
         self.samples = int(images)
         for metric, total, count in zip(self.per_sample, sums[::2], sums[1::2]):

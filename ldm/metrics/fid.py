@@ -1,4 +1,4 @@
-"""FID and KID: distances between the generated and the reference set's Inception features, computed by torch-fidelity.
+"""FID, sFID and KID: distances between the generated and the reference set's Inception features, computed by torch-fidelity.
 
 torch-fidelity is the reference implementation these numbers are compared with, so the distances
 themselves are its own (``fid_statistics_to_metric``, ``kid_features_to_metric``); ldm only streams
@@ -50,7 +50,17 @@ class FID(DistributionMetric):
     label = "FID"
 
     def compute(self, generated: FeatureSet, reference: FeatureSet) -> dict[str, float]:
-        return {"fid": frechet_distance(*generated.mu_sigma(), *reference.mu_sigma())}
+        return {self.names[0]: frechet_distance(*generated.mu_sigma(), *reference.mu_sigma())}
+
+
+class SFID(FID):
+    """Spatial FID (Nash et al. 2021, as ADM's evaluator computes it): the Fréchet distance of Inception's
+    ``mixed_6/conv`` features, first 7 channels (``ldm.metrics.features.spatial_features``), which see layout
+    where pool3 sees content."""
+
+    names = ("sfid",)
+    label = "sFID"
+    feature = "spatial"
 
 
 class KID(DistributionMetric):

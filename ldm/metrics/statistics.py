@@ -76,6 +76,24 @@ class FeatureSet:
         sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)  # as np.cov
         return mu.cpu(), sigma.cpu()
 
+    @classmethod
+    def from_statistics(cls, mu: Tensor, sigma: Tensor, count: int) -> FeatureSet:
+        """A set of ``count`` samples with the mean (D,) and unbiased covariance (D, D) given (a published
+        reference's, read as they are): ``mu_sigma`` gives them back."""
+        if count < 2:
+            raise ValueError(f"statistics need at least 2 samples, got {count}")
+        mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+        out = cls()
+        out.count, out.sum = count, count * mu
+        out.outer = (count - 1) * sigma + count * torch.outer(mu, mu)
+        return out
+
+    def with_statistics(self, mu: Tensor, sigma: Tensor) -> FeatureSet:
+        """This set, its kept features included, with the mean and covariance given in place of its own."""
+        out = FeatureSet.from_statistics(mu, sigma, self.count)
+        out.keep, out._features, out._order = self.keep, self._features, self._order
+        return out
+
     def save(self, path: Path, key: Mapping[str, object]) -> None:
         """Write the set atomically (a reader never sees a torn file), with the key it was made for."""
         path.parent.mkdir(parents=True, exist_ok=True)

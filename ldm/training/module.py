@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,16 +62,27 @@ class TrainingModule(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's ``clip_gradients`` (``norm`` by default), in true units for any optimizer and precision."""
+        """Lightning's ``clip_gradients`` (``norm`` by default), in true units for any optimizer and precision, and
+        by the norm of every rank's shards under FSDP."""
         if gradient_clip_val:
-            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm", amp_scaler(self.trainer))
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm", amp_scaler(self.trainer),
+                           model=self.trainer.strategy.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        assert_finite_state(checkpoint["state_dict"], "a checkpoint")
+        assert_finite_state(checkpoint["state_dict"], "a checkpoint", checkpoint.get("global_step"))
 
-    def export(self, path: str) -> None:
-        """Write ``export_state()`` as safetensors (what the `ldm` CLI does at the end of a fit)."""
-        state, metadata = self.export_state()
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        assert_finite_state(state, path)
-        save_file(state, path, metadata=metadata)
+    def export(self, path: str, step: int | None = None) -> None:
+        """Write ``export_state()`` as safetensors (what the `ldm` CLI does at the end of a fit); ``step``, the
+        training step it was reached at, names it in a refusal."""
+        write_weights(*self.export_state(), path, step)
+
+
+def write_weights(state: dict[str, Tensor], metadata: dict[str, str], path: str | os.PathLike[str],
+                  step: int | None = None) -> None:
+    """Write an export (refused with NaN/inf weights, see ``assert_finite_state``) to ``<path>.tmp``, then rename
+    it over ``path``: a crash leaves no torn file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    assert_finite_state(state, os.fspath(path), step)
+    partial = f"{os.fspath(path)}.tmp"
+    save_file(state, partial, metadata=metadata)
+    os.replace(partial, path)

@@ -9,23 +9,55 @@ With a fused Adam/AdamW (the default optimizer parts) the decision stays on the 
 hands the optimizer ``found_inf``, the flag its fused kernel already honours (as it does for AMP's
 gradient scaler), so no step waits for the host; the run of skipped steps is read on the host only
 every ``max_consecutive`` steps. Any other optimizer gets its gradients dropped (set to None) after a
-host-side check, one sync per step.
+host-side check, one sync per step. Under FSDP each rank sees only its shards of the gradients, so the ranks
+agree on the decision by an all-reduce of the flag (on the device: no host sync); under DDP every rank already
+holds the same all-reduced gradients.
+
+Every other non-finite value a run produces (latent statistics, validation metrics, a checkpoint or an export)
+ends it the same way: ``diverged`` builds the one message, naming the step, the likely causes and what to change.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
+from torch.distributed.tensor import DTensor
+
+# what makes a run diverge, most likely first, each with the setting that changes it
+LIKELY_CAUSES = ("a learning rate too high for this model and batch size (--model.init_args.optimizer.init_args.lr), "
+                 "fp16 overflow (use bf16-mixed), or input data with NaN/inf values")
 
 
 class NonFiniteTraining(RuntimeError):
-    """Training produced nothing but non-finite losses or gradients for too long."""
+    """A run produced NaN/inf values (losses and gradients for too long, latent statistics, metrics, weights)."""
+
+
+def diverged(problem: str, advice: str = "") -> NonFiniteTraining:
+    """The error that ends a run with a non-finite value: ``problem`` (which names the step), the likely causes,
+    then ``advice``; raised from ldm's code, the `ldm` CLI ends in this one line."""
+    return NonFiniteTraining(f"{problem}. Likely causes: {LIKELY_CAUSES}." + (f" {advice}" if advice else ""))
 
 
 def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
+def _sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether FSDP manages ``optimizer``'s parameters: then each rank holds only its shards of their gradients."""
+    return any(_is_fsdp_flattened(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def _on_every_rank(finite: Tensor) -> Tensor:
+    """``finite`` where it holds on every rank: an all-reduce (MIN) queued on the device, not a host sync."""
+    flag = finite.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.bool()
 
 
 class NonFiniteGuard:
@@ -53,6 +85,8 @@ class NonFiniteGuard:
             checks.append(loss.detach().isfinite().all())
         device = loss.device if loss is not None else params[0].device if params else torch.device("cpu")
         finite = torch.stack(checks).all() if checks else torch.tensor(True, device=device)
+        if _sharded(optimizer):  # FSDP: a non-finite shard on one rank skips the step on all of them
+            finite = _on_every_rank(finite)
         if scaled:
             pass  # the gradient scaler skips an inf step itself
         elif _takes_found_inf(optimizer):
@@ -79,19 +113,24 @@ class NonFiniteGuard:
         if consecutive < self.max_consecutive:
             return
         last_loss = float(self._last_loss)
-        last = "no finite loss yet" if last_loss != last_loss else \
+        last = "no finite loss yet" if math.isnan(last_loss) else \
             f"the last finite loss was {last_loss:.6g} at step {step - consecutive}"
-        raise NonFiniteTraining(
-            f"{consecutive} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
-            f"(each was skipped); {last}. Likely causes: a learning rate too high for this model and batch size, "
-            "fp16 overflow (use bf16-mixed), or input data with NaN/inf values. Raise max_nonfinite_steps to "
-            "tolerate more."
-        )
+        raise diverged(f"{consecutive} optimizer steps in a row, up to step {step}, had a non-finite loss or gradient "
+                       f"(each was skipped); {last}", "Raise max_nonfinite_steps to tolerate more.")
 
 
-def assert_finite_state(state: Mapping[str, Tensor], what: str) -> None:
-    """Refuse to write ``what`` when any floating tensor of ``state`` holds NaN or inf."""
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor of a sharded state dict (FSDP's ShardedTensor or a DTensor), else the tensor."""
+    if isinstance(tensor, ShardedTensor):
+        return tensor.local_tensor()
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def assert_finite_state(state: Mapping[str, Tensor], what: str, step: int | None = None) -> None:
+    """Refuse to write ``what`` (of training step ``step``, where known) when any floating tensor of ``state``
+    holds NaN or inf."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(_local(v)).all()]
     if bad:
-        raise NonFiniteTraining(f"refusing to write {what}: non-finite values in {bad[:5]}"
-                                + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        at = "" if step is None else f" at step {step}"
+        raise diverged(f"refusing to write {what}: non-finite values in {bad[:5]}{more}{at}")

@@ -57,6 +57,7 @@ class Preemption(L.Callback):
         path = os.path.join(folder, "last.ckpt")
         trainer.save_checkpoint(path)  # every rank takes part (random states, sharded strategies); rank 0 writes
         requeued = self._requeue() if trainer.is_global_zero else ""
+        trainer.strategy.barrier("preempted")  # no rank exits (a launcher then kills the rest) before the file and requeue
         raise Preempted(f"stopped by {self.received or 'a signal to another rank'} after step {trainer.global_step}; "
                         f"{path} holds it: resume with --ckpt_path {path}{requeued}")
 

@@ -9,6 +9,8 @@ renamed over the old one, so `last.ckpt` is always the previous or the new compl
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import warnings
@@ -20,6 +22,9 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.data import sized_len
+
+log = logging.getLogger(__name__)
 
 
 def _rng_states() -> dict[str, Any]:
@@ -49,7 +54,8 @@ class RandomStates(L.Callback):
     when training resumes from it, so random timesteps, noise and dropout continue as they would have.
 
     The states are taken when the checkpoint is written and put back when training starts again
-    (after the sanity check), which is where the uninterrupted run would draw next.
+    (after the sanity check), which is where the uninterrupted run would draw next. On another number of
+    ranks (an elastic resume) every rank is seeded anew from the step and its rank instead.
     """
 
     def __init__(self) -> None:
@@ -71,11 +77,34 @@ class RandomStates(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is None:
             return
-        if len(self._restored) != trainer.world_size:
-            raise ValueError(f"the checkpoint holds the random states of {len(self._restored)} ranks, this run has "
-                             f"{trainer.world_size}: resume with the same number of devices for an exact continuation")
-        _set_rng_states(self._restored[trainer.global_rank])
+        if len(self._restored) == trainer.world_size:
+            _set_rng_states(self._restored[trainer.global_rank])
+        else:  # an elastic resume: the old ranks' streams do not map onto the new ones; each rank starts its own
+            seed = int.from_bytes(hashlib.sha256(f"{trainer.global_step}/{trainer.global_rank}".encode()).digest()[:4], "little")
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            if trainer.global_rank == 0:
+                log.warning("resuming a checkpoint of %d ranks on %d: weights, optimizer, EMA, schedule and the epoch's "
+                            "remaining samples continue; the random streams (noise, timesteps) start anew",
+                            len(self._restored), trainer.world_size)
         self._restored = None
+
+
+class EpochLength(L.Callback):
+    """Gives each epoch the trainer's batch count from the train loader's length at its start.
+
+    Lightning reads the loader's length once per fit; an elastic resume's first epoch (the batches already
+    delivered plus this layout's share of the rest) differs from the epochs after it, so the count is
+    read again whenever an epoch starts (unless ``limit_train_batches`` or ``fast_dev_run`` sets it)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        length = sized_len(trainer.train_dataloader)
+        limit = trainer.limit_train_batches  # 1.0, all batches, unless set (an int 1 is one batch: fast_dev_run)
+        if length is not None and isinstance(limit, float) and limit == 1.0 and length != trainer.fit_loop.max_batches:
+            trainer.fit_loop.max_batches = length
+            if isinstance(trainer.val_check_interval, float):  # a fraction of the epoch, as Lightning computes it
+                trainer.val_check_batch = max(1, int(length * trainer.val_check_interval))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

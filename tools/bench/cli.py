@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Protocol
 
-from . import compare, data, sample, train
+from . import compare, data, resume, sample, train
 
 
 class Command(Protocol):
@@ -21,7 +21,7 @@ class Command(Protocol):
     def run(self, args: argparse.Namespace) -> None: ...
 
 
-COMMANDS: dict[str, Command] = {"data": data, "train": train, "sample": sample, "compare": compare}
+COMMANDS: dict[str, Command] = {"data": data, "resume": resume, "train": train, "sample": sample, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> None:

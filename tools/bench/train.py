@@ -61,6 +61,7 @@ def benchmark_train(
     steps: int = 20,  # timed optimisation steps
     warmup: int = 3,  # untimed steps before them (at least 1: the first counts FLOPs)
     loader: int | None = None,  # None: one fixed batch; a worker count: the experiment's own data, read and decoded
+    callbacks: Sequence[L.Callback] = (),  # more trainer callbacks, after the step timer (tools/gpu_check.py's sync probe)
 ) -> dict[str, Any]:
     """Optimisation steps per second of an experiment on one fixed batch, or on its data loader (decoding, and
     encoding unless the data is a latent cache, then count); FLOPs of one step (forward + backward)."""
@@ -70,7 +71,7 @@ def benchmark_train(
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + steps,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *callbacks])
     if loader is None:
         fixed = move_data_to_device(batch, trainer.strategy.root_device)  # no host-to-device copy inside the timing
         trainer.fit(model, DataLoader([fixed] * (warmup + steps), batch_size=None))
