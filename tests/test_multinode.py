@@ -21,6 +21,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ldm.cli import compose
-from ldm.training.preemption import SIGNALS
+from ldm.training.preemption import SIGNALS, Preemption
 from ldm.training.resume import AtomicCheckpointIO
 from tests.ddp_data_probe import CaptionRecorder
 from tests.processes import run_isolated
@@ -59,7 +60,9 @@ class StepRecorder(CaptionRecorder):
 
 class TorchrunStopAt(Callback):
     """Sends SIGTERM to this rank's torchrun (as a preemption notice to a node would) when step ``step`` ends on
-    ``rank``, and goes on once torchrun has forwarded it to this process, so ldm's Preemption sees it at this step."""
+    ``rank``, and goes on once torchrun has forwarded it to this process and ldm's Preemption has taken it, so the
+    stop comes at this step. (Waiting for the signal itself is unreliable: a process-directed signal may land on
+    any thread; Python runs its handler on the main thread, which sleeps here.)"""
 
     def __init__(self, step: int, rank: int) -> None:
         self.step, self.rank = step, rank
@@ -68,12 +71,13 @@ class TorchrunStopAt(Callback):
                            batch_idx: int) -> None:
         if trainer.global_step != self.step or trainer.global_rank != self.rank:
             return
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         os.kill(os.getppid(), signal.SIGTERM)  # torchrun started this worker
-        if signal.sigtimedwait({signal.SIGTERM}, 60) is None:
-            raise RuntimeError("torchrun did not forward SIGTERM to its workers within 60 s")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        os.kill(os.getpid(), signal.SIGTERM)  # the forwarded signal, now to its handler
+        deadline = time.monotonic() + 60
+        while preemption.received is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("torchrun did not forward SIGTERM to its workers within 60 s")
+            time.sleep(0.05)
 
 
 class RecordingCheckpointIO(AtomicCheckpointIO):

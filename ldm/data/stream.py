@@ -8,6 +8,7 @@ import logging
 import random
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -235,7 +236,7 @@ class ShardStream(IterableDataset):
     def _emit(self, batch: list[tuple[Position, dict[str, Any]]], skipped: Counter[str], position: dict[str, Any]) -> dict[str, Any]:
         """The collated batch with its skip counts and its worker's position after it."""
         collated, dropped = collate([sample for _, sample in batch])  # an optional key some samples lack leaves the batch, counted
-        return {**collated, SKIPPED: dict(skipped + dropped), POSITION: position}
+        return {**collated, SKIPPED: dict(skipped + dropped), POSITION: _Carried(position)}
 
     def _decode(self, raw: Iterator[tuple[Position, dict[str, Any]]], worker: int,
                 skipped: Counter[str]) -> Iterator[tuple[Position, dict[str, Any]]]:
@@ -251,6 +252,14 @@ class ShardStream(IterableDataset):
                 warned += 1
                 if warned <= MAX_SKIP_WARNINGS:
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """A value a batch carries to the loader untouched: the DataLoader's conversion and pinning walk into lists and
+    dicts (a position's thousand-entry buffer, every batch), not into this."""
+
+    value: Any
 
 
 class _Reader:
@@ -421,7 +430,7 @@ class EpochLoader(DataLoader):
         self.dataset.epoch, self.dataset.rotation = epoch, position["next"]
         self.dataset.positions = copy.deepcopy(position["workers"])
         for batch in super().__iter__():
-            worker, at = batch.pop(WORKER), batch.pop(POSITION)
+            worker, at = batch.pop(WORKER), batch.pop(POSITION).value
             self.skipped.update(batch.pop(SKIPPED))
             position["workers"][worker] = at
             position["next"] = (worker + 1) % workers
