@@ -128,23 +128,24 @@ class LdmCLI(LightningCLI):
 def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:
     """The `ldm` CLI on ``args``; with ``run=False`` it only builds the model and data module (tools)."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; no effect on CPU
-    return LdmCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        if args is not None:  # LightningCLI warns that the caller's own sys.argv (a tool's, a test's) goes unread
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return LdmCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
 
 
 def instantiate(args: list[str]) -> tuple[LightningModule, LightningDataModule]:
     """The model and data module `ldm fit <args>` would build, without running anything (for tools)."""
-    with warnings.catch_warnings():  # LightningCLI warns that the tool's own sys.argv goes unread
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = build_cli(args, run=False)
+    cli = build_cli(args, run=False)
     return cli.model, cli.datamodule
 
 

@@ -28,7 +28,8 @@ def objective(request) -> Objective:
 
 # The longest files (seconds on 2 cores): with `pytest -n 2` (README's test command; pyproject adds --dist loadfile)
 # each worker takes whole files in collection order, so these go first and overlap the many short files instead of trailing.
-LONGEST_FIRST = ("test_quickstart.py", "test_resume.py", "test_metrics.py", "test_latent_diffusion.py", "test_cli.py")
+LONGEST_FIRST = ("test_latent_diffusion.py", "test_resume.py", "test_resume_ddp.py", "test_metrics.py", "test_latent_cache.py",
+                 "test_quickstart.py", "test_multinode.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

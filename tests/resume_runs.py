@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm.data.synthetic import write_shapes
-from tests.processes import run_isolated
+from tests.processes import run_ldm
 from tests.stage2 import ROOT, cli_args
 
 TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
@@ -42,7 +41,7 @@ LOADER = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1
 
 def _ldm_fit(args: list[str], expect_kill: bool, status: int = 0) -> str:
     """`ldm fit <args>` in a process group of its own; its output."""
-    return run_isolated([sys.executable, "-m", "ldm.cli", "fit", *args], ROOT, TIMEOUT_S, {"OMP_NUM_THREADS": "1"},
+    return run_ldm(["fit", *args], ROOT, TIMEOUT_S, {"OMP_NUM_THREADS": "1"},
                         killed=expect_kill, status=status)
 
 
@@ -92,8 +91,13 @@ def record_keys(folder: Path) -> dict[str, Any]:
 
 
 def recorded(folder: Path) -> list[dict[str, Any]]:
-    """The training batches RecordKeys wrote to ``folder``, every rank's."""
-    return [json.loads(line) for path in sorted(folder.glob("keys-rank*.jsonl")) for line in path.read_text().splitlines()]
+    """The training batches RecordKeys wrote to ``folder``, every rank's, by step; a step run again after a
+    resume replaces the killed run's record of it."""
+    batches: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in sorted(folder.glob("keys-rank*.jsonl")):
+        for record in map(json.loads, path.read_text().splitlines()):
+            batches[path.name, record["step"]] = record
+    return list(batches.values())
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -118,12 +122,12 @@ def assert_resumed_exactly(reference: Path, resumed: Path, from_step: int, steps
 SIGNALLED = 7  # the step after which a signalled run stops: epoch 3's first of 2 batches per rank under DDP
 
 
-def signalled_run(shards: Path, out: Path, name: str, ddp: bool) -> Path:
+def signalled_run(shards: Path, out: Path, name: str, ddp: bool, *options: str) -> Path:
     """A run told to stop by ``name`` (under DDP: sent to rank 1 alone) after step 7, its batches' keys recorded:
     every rank finishes the step, last.ckpt holds it (not the step-6 periodic one), nothing is exported, one
     line says where to resume. Returns a copy of that checkpoint."""
     stop = {"class_path": "tests.tiny_modules.SignalAt", "init_args": {"step": SIGNALLED, "name": name, "rank": int(ddp)}}
-    log = fit(shards, out, *with_callbacks(out, stop, record_keys(out / "keys")), ddp=ddp, status=1)
+    log = fit(shards, out, *with_callbacks(out, stop, record_keys(out / "keys")), *options, ddp=ddp, status=1)
     last = out / "checkpoints" / "last.ckpt"
     assert f"ldm: error: stopped by {name} after step {SIGNALLED}; {last} holds it: resume with --ckpt_path {last}" in log
     assert "Traceback" not in log

@@ -30,20 +30,30 @@ def ldm(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subp
                           env=None if env is None else {**os.environ, **env})
 
 
-def test_help_lists_the_subcommands_and_fit_help_the_components() -> None:
+def ldm_in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """What `ldm <args>` prints before it exits with status 0 (--help, --print_config), run in this process: the
+    console script itself is run by the other tests here."""
+    with pytest.raises(SystemExit) as ended:
+        main(list(args))
+    assert not ended.value.code, capsys.readouterr().err[-2000:]
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_subcommands_and_fit_help_the_components(capsys: pytest.CaptureFixture) -> None:
     top = ldm("--help")
     assert top.returncode == 0 and all(c in top.stdout for c in ("fit", "validate", "test", "predict"))
-    fit = ldm("fit", "--help")
-    assert fit.returncode == 0 and "--model" in fit.stdout and "--data" in fit.stdout and "--checkpoint.save_last" in fit.stdout
+    fit = ldm_in_process(capsys, "fit", "--help")
+    assert "--model" in fit and "--data" in fit and "--checkpoint.save_last" in fit
 
 
-def test_print_config_composes_configs_in_order_and_swaps_the_backbone(tmp_path: Path) -> None:
+def test_print_config_composes_configs_in_order_and_swaps_the_backbone(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the configs' relative paths, as a user in the project folder types them
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {"max_steps": 7}, "data": {"init_args": {"resolution": 32}}}))
-    out = ldm("fit", "--config", "experiments/shapes/txt2img_unet.yaml", "--config", str(overlay),
-              "--model.backbone", "configs/backbone/dit-tiny.yaml", "--print_config")
-    assert out.returncode == 0, out.stderr[-2000:]
-    config = yaml.safe_load(out.stdout)
+    config = yaml.safe_load(ldm_in_process(capsys, "fit", "--config", "experiments/shapes/txt2img_unet.yaml",
+                                           "--config", str(overlay), "--model.backbone", "configs/backbone/dit-tiny.yaml",
+                                           "--print_config"))
     assert config["trainer"]["max_steps"] == 7 and config["data"]["init_args"]["resolution"] == 32
     assert config["model"]["init_args"]["backbone"]["class_path"] == "ldm.backbones.dit.DiT"
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == "runs"
@@ -60,9 +70,10 @@ def test_fit_exits_0_and_saves_config_and_last_checkpoint_twice(tmp_path: Path) 
         "data": {"init_args": {"train": str(tmp_path / "data/train/shard-*.tar"), "val": str(tmp_path / "data/val/shard-*.tar"),
                                "resolution": 32, "num_workers": 0, "batch_size": 2}},
     }))
-    for _ in range(2):  # a second run into the same folder must not fail on the existing config.yaml
-        run = ldm("fit", "--config", "experiments/shapes/autoencoder.yaml", "--config", str(overlay))
-        assert run.returncode == 0, run.stderr[-3000:]
+    args = ["fit", "--config", str(ROOT / "experiments/shapes/autoencoder.yaml"), "--config", str(overlay)]
+    run = ldm(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    main(args)  # a second run into the same folder (here in this process) must not fail on the existing config.yaml
     folder = tmp_path / "runs" / "ae" / "v"
     assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "autoencoder.safetensors").is_file()  # the fit ends with its export

@@ -42,4 +42,4 @@ def test_fast_quickstart_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "tools/quickstart.py", "--fast", "--resume", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ldm.cli fit" not in proc.stdout
+    assert "$ ldm" not in proc.stdout

@@ -1,5 +1,5 @@
-"""Exact and elastic resume under 2-process DDP: a DDP run SIGKILLed mid-epoch, or stopped by a SIGTERM to
-rank 1 alone, resumes bit for bit on 2 processes; its checkpoint also resumes on 1 process with the rest of the
+"""Exact and elastic resume under 2-process DDP: a DDP run SIGKILLed mid-epoch resumes bit for bit on 2 processes,
+and, stopped by a SIGTERM to rank 1 alone, again; its checkpoint also resumes on 1 process with the rest of the
 epoch's samples once (the runs: resume_runs.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 from tests.resume_runs import (
     SIGNALLED,
     assert_resumed_exactly,
-    crash_options,
     fit,
     losses,
     record_keys,
@@ -29,6 +28,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_resume_shards(tmp_path_factory)
 
 
+KILLED_CHECKPOINT = 3  # the periodic checkpoint (every 3 steps) before the kill after step 5
+
+
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp-uninterrupted")
@@ -36,27 +38,26 @@ def ddp_uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def test_a_ddp_run_killed_and_resumed_continues_exactly(shards: Path, ddp_uninterrupted: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    fit(shards, out, *crash_options(out, "KillAt", 5), ddp=True, expect_kill=True)
-    last = out / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
-    fit(shards, out, "--ckpt_path", str(last), ddp=True)
-    assert_resumed_exactly(ddp_uninterrupted, out, 3)
-
-
 @pytest.fixture(scope="module")
 def ddp_signalled(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A DDP run SIGKILLed at the end of step 5 (its last.ckpt: step 3's), resumed, and stopped by a SIGTERM to
+    rank 1 alone after step 7 (see signalled_run); its batches' keys recorded throughout. Returns the run folder
+    and a copy of the step-7 checkpoint."""
     out = tmp_path_factory.mktemp("ddp-signalled") / "run"
-    return out, signalled_run(shards, out, "SIGTERM", ddp=True)
+    kill = {"class_path": "tests.tiny_modules.KillAt", "init_args": {"step": 5}}
+    fit(shards, out, *with_callbacks(out, kill, record_keys(out / "keys")), ddp=True, expect_kill=True)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == KILLED_CHECKPOINT
+    return out, signalled_run(shards, out, "SIGTERM", True, "--ckpt_path", str(last))
 
 
-def test_a_sigterm_to_one_ddp_rank_stops_every_rank_after_its_step_and_resumes_exactly(
+def test_a_ddp_run_killed_then_signalled_resumes_exactly_each_time(
         shards: Path, ddp_uninterrupted: Path, ddp_signalled: tuple[Path, Path]) -> None:
-    """A spot instance's SIGTERM, here to rank 1 alone: every rank finishes step 7 and stops (see signalled_run)."""
+    """kill -9 of every rank mid-epoch, then a spot instance's SIGTERM to rank 1 alone: the first resume repeats
+    steps 3 to 7 bit for bit, every rank finishes step 7 and stops, and the second resume runs to the end."""
     out, stopped = ddp_signalled
     fit(shards, out, "--ckpt_path", str(stopped), ddp=True)
-    assert_resumed_exactly(ddp_uninterrupted, out, SIGNALLED)
+    assert_resumed_exactly(ddp_uninterrupted, out, KILLED_CHECKPOINT)  # each run's logged steps replace the last's
 
 
 def test_a_ddp_checkpoint_resumes_on_one_process_with_the_rest_of_its_epoch(

@@ -37,7 +37,7 @@ from ldm.metrics.fid import FID, KID, frechet_distance, kid
 from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.statistics import FeatureSet
 from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
-from tests.processes import run_isolated
+from tests.processes import run_ldm
 from tests.tiny_modules import TinyFeatures
 from tools import evaluate, sampler_table
 
@@ -278,9 +278,8 @@ def test_fid_samples_are_the_same_on_one_and_two_ddp_ranks(shards: Path, tmp_pat
         return [*cli_args(CLASS2IMG, shards, out, callbacks, model), "--model.init_args.backbone", str(TINY_UNET)]
 
     run("test", args(tmp_path / "one"))
-    command = [sys.executable, "-m", "ldm.cli", "test", *args(tmp_path / "two"), "--trainer.strategy", "ddp",
-               "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    run_isolated(command, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run_ldm(["test", *args(tmp_path / "two"), *ddp], ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
 
     one, two = report(tmp_path / "one"), report(tmp_path / "two")
     for result in (one, two):

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from torchvision.io import decode_image
 from torchvision.utils import make_grid, save_image
+
+from ldm import cli
+from ldm.data.synthetic import write_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -31,8 +33,9 @@ PROMPTS = [
 # (full, --fast): dataset sizes and training steps per stage
 BUDGET = {
     "data": ({"train": 6000, "val": 256, "test": 512}, {"train": 512, "val": 64, "test": 64}),
-    "autoencoder": ({}, {"max_steps": 30, "val_check_interval": 15}),  # full: the experiment's own (~4.5 min)
-    "diffusion": ({"max_steps": 800, "val_check_interval": 400}, {"max_steps": 30, "val_check_interval": 15}),  # ~9 min
+    "autoencoder": ({}, {"max_steps": 20, "val_check_interval": 10, "limit_val_batches": 1}),  # full: the experiment's own (~4.5 min)
+    "diffusion": ({"max_steps": 800, "val_check_interval": 400},  # ~9 min
+                  {"max_steps": 20, "val_check_interval": 10, "limit_val_batches": 1}),
 }
 
 
@@ -40,21 +43,19 @@ def say(message: str) -> None:
     print(f"\n=== quickstart: {message}", flush=True)
 
 
-def run(*args: str) -> None:
-    """Run one command in the project root, its output streaming through; a failure stops the quickstart
-    (the command has said why)."""
-    print("$", " ".join(args), flush=True)
-    status = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
-    if status:
-        sys.exit(f"quickstart: stopped, `{' '.join(args[:3])}` failed (exit status {status})")
-
-
 def ldm(subcommand: str, config: str, out: Path, stage: str, *options: str) -> Path:
-    """`ldm <subcommand>` logging to <out>/<stage>/version_0; returns that run folder."""
+    """`ldm <subcommand>` logging to <out>/<stage>/version_0, shown as a command and run in this process (one
+    interpreter start for every stage); returns that run folder. A failure stops the quickstart (the run has said why)."""
     # no model summary: its FLOPs column needs an example input that these models do not define (it shows 0)
-    run("-m", "ldm.cli", subcommand, "--config", config,
-        "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", stage,
-        "--trainer.logger.init_args.version", "0", "--trainer.enable_model_summary", "false", *options)
+    args = [subcommand, "--config", str(ROOT / config), "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.logger.init_args.name", stage, "--trainer.logger.init_args.version", "0",
+            "--trainer.enable_model_summary", "false", *options]
+    print("$ ldm", " ".join(args).replace(f"{ROOT}/", ""), flush=True)
+    try:
+        cli.main(args)
+    except SystemExit as stop:
+        if stop.code:
+            sys.exit(f"{stop.code}\nquickstart: stopped, `ldm {subcommand} --config {config}` failed")
     return out / stage / "version_0"
 
 
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     say(f"1/5 shapes shards in {data}")
     if not (data / "meta.json").exists():
         sizes = BUDGET["data"][level]
-        run("-m", "ldm.data.synthetic", "--out", str(data), "--size", "64",
-            *[a for k, v in sizes.items() for a in (f"--{k}", str(v))])
+        options = " ".join(f"--{k} {v}" for k, v in sizes.items())
+        print(f"$ python -m ldm.data.synthetic --out {data} --size 64 {options}", flush=True)
+        write_shapes(data, size=64, **sizes)
 
     say("2/5 autoencoder (stage 1), exported with its latent statistics")
     ae_config = "experiments/shapes/autoencoder.yaml"
@@ -98,21 +100,26 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     stage2 = f"txt2img_{args.backbone}"
     model_options = ["--model.init_args.codec.init_args.weights", str(vae), *data_options]
     if args.fast:
-        model_options += ["--model.init_args.sampler.init_args.steps", "5", "--model.init_args.num_logged_samples", "4"]
+        model_options += ["--model.init_args.sampler.init_args.steps", "5", "--model.init_args.num_logged_samples", "4",
+                          "--data.init_args.batch_size", "8"]
     ckpt = out / stage2 / "version_0" / "checkpoints" / "last.ckpt"
     if not (args.resume and ckpt.exists()):
         ldm("fit", config, out, stage2, *trainer_options(BUDGET["diffusion"][level]), *model_options)
 
     say("4/5 evaluation (ldm test)")
-    test_dir = ldm("test", config, out, f"{stage2}_test", "--ckpt_path", str(ckpt), *model_options)
-    report = test_dir / "report.json"
+    report = out / f"{stage2}_test" / "version_0" / "report.json"
+    if not (args.resume and report.exists()):
+        ldm("test", config, out, f"{stage2}_test", "--ckpt_path", str(ckpt), *model_options)
 
     say("5/5 samples")
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    predict_dir = ldm("predict", config, out, f"{stage2}_predict", "--ckpt_path", str(ckpt), *model_options,
-                      "--data.init_args.predict", str(prompts))
+    predict_dir = out / f"{stage2}_predict" / "version_0"
     images = sorted((predict_dir / "predictions").glob("*.png"))
+    if not (args.resume and len(images) == len(PROMPTS)):
+        ldm("predict", config, out, f"{stage2}_predict", "--ckpt_path", str(ckpt), *model_options,
+            "--data.init_args.predict", str(prompts))
+        images = sorted((predict_dir / "predictions").glob("*.png"))
     grid = out / "samples.png"
     save_image(make_grid([decode_image(str(p)).float() / 255 for p in images], nrow=4, padding=2), grid)
 

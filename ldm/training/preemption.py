@@ -35,6 +35,7 @@ class Preemption(L.Callback):
         super().__init__()
         self.signals, self.requeue = signals, requeue
         self.received: str | None = None
+        self._stopped: Preempted | None = None
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -58,8 +59,16 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(path)  # every rank takes part (random states, sharded strategies); rank 0 writes
         requeued = self._requeue() if trainer.is_global_zero else ""
         trainer.strategy.barrier("preempted")  # no rank exits (a launcher then kills the rest) before the file and requeue
-        raise Preempted(f"stopped by {self.received or 'a signal to another rank'} after step {trainer.global_step}; "
-                        f"{path} holds it: resume with --ckpt_path {path}{requeued}")
+        self._stopped = Preempted(f"stopped by {self.received or 'a signal to another rank'} after step "
+                                  f"{trainer.global_step}; {path} holds it: resume with --ckpt_path {path}{requeued}")
+
+    def _stop(self, *hook_args: Any) -> None:
+        """The stop, at the first hook after the step's end: Lightning has logged the step by then, and nothing
+        else has run (the next batch, a validation, the epoch's end). A stop at the run's last step lets it end."""
+        if self._stopped is not None:
+            raise self._stopped
+
+    on_train_batch_start = on_validation_start = on_train_epoch_end = _stop
 
     def _requeue(self) -> str:
         """Requeue this SLURM job (``scontrol requeue``); what happened, for the last line."""
