@@ -26,6 +26,18 @@ def write_stage2_shards(root: Path) -> Path:
     return root
 
 
+def write_clip_shards(root: Path) -> Path:
+    """Moving-shapes clips of 8 frames, for the experiments that read clips."""
+    write_shapes(root, train=4, val=2, test=2, size=RESOLUTION, frames=8)
+    return root
+
+
+def reads_clips(experiment: Path) -> bool:
+    """Whether the experiment's data reads its shards as clips (ldm.data.video.VideoClips)."""
+    formats = compose(["--config", str(experiment)])["data"]["init_args"].get("formats") or []
+    return any(f["class_path"] == "ldm.data.video.VideoClips" for f in formats)
+
+
 def backbone_params(spec: dict[str, Any], context_dim: int | None = None, vector_dim: int | None = None) -> int:
     """Parameters of a composed backbone spec, counted on the meta device (nothing allocated)."""
     module, name = spec["class_path"].rsplit(".", 1)

@@ -21,11 +21,13 @@ from tests.stage2 import (
     ROOT,
     backbone_params,
     cli_args,
+    write_clip_shards,
     write_stage2_shards,
 )
 
 EXPERIMENTS = ROOT / "experiments"
 TXT2IMG = EXPERIMENTS / "shapes" / "txt2img_unet.yaml"
+TXT2VID = EXPERIMENTS / "shapes" / "txt2vid_dit.yaml"  # where a video backbone part trains its step
 PARTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "autoencoder")
 BENCHMARKED = {"dit-XL-2-256.yaml": EXPERIMENTS / "cifar10" / "dit.yaml",  # a benchmark part -> the experiment it sets up
                "sd15-random.yaml": EXPERIMENTS / "sd" / "finetune_sd15.yaml"}
@@ -82,18 +84,23 @@ def test_experiments_name_only_parts_that_exist() -> None:
 
 @pytest.mark.parametrize("part", [p for p in PARTS if p.resolve() not in USED_BY_EXPERIMENTS],
                          ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Path) -> None:
+def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Path,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
     kind, name = part.parent.name, str(part)
+    if kind == "backbone" and part.name.startswith("video-"):  # a video backbone takes clips
+        experiment, shards = TXT2VID, write_clip_shards(tmp_path_factory.mktemp("moving-shapes"))
+    else:
+        experiment = TXT2IMG
     swap = {"backbone": "--model.init_args.backbone", "conditioner": "--model.init_args.conditioner",
             "objective": "--model.init_args.objective", "sampler": "--model.init_args.sampler",
             "optimizer": "--model.init_args.optimizer"}
     if kind == "backbone":
-        spec = compose(["--config", str(TXT2IMG), "--model.init_args.backbone", name])["model"]["init_args"]["backbone"]
+        spec = compose(["--config", str(experiment), "--model.init_args.backbone", name])["model"]["init_args"]["backbone"]
         params = backbone_params(spec, context_dim=128)  # built on the meta device with the text context
         if params > MAX_BACKBONE_PARAMS:
             pytest.skip(f"{params / 1e6:.1f}M parameters (built on the meta device): too large for a CPU training step")
     if kind in swap:
-        _run([*cli_args(TXT2IMG, shards, tmp_path), swap[kind], name, "--model.init_args.sampler.init_args.steps", "2"])
+        _run([*cli_args(experiment, shards, tmp_path), swap[kind], name, "--model.init_args.sampler.init_args.steps", "2"])
     elif kind == "embedder":
         overlay = tmp_path / "embedder.yaml"
         overlay.write_text(yaml.safe_dump({"model": {"init_args": {"conditioner": {

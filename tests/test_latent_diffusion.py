@@ -40,13 +40,14 @@ from ldm.diffusion.samplers import (
     Heun,
     Sampler,
 )
-from tests.processes import run_isolated
-from tests.stage2 import RESOLUTION, cli_args, write_stage2_shards
+from tests.processes import run_ldm
+from tests.stage2 import RESOLUTION, cli_args, reads_clips, write_clip_shards, write_stage2_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
                      if compose(["--config", str(p)])["model"]["class_path"] == "ldm.diffusion.module.LatentDiffusion")
 TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
+TXT2VID = ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml"
 PROMPTS = ["a large red circle in the center", "a small blue star on the left", "a large green square at the top"]
 DDP_TIMEOUT_S = 240
 
@@ -89,12 +90,37 @@ def differs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 # --- every experiment, through the CLI --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_clip_shards(tmp_path_factory.mktemp("moving-shapes"))
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
-def test_experiment_fast_dev_run(experiment: Path, shards: Path, tmp_path: Path) -> None:
-    cli = build_cli(["fit", *cli_args(experiment, shards, tmp_path), "--trainer.fast_dev_run", "1"])
+def test_experiment_fast_dev_run(experiment: Path, shards: Path, clips: Path, tmp_path: Path) -> None:
+    data = clips if reads_clips(experiment) else shards
+    cli = build_cli(["fit", *cli_args(experiment, data, tmp_path), "--trainer.fast_dev_run", "1"])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 1
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+
+
+def test_a_video_model_generates_clips_as_strips_of_their_frames(clips: Path, tmp_path: Path) -> None:
+    """txt2vid trains on clips (each frame through the image autoencoder) and generates the model's ``frames``-frame
+    clips for prediction requests, written as strips of their frames; a clip's noise is its own, so a request
+    generates the same clip alone or in a batch (to float rounding)."""
+    args = cli_args(TXT2VID, clips, tmp_path)
+    build_cli(["fit", *args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving up\na blue square staying still\n")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    batched = [np.asarray(Image.open(p)) for p in sorted(_predict(args, ckpt, prompts).glob("*.png"))]
+    alone = [np.asarray(Image.open(p)) for p in sorted(_predict([*args, "--data.init_args.batch_size", "1"], ckpt,
+                                                                prompts).glob("*.png"))]
+    assert [a.shape for a in batched] == [(RESOLUTION, 8 * RESOLUTION, 3)] * 2  # 8 frames side by side
+    frames = batched[0].reshape(RESOLUTION, 8, RESOLUTION, 3)
+    assert not np.array_equal(frames[:, 0], frames[:, 5])  # frames, not one image repeated
+    for a, b in zip(batched, alone, strict=True):  # equal up to float rounding of another batch size's kernels
+        assert np.abs(a.astype(int) - b).max() <= 2
 
 
 @pytest.fixture(scope="module")
@@ -264,16 +290,16 @@ def test_bf16_mixed_fit_has_finite_losses(shards: Path, tmp_path: Path) -> None:
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
 
 
-@pytest.mark.parametrize("backbone", ["unet-tiny", "dit-tiny"])
-def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path, backbone: str) -> None:
-    """txt2img with either backbone, swapped by one option, trains under 2-process CPU DDP."""
-    swap = ["--model.init_args.backbone", str(ROOT / "configs" / "backbone" / f"{backbone}.yaml")]
-    command = [sys.executable, "-m", "ldm.cli", "fit", *cli_args(TXT2IMG, shards, tmp_path), *swap,
-               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-               "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
-               # one validation, where rank 0 alone samples the image grids: no collective may wait on it
-               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
-    run_isolated(command, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
+def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
+    """txt2img with the DiT, swapped in by one option, trains and validates under 2-process CPU DDP (the UNet's
+    DDP runs are test_resume_ddp.py's)."""
+    swap = ["--model.init_args.backbone", str(ROOT / "configs" / "backbone" / "dit-tiny.yaml")]
+    args = ["fit", *cli_args(TXT2IMG, shards, tmp_path), *swap,
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
+            # one validation, where rank 0 alone samples the image grids: no collective may wait on it
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
+    run_ldm(args, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -1,5 +1,5 @@
-"""tools/make_shards.py: round trips from a folder, a table, class folders and MNIST idx files (synthetic and,
-when ../shared/assets holds them, real), skip reasons, shard limits, bad inputs."""
+"""tools/make_shards.py: round trips from a folder (of images or videos), a table, class folders and MNIST idx files
+(synthetic and, when ../shared/assets holds them, real), skip reasons, shard limits, bad inputs."""
 
 import csv
 import gzip
@@ -15,7 +15,9 @@ from PIL import Image
 
 from ldm.data.images import ImageDecoder
 from ldm.data.stream import ShardStream
+from ldm.data.video import VideoDecoder, encode_mp4
 from tests.assets import ASSETS
+from tests.test_video_data import frames, webm, zero_frame_mp4
 from tools import make_shards as ms
 
 
@@ -171,6 +173,43 @@ def test_cli_lists_skips_and_fails_when_nothing_is_usable(folder, tmp_path, caps
         ms.main([str(bad), "--out", str(tmp_path / "bad_out")])
     assert exit_info.value.code != 0
     assert "wrote 0 samples in 0 shards; skipped 1: missing caption: 1" in capsys.readouterr().out
+
+
+def test_folder_of_videos_keeps_bytes_and_records_rate_and_count(tmp_path, capsys):
+    """Videos with sidecar captions are stored as they are, with their size, fps and frame count in the json (a webm
+    records no count: its packets are counted); bad ones are skipped, named and counted; clips read back."""
+    root = tmp_path / "videos"
+    (root / "sub").mkdir(parents=True)
+    good = {"a.mp4": (encode_mp4(frames(9), 8), "a clip", (24, 16, 9)),
+            "sub/b.webm": (webm(frames(7, 16, 32)), "a wide clip", (32, 16, 7)),
+            "c.MOV": (encode_mp4(frames(5, 8, 8), 8), "a mov", (8, 8, 5))}
+    bad = {"broken.mp4": (b"no video here" * 9, "undecodable mp4: InvalidDataError"),
+           "empty.mp4": (zero_frame_mp4(), "no video frames in mp4"),
+           "nocaption.mp4": (encode_mp4(frames(4), 8), "missing caption")}
+    for name, (data, caption, _) in good.items():
+        (root / name).write_bytes(data)
+        (root / name).with_suffix(".txt").write_text(caption)
+    for name, (data, reason) in bad.items():
+        (root / name).write_bytes(data)
+        if reason != "missing caption":
+            (root / name).with_suffix(".txt").write_text("a caption")
+    ms.main([str(root), "--out", str(tmp_path / "out"), "--list-skipped"])
+    printed = capsys.readouterr().out
+    for name, (_, reason) in bad.items():
+        assert f"skipped {root / name}: {reason}" in printed
+    assert "wrote 3 samples in 1 shards; skipped 3: missing caption: 1, no video frames in mp4: 1, undecodable mp4" in printed
+
+    shards = sorted((tmp_path / "out").glob("*.tar"))
+    by_caption = {raw["txt"].decode(): raw for raw in _read(shards)}
+    for name, (data, caption, (width, height, count)) in good.items():
+        raw = by_caption[caption]
+        entry = name.rsplit(".")[-1].lower()
+        assert raw[entry] == data  # the file's bytes, no re-encode
+        assert json.loads(raw["json"]) == {"caption": caption, "width": width, "height": height, "fps": 8.0,
+                                           "num_frames": count}
+    clips = list(ShardStream([str(p) for p in shards], VideoDecoder(ImageDecoder(8), frames=4), batch_size=1).batches(0))
+    assert sorted((b["caption"][0], b["num_frames"].item()) for b in clips) == [("a clip", 9), ("a mov", 5), ("a wide clip", 7)]
+    assert all(b["image"].shape == (1, 3, 4, 8, 8) for b in clips)
 
 
 def _stream(shards, resolution: int) -> list[dict]:

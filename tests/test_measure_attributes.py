@@ -1,5 +1,5 @@
 """tools/measure_attributes.py: ground-truth shapes score ~1 on any canvas, mismatched prompts score chance,
-blanks measure none, shapes run out of the frame measure cut."""
+blanks measure none, shapes run out of the frame measure cut; clips' colour and motion direction likewise."""
 
 import json
 import sys
@@ -34,7 +34,10 @@ def _write_predictions(folder: Path, images: list[Image.Image], captions: list[s
         lines = [json.dumps({"index": i, "caption": captions[i], "label": 0}) for i in range(rank, len(images), 2)]
         (folder / f"prompts.rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
     for i, image in enumerate(images):
-        image.save(folder / f"{i:06d}.png")
+        if isinstance(image, list):  # a clip's frames: an animated GIF
+            image[0].save(folder / f"{i:06d}.gif", save_all=True, append_images=image[1:], duration=125, loop=0)
+        else:
+            image.save(folder / f"{i:06d}.png")
     return folder
 
 
@@ -205,3 +208,121 @@ def test_cli_prints_tables_and_writes_json(tmp_path, samples, capsys):
         with pytest.raises(SystemExit):
             ma.main(argv)
     assert not (tmp_path / "q.txt").exists() and not (tmp_path / "q.jsonl").exists()
+
+
+# --- clips: colour and motion -----------------------------------------------------------------------------------
+
+CLIP_SIDE, CLIP_FRAMES = 48, 8
+_STEPS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0), "still": (0, 0)}  # (dx, dy), y down
+_PHRASES = {"up": "moving up", "down": "moving down", "left": "moving to the left", "right": "moving to the right",
+            "still": "staying still"}  # as the moving-shapes data captions them
+
+
+def _clip(rgb: tuple[int, int, int], motion: str, travel: float = 0.4, frames: int = CLIP_FRAMES,
+          side: int = CLIP_SIDE, radius: float = 6.0) -> list[Image.Image]:
+    """An antialiased disc on dark grey crossing the middle of the frame by `travel` of its side in direction `motion`."""
+    yy, xx = np.mgrid[:side, :side] + 0.5  # pixel centres
+    dx, dy = _STEPS[motion]
+    out = []
+    for t in range(frames):
+        step = travel * (t / (frames - 1) - 0.5)
+        alpha = np.clip(radius + 0.5 - np.hypot(xx - side * (0.5 + dx * step), yy - side * (0.5 + dy * step)), 0, 1)
+        out.append(Image.fromarray(np.round(40 * (1 - alpha[..., None]) + np.array(rgb) * alpha[..., None]).astype(np.uint8)))
+    return out
+
+
+def _strip(frames: list[Image.Image]) -> Image.Image:
+    """The frames side by side: the PNG strip `--frames T` reads."""
+    return Image.fromarray(np.concatenate([np.asarray(f) for f in frames], axis=1))
+
+
+@pytest.fixture(scope="module")
+def moving():
+    """Every colour x motion once: (colour, motion, frames, caption)."""
+    return [(c, m, _clip(rgb, m), f"a {c} circle {_PHRASES[m]}") for c, rgb in COLOURS.items() for m in _STEPS]
+
+
+def test_caption_parsing_finds_the_motion():
+    for motion, phrase in _PHRASES.items():
+        caption = f"a blue square {phrase}"
+        assert (ma.prompted_motion(caption), ma.prompted_colour(caption)) == (motion, "blue")
+    assert set(_PHRASES) == set(ma.MOTIONS)
+    assert ma.prompted_motion("A red circle, Moving Upwards") is None  # no motion word it knows: left out of the score
+    assert ma.prompted_motion("a red circle in the top right") is None and ma.prompted_motion("a still life") == "still"
+
+
+@pytest.mark.parametrize("kind", ["gif", "noisy png strip"])
+def test_clips_moving_every_way_in_every_colour_are_measured_right(tmp_path, moving, kind):
+    rng = np.random.default_rng(0)
+    if kind == "gif":
+        files = [frames for _, _, frames, _ in moving]
+    else:  # soft and grainy frames (noise that defeats a measure without median filter), side by side
+        files = [_strip([_noisy(frame, rng) for frame in frames]) for _, _, frames, _ in moving]
+    report = ma.measure_clips(_write_predictions(tmp_path / "pred", files, [c for *_, c in moving]), CLIP_FRAMES)
+    wrong = [(c, m, r["colour"], r["motion"]) for (c, m, _, _), r in zip(moving, report["per_clip"])
+             if (r["colour"], r["motion"]) != (c, m)]
+    assert not wrong
+    assert report["clips"] == report["motion"]["n"] == len(COLOURS) * len(ma.MOTIONS)
+    assert report["motion"]["accuracy"] == report["colour"]["accuracy"] == 1.0
+    assert report["motion"]["chance_uniform"] == pytest.approx(0.2)
+    moved = {m: r["travel"] for (_, m, _, _), r in zip(moving, report["per_clip"]) if r["colour"] == "red"}
+    assert moved["right"][0] == pytest.approx(0.4, abs=0.03) and abs(moved["right"][1]) < 0.03  # the drawn travel
+    assert moved["up"][1] == pytest.approx(-0.4, abs=0.03) and max(map(abs, moved["still"])) < 0.03
+    assert all(r["frames_found"] == CLIP_FRAMES for r in report["per_clip"])
+
+
+def test_motion_has_a_still_threshold_and_survives_a_lost_frame():
+    red = COLOURS["red"]
+    small, clear = 0.5 * ma.STILL_TRAVEL, 2 * ma.STILL_TRAVEL
+    assert ma.measure_clip(_clip(red, "left", travel=small)).motion == "still"  # jitter, not motion
+    assert ma.measure_clip(_clip(red, "left", travel=clear)).motion == "left"
+    assert ma.measure_clip(_clip(red, "down", travel=0.4, side=64)).motion == "down"  # relative to the frame's size
+    frames = _clip(red, "up")
+    frames[3] = Image.new("RGB", frames[3].size, (40, 40, 40))  # the shape lost in one frame
+    lost = ma.measure_clip(frames)
+    assert (lost.colour, lost.motion, lost.frames_found) == ("red", "up", CLIP_FRAMES - 1)
+    blank = [Image.new("RGB", (CLIP_SIDE, CLIP_SIDE), (40, 40, 40))] * CLIP_FRAMES
+    assert ma.measure_clip(blank) == ma.ClipMeasurement(ma.NONE, ma.NONE, None, 0)
+    assert ma.measure_clip([frames[0], *blank[1:]]).motion == ma.NONE  # one frame shows no motion
+    assert ma.centroid_travel([(0.2, 0.5), None, (0.4, 0.45), (0.5, 0.425)]) == pytest.approx((0.3, -0.075))
+    assert ma.classify_motion((0.3, -0.2)) == "right" and ma.classify_motion((0.1, -0.3)) == "up"
+
+
+def test_clip_accuracy_counts_the_clips_whose_motion_matches_its_prompt(tmp_path, moving):
+    names = list(ma.MOTIONS)
+    off = [i % 4 == 0 for i in range(len(moving))]  # every fourth prompt names the next motion
+    captions = [f"a {c} circle {_PHRASES[names[(names.index(m) + 1) % 5] if o else m]}"
+                for (c, m, _, _), o in zip(moving, off)]
+    captions[1] = "a green circle"  # no motion named: left out of the motion score, not of the colour score
+    report = ma.measure_clips(_write_predictions(tmp_path / "pred", [_strip(f) for _, _, f, _ in moving], captions),
+                              CLIP_FRAMES)
+    motion = report["motion"]
+    scored = [o for i, o in enumerate(off) if i != 1]
+    assert motion["n"] == len(moving) - 1 and report["colour"]["n"] == len(moving)
+    assert motion["accuracy"] == pytest.approx(scored.count(False) / len(scored))
+    assert sum(motion["correct"].values()) == scored.count(False)
+    for (c, m, _, _), o, caption in zip(moving, off, captions):
+        if o:
+            assert motion["confusion"][ma.prompted_motion(caption)][m] >= 1
+    assert motion["prompted"] == dict(Counter(filter(None, map(ma.prompted_motion, captions))))
+    json.dumps(report)  # serialisable as written by --out
+
+
+def test_cli_measures_clips_and_refuses_what_it_cannot_read(tmp_path, moving, capsys):
+    folder = _write_predictions(tmp_path / "pred", [_strip(f) for _, _, f, _ in moving[:10]], [c for *_, c in moving[:10]])
+    ma.main([str(folder), "--frames", str(CLIP_FRAMES), "--out", str(tmp_path / "report.json")])
+    printed = capsys.readouterr().out
+    assert f"10 clips of {CLIP_FRAMES} frames in" in printed
+    assert "motion: accuracy 1.000 over 10 prompts (chance: uniform 0.200" in printed and "colour: accuracy 1.000" in printed
+    assert json.loads((tmp_path / "report.json").read_text())["motion"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"000000.png: 384 px wide, not a strip of --frames 5 equal frames"):
+        ma.main([str(folder), "--frames", "5"])
+    gif = _write_predictions(tmp_path / "gif", [moving[0][2]], [moving[0][3]])
+    with pytest.raises(ValueError, match=r"000000.gif: a GIF of 8 frames over \d+ ms, not --frames 3"):
+        ma.main([str(gif), "--frames", "3"])
+    still = _write_predictions(tmp_path / "still", [_clip(COLOURS["red"], "still")], ["a red circle staying still"])
+    assert Image.open(still / "000000.gif").n_frames == 1  # PIL writes eight identical frames as one lasting eight
+    assert len(ma.read_clip(still / "000000.gif", CLIP_FRAMES)) == CLIP_FRAMES
+    for argv in ([str(folder), "--frames", "8", "--position"], [str(folder), "--frames", "1"]):
+        with pytest.raises(SystemExit):
+            ma.main(argv)

@@ -1,26 +1,36 @@
-"""The synthetic shapes dataset: balanced attributes, self-consistent samples, deterministic shards."""
+"""The synthetic shapes dataset: balanced attributes, self-consistent samples, deterministic shards; moving-shapes clips."""
 
 import io
 import json
+import random
 from collections import Counter
 
 import numpy as np
+import pytest
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.images import ImageDecoder
 from ldm.data.synthetic import (
     ASPECTS,
+    CLIP_COMBINATIONS,
+    CLIP_FPS,
     COLOURS,
     COMBINATIONS,
+    MOTIONS,
     POSITIONS,
     SHAPES,
     aspect_of,
     attributes,
     canvas_size,
+    clip_attributes,
+    clip_caption,
     main,
+    render_clip,
     render_sample,
     write_shapes,
 )
+from ldm.data.video import VideoDecoder
 
 
 def _read(shards):
@@ -164,3 +174,68 @@ def test_mixed_cli_writes_sizes_in_json_and_meta(tmp_path):
         assert image.size == seg.size == (fields["width"], fields["height"]) == canvas_size(64, fields["aspect"])
         expected = render_sample(int(raw["__key__"]), seed=0, size=64, aspect="mixed")
         assert np.array_equal(np.asarray(image), np.asarray(expected.image))
+
+
+def test_clips_balance_motions_and_colours_per_cycle():
+    n = len(CLIP_COMBINATIONS)
+    assert n == len(SHAPES) * len(COLOURS) * len(MOTIONS) and set(MOTIONS) == {"up", "down", "left", "right", "still"}
+    for cycle in range(2):
+        drawn = [clip_attributes(i, seed=0) for i in range(cycle * n, (cycle + 1) * n)]
+        assert Counter(drawn) == Counter(CLIP_COMBINATIONS)
+        assert set(Counter((colour, motion) for _, colour, motion in drawn).values()) == {len(SHAPES)}
+    assert [clip_attributes(i, 0) for i in range(20)] != [clip_attributes(i, 1) for i in range(20)]
+    assert clip_caption("circle", "red", "right") == "a red circle moving to the right"
+    assert clip_caption("square", "orange", "still") == "an orange square staying still"
+    assert clip_caption("star", "blue", "up") == "a blue star moving up"
+    assert render_clip(3, 0, 32, 8).caption == clip_caption(*clip_attributes(3))
+
+
+def _centroids(clip: np.ndarray, colour: str) -> np.ndarray:
+    """(T, 2) row and column of the pixels nearest the shape's colour in each frame of a (T, H, W, 3) clip."""
+    near = np.linalg.norm(clip.astype(np.float64) - COLOURS[colour], axis=-1) < 60  # (T, H, W)
+    assert near.sum((1, 2)).min() > 10  # the shape is in every frame
+    return np.array([np.argwhere(frame).mean(0) for frame in near])
+
+
+@pytest.mark.parametrize("clip_format", ["mp4", "png"])
+def test_moving_shapes_move_as_captioned_through_the_video_decoder(tmp_path, clip_format):
+    """Written clips decode (ldm.data.video) to the shape of the captioned colour, its centroid moving the
+    captioned way by TRAVEL of the canvas, or standing still; the same arguments write the same bytes."""
+    main(["--out", str(tmp_path / "a"), "--train", "0", "--val", "0", "--test", "12", "--size", "32", "--frames", "8",
+          "--format", clip_format])
+    write_shapes(tmp_path / "b", train=0, val=0, test=12, size=32, frames=8, image_format=clip_format)
+    shard = tmp_path / "a" / "test" / "shard-000000.tar"
+    assert shard.read_bytes() == (tmp_path / "b" / "test" / "shard-000000.tar").read_bytes()
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["motions"] == list(MOTIONS) and meta["frames"] == 8 and meta["fps"] == CLIP_FPS
+    decoder = VideoDecoder(ImageDecoder(32, crop="center"), frames=8)
+    motions = Counter()
+    for raw in _read([shard]):
+        fields = json.loads(raw["json"])
+        expected = render_clip(int(raw["__key__"]), seed=0, size=32, frames=8)
+        assert raw["txt"].decode() == fields["caption"] == expected.caption and int(raw["cls"]) == expected.label
+        assert fields == {**expected.meta(), "fps": CLIP_FPS, "num_frames": 8, "width": 32, "height": 32}
+        assert (clip_format in raw) == (clip_format == "mp4") and ("007.png" in raw) == (clip_format == "png")
+        out = decoder(raw, random.Random(0))
+        clip = np.round((out["image"].permute(1, 2, 3, 0).numpy() + 1) * 127.5)  # (T, H, W, 3)
+        if clip_format == "png":
+            assert np.array_equal(clip, expected.frames)  # lossless
+        path = _centroids(clip, fields["colour"])  # (T, 2) row, column
+        dx, dy = MOTIONS[fields["motion"]]
+        moved = path[-1] - path[0]
+        assert np.allclose(moved, 0.4 * 32 * np.array([dy, dx]), atol=1.5), (fields["caption"], moved)
+        assert (np.diff(path, axis=0) @ np.array([dy, dx]) > 0).all() or (dx, dy) == (0, 0)  # at every frame
+        shape = (np.linalg.norm(clip - COLOURS[fields["colour"]], axis=-1) < 60)[0]
+        assert np.abs(np.median(clip[0][shape], axis=0) - COLOURS[fields["colour"]]).max() <= 6  # colours survive
+        motions[fields["motion"]] += 1
+    assert set(motions) == set(MOTIONS)
+
+
+def test_clip_options_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        write_shapes(tmp_path, train=1, val=0, test=0, frames=1)
+    with pytest.raises(ValueError, match="image_format must be one of"):
+        write_shapes(tmp_path, train=1, val=0, test=0, image_format="mp4")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--frames", "8", "--aspect", "mixed"])
+    assert "moving-shapes clips are square" in capsys.readouterr().err

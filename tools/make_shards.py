@@ -1,9 +1,9 @@
-"""Pack captioned images into WebDataset tar shards, keeping each image's original encoded bytes.
+"""Pack captioned images and videos into WebDataset tar shards, keeping each file's original encoded bytes.
 
 Inputs, one reader each (a function returning an `Input`, which `make_shards` writes):
 
-- `from_folder`: a folder of images with sidecar captions (`a.jpg` + `a.txt`, optional `a.cls`
-  holding an integer label);
+- `from_folder`: a folder of images or videos with sidecar captions (`a.jpg` + `a.txt`, `b.mp4` + `b.txt`,
+  optional `a.cls` holding an integer label);
 - `from_table`: a CSV / JSONL table of `path,caption[,label]` (relative paths are relative to the
   table's folder);
 - `from_class_folders`, `--class-folders`: an ImageFolder tree, `root/<class>/**/image` (CIFAR-10 as JPEGs:
@@ -14,7 +14,9 @@ Inputs, one reader each (a function returning an `Input`, which `make_shards` wr
   (each gzip'd or raw). Digits are written as grayscale PNGs (the data module reads them as RGB),
   `cls` is the digit, classes are "0".."9".
 
-Files are decoded once to validate them; unusable samples are skipped and counted by reason.
+Images are decoded once to validate them; videos (ldm.data.entries.VIDEO_EXTENSIONS, stored as one entry named by
+their suffix, read by ldm.data.video) have their header read and first frame decoded. Unusable samples are skipped
+and counted by reason (`--list-skipped` names each file).
 Shards are written by `webdataset.ShardWriter`: a shard closes once it holds
 `--max-samples-per-shard` samples or its entries reach `--max-bytes-per-shard` bytes (whichever
 comes first; the byte limit counts entry data, not tar headers, and is reached by the sample that
@@ -22,10 +24,13 @@ passes it). Next to the shards go `shardindex.json` (sample counts) and, for the
 `classes.json`: `{"classes": [name, ...]}`, where a label is an index into that list. Every sample
 carries a `json` entry `{"caption", ["label", "class",] "width", "height"}` (img2dataset's names):
 the stored image's size, read from its header, so readers can plan aspect-ratio buckets without
-decoding; "class" is set by the class modes. Class folders come out class by class: pass
+decoding; "class" is set by the class modes; a video's json adds its "fps" and "num_frames" (from its container's
+header, or its packets counted: no frame is decoded for them) and gives its frame size. Class folders (of videos too,
+UCF-101's layout) come out class by class: pass
 `--shuffle` for training shards.
 
     python tools/make_shards.py images/ --out shards/ --max-samples-per-shard 1000
+    python tools/make_shards.py videos/ --out shards/clips --max-samples-per-shard 100 --shuffle
     python tools/make_shards.py captions.csv --out 'shards/part-%05d.tar' --shuffle --seed 0
     python tools/make_shards.py cifar10/train --class-folders --out shards/cifar10 --shuffle
     python tools/make_shards.py train-images-idx3-ubyte.gz --mnist-labels train-labels-idx1-ubyte.gz \
@@ -41,10 +46,11 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -54,6 +60,7 @@ from PIL import Image, UnidentifiedImageError
 from ldm.data import entries as E
 from ldm.data.decoder import SkipSample
 from ldm.data.shards import write_shard_index
+from ldm.data.video import check_video
 
 CLASSES_NAME = "classes.json"  # {"classes": [...]} next to the shards of a class-labelled dataset
 PHOTO_TEMPLATE = "a photo of a {class}"  # default caption of --class-folders
@@ -63,9 +70,9 @@ DIGITS = [str(d) for d in range(10)]  # MNIST class names
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """A candidate sample: image file, caption (None when missing) and label text (None when absent)."""
+    """A candidate sample: image or video file, caption (None when missing) and label text (None when absent)."""
 
-    path: Path  # the image file; for in-memory `pixels`, the file and index they came from
+    path: Path  # the image or video file; for in-memory `pixels`, the file and index they came from
     caption: str | None
     label: str | None = None  # as written in the sidecar or table; must parse as an int
     class_name: str | None = None  # set by the class modes: the sample also gets a `json` entry
@@ -73,11 +80,12 @@ class SampleSpec:
 
 
 class Stored(NamedTuple):
-    """An image as a sample stores it: its entry name, encoded bytes and size in pixels."""
+    """An image or video as a sample stores it: its entry name, encoded bytes, size in pixels and any more json fields."""
 
     entry: str
     data: bytes
     size: tuple[int, int]  # (width, height)
+    fields: Mapping[str, float | int] = MappingProxyType({})  # a video's fps and num_frames
 
 
 class Input(NamedTuple):
@@ -113,21 +121,22 @@ def _folder(path: str | Path) -> Path:
     return root
 
 
-def _images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, sorted."""
-    return sorted(p for p in root.rglob("*") if E.image_entry(p) and p.is_file())
+def _media(root: Path) -> list[Path]:
+    """Image and video files under `root`, recursively, sorted."""
+    return sorted(p for p in root.rglob("*") if (E.image_entry(p) or E.video_entry(p)) and p.is_file())
 
 
-def _no_images(where: str) -> ValueError:
-    return ValueError(f"no images ({', '.join('.' + name for name in E.IMAGE_EXTENSIONS)}) {where}")
+def _no_media(where: str) -> ValueError:
+    suffixes = ", ".join("." + name for name in E.IMAGE_EXTENSIONS + E.VIDEO_EXTENSIONS)
+    return ValueError(f"no images or videos ({suffixes}) {where}")
 
 
 def from_folder(path: str | Path) -> Input:
-    """Images under `path` (recursively, sorted) with their `.txt` caption and optional `.cls` label."""
+    """Images and videos under `path` (recursively, sorted) with their `.txt` caption and optional `.cls` label."""
     root = _folder(path)
-    images = _images(root)
+    images = _media(root)
     if not images:
-        raise _no_images(f"under {root}")
+        raise _no_media(f"under {root}")
     return Input([SampleSpec(p, _sidecar(p.with_suffix(".txt")), _sidecar(p.with_suffix(".cls"))) for p in images])
 
 
@@ -146,9 +155,9 @@ def from_class_folders(path: str | Path, template: str = PHOTO_TEMPLATE) -> Inpu
         raise ValueError(f"no class folders under {root}")
     captions = class_captions(template, classes)
     specs = [SampleSpec(image, captions[label], str(label), name)
-             for label, name in enumerate(classes) for image in _images(root / name)]
+             for label, name in enumerate(classes) for image in _media(root / name)]
     if not specs:
-        raise _no_images(f"in the class folders under {root}")
+        raise _no_media(f"in the class folders under {root}")
     return Input(specs, classes)
 
 
@@ -238,6 +247,13 @@ def _checked_image(data: bytes) -> Stored:
     return Stored(key, data, size)
 
 
+def _checked_video(data: bytes, entry: str) -> Stored:
+    """Encoded video bytes whose header gives a size, rate and frame count and whose first frame decodes, stored as
+    they are; raise SkipSample otherwise."""
+    info = check_video(data, entry)
+    return Stored(entry, data, (info.width, info.height), {E.FPS: info.fps, E.NUM_FRAMES: info.num_frames})
+
+
 def _png(pixels: np.ndarray) -> Stored:
     """An (H, W) uint8 array as a grayscale PNG: lossless, so pixels round-trip."""
     buffer = io.BytesIO()
@@ -247,14 +263,18 @@ def _png(pixels: np.ndarray) -> Stored:
 
 
 def load_sample(spec: SampleSpec) -> dict[str, bytes]:
-    """The entries of one sample, original image bytes kept; raise SkipSample when it is unusable."""
+    """The entries of one sample, original image or video bytes kept; raise SkipSample when it is unusable."""
     if spec.pixels is None and not spec.path.is_file():
         raise SkipSample("missing file")
     if not spec.caption:
         raise SkipSample("missing caption")
-    image = _png(spec.pixels) if spec.pixels is not None else _checked_image(spec.path.read_bytes())
+    if spec.pixels is not None:
+        image = _png(spec.pixels)
+    else:
+        video = E.video_entry(spec.path)
+        image = _checked_video(spec.path.read_bytes(), video) if video else _checked_image(spec.path.read_bytes())
     sample = {image.entry: image.data, E.TXT: spec.caption.encode()}
-    meta: dict[str, str | int] = {E.CAPTION: spec.caption}
+    meta: dict[str, str | int | float] = {E.CAPTION: spec.caption}
     if spec.label is not None:
         try:
             meta[E.LABEL] = int(spec.label)
@@ -264,6 +284,7 @@ def load_sample(spec: SampleSpec) -> dict[str, bytes]:
     if spec.class_name is not None:
         meta["class"] = spec.class_name
     meta[E.WIDTH], meta[E.HEIGHT] = image.size
+    meta.update(image.fields)
     sample[E.JSON] = json.dumps(meta).encode()
     return sample
 
@@ -332,7 +353,7 @@ def read_input(args: argparse.Namespace) -> Input:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", type=Path, help="image folder (.txt sidecars, or class sub-folders with "
+    parser.add_argument("input", type=Path, help="image or video folder (.txt sidecars, or class sub-folders with "
                         "--class-folders), a .csv / .jsonl table, or MNIST idx3 images with --mnist-labels")
     parser.add_argument("--out", required=True, help="output folder, or a shard pattern such as dir/part-%%05d.tar")
     mode = parser.add_mutually_exclusive_group()

@@ -1,4 +1,5 @@
-"""Does a text-to-image model draw what the prompt names? Measure colour (and position) on shapes samples.
+"""Does a text-to-image (or -video) model draw what the prompt names? Measure colour (and position, or motion) on
+shapes samples.
 
 Reads a folder written by `ldm predict` (`NNNNNN.png` plus `prompts.rank*.jsonl` lines
 `{"index": i, "caption": ...}`). In each image, after a 3x3 median filter against speckle noise,
@@ -14,10 +15,19 @@ colour is the palette word in the caption. The report compares accuracy with cha
 its prompt but favours a few colours), with a permutation-test p-value, and gives the fraction of
 found shapes that are cut.
 
+Clips of the moving-shapes data (`--frames T`): each file `NNNNNN.gif` (an animated GIF of T frames) or
+`NNNNNN.png` (a strip of T equal frames side by side, no gaps) is one clip. Each frame is measured as an
+image; the clip's colour is its frames' most common one, its motion the travel of the shape's centroid over
+the clip (the least-squares line through the frames that show it): `still` when it moves less than
+`STILL_TRAVEL` of the frame's width and height, else the dominant axis's direction (up, down, left, right).
+The prompted motion is read from the caption ("moving to the right", "moving up", "staying still"), and
+both are scored as colour is for images (chance 1 / 5 for motion).
+
     python tools/measure_attributes.py --make-prompts prompts.jsonl --n 70
     python tools/measure_attributes.py --make-prompts wide.jsonl --n 70 --width 96 --height 48
     ldm predict --config run.yaml --data.predict prompts.jsonl ...
     python tools/measure_attributes.py runs/.../predictions --position --out report.json
+    python tools/measure_attributes.py runs/.../predictions --frames 8 --out report.json
 """
 
 from __future__ import annotations
@@ -26,11 +36,12 @@ import argparse
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageSequence
 
 from ldm.data import batch as B
 from ldm.data import entries as E
@@ -45,6 +56,9 @@ _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 _ROWS = {"top": 0, "bottom": 2}  # caption words -> grid row / column; absent means the middle
 _COLUMNS = {"left": 0, "right": 2}
 _POSITION_WORDS = {*_ROWS, *_COLUMNS, "center", "centre", "middle"}
+MOTIONS = ("up", "down", "left", "right", "still")  # the moving-shapes data's motions
+STILL_TRAVEL = 0.1  # centroid travel over a clip (fraction of the frame's width / height) below which it is still
+_STILL_WORDS = {"still", "static", "stationary", "motionless"}
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -68,6 +82,7 @@ class Measurement:
     delta_e: float | None  # Lab distance of the shape's colour to the chosen palette entry
     coverage: float  # fraction of pixels taken as the shape
     cut: bool = False  # the shape runs out of the frame (False where none is found)
+    centroid: tuple[float, float] | None = None  # (x, y) of the shape's pixels, fractions of width and height
 
 
 def measure_image(image: Image.Image) -> Measurement:
@@ -84,12 +99,86 @@ def measure_image(image: Image.Image) -> Measurement:
     rows, cols = np.nonzero(mask)
     row, col = min(int(3 * rows.mean() / mask.shape[0]), 2), min(int(3 * cols.mean() / mask.shape[1]), 2)
     cut = bool(core[[0, -1]].any() or core[:, [0, -1]].any())  # a solid shape pixel in the outermost row or column
-    return Measurement(list(COLOURS)[int(gaps.argmin())], POSITIONS[3 * row + col], float(gaps.min()), coverage, cut)
+    centroid = ((cols.mean() + 0.5) / mask.shape[1], (rows.mean() + 0.5) / mask.shape[0])  # pixel centres
+    return Measurement(list(COLOURS)[int(gaps.argmin())], POSITIONS[3 * row + col], float(gaps.min()), coverage, cut,
+                       centroid)
+
+
+@dataclass(frozen=True)
+class ClipMeasurement:
+    """What one clip shows: the shape's colour in most frames and its motion, or NONE."""
+
+    colour: str
+    motion: str  # of MOTIONS; NONE when fewer than two frames show a shape
+    travel: tuple[float, float] | None  # (dx, dy) of the centroid over the clip, in frame widths / heights, y down
+    frames_found: int  # frames in which one shape stands out
+
+
+def centroid_travel(centroids: Sequence[tuple[float, float] | None]) -> tuple[float, float] | None:
+    """(dx, dy) from the first to the last frame along the least-squares line through the centroids found
+    (None: no shape in that frame), so one stray frame does not decide; None with fewer than two found."""
+    found = [i for i, c in enumerate(centroids) if c is not None]
+    if len(found) < 2:
+        return None
+    slope = np.polyfit(found, np.array([centroids[i] for i in found]), 1)[0]  # (2,) per frame
+    return float(slope[0] * (len(centroids) - 1)), float(slope[1] * (len(centroids) - 1))
+
+
+def classify_motion(travel: tuple[float, float] | None) -> str:
+    """`still` below `STILL_TRAVEL` on both axes, else the direction of the larger one (image y points down)."""
+    if travel is None:
+        return NONE
+    dx, dy = travel
+    if max(abs(dx), abs(dy)) < STILL_TRAVEL:
+        return "still"
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def measure_clip(frames: Sequence[Image.Image]) -> ClipMeasurement:
+    """Measure each frame as an image; the clip's colour is the most common found, its motion the centroid's travel."""
+    measured = [measure_image(frame) for frame in frames]
+    colours = Counter(m.colour for m in measured if m.colour != NONE)
+    travel = centroid_travel([m.centroid for m in measured])
+    return ClipMeasurement(colours.most_common(1)[0][0] if colours else NONE, classify_motion(travel), travel,
+                           sum(colours.values()))
+
+
+def read_clip(path: str | Path, frames: int) -> list[Image.Image]:
+    """The `frames` RGB frames of a clip file: a GIF of that many frames, or a strip of that many equal frames side
+    by side (a PNG); anything else is a ValueError naming the file.
+
+    A GIF writer (PIL's) stores a run of identical frames as one frame lasting the run, so each GIF frame counts
+    for its share of the clip's duration (a still clip may be one frame).
+    """
+    with Image.open(path) as image:
+        if image.format == "GIF":
+            held = [(frame.convert("RGB"), frame.info.get("duration", 0)) for frame in ImageSequence.Iterator(image)]
+            total = sum(duration for _, duration in held)
+            repeats = [round(duration * frames / total) for _, duration in held] if total else [1] * len(held)
+            if sum(repeats) != frames:
+                raise ValueError(f"{path}: a GIF of {len(held)} frames over {total} ms, not --frames {frames}")
+            return [frame for (frame, _), k in zip(held, repeats) for _ in range(k)]
+        if image.width % frames:
+            raise ValueError(f"{path}: {image.width} px wide, not a strip of --frames {frames} equal frames in a row")
+        width, rgb = image.width // frames, image.convert("RGB")
+        return [rgb.crop((i * width, 0, (i + 1) * width, image.height)) for i in range(frames)]
 
 
 def prompted_colour(caption: str) -> str | None:
     """The first palette colour word of a caption, or None when it names none."""
     return next((word for word in re.findall(r"[a-z]+", caption.lower()) if word in COLOURS), None)
+
+
+def prompted_motion(caption: str) -> str | None:
+    """The motion a caption names ("moving to the right", "moving up", "staying still"), or None."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    if _STILL_WORDS & set(words):
+        return "still"
+    if "moving" in words:
+        return next((word for word in words[words.index("moving") + 1:] if word in MOTIONS), None)
+    return None
 
 
 def prompted_position(caption: str) -> str | None:
@@ -103,7 +192,7 @@ def prompted_position(caption: str) -> str | None:
 
 
 def load_predictions(folder: str | Path) -> list[tuple[int, str, Path]]:
-    """(index, caption, image path) of every request in the folder's prompt logs whose image exists."""
+    """(index, caption, file) of every request in the folder's prompt logs whose `NNNNNN.png` (or `.gif`) exists."""
     root = Path(folder)
     captions: dict[int, str] = {}
     for log in sorted(root.glob("prompts.rank*.jsonl")):
@@ -113,8 +202,9 @@ def load_predictions(folder: str | Path) -> list[tuple[int, str, Path]]:
                 captions[int(request[B.INDEX])] = request.get(B.CAPTION, "")
     if not captions:
         raise FileNotFoundError(f"{root}: no prompts.rank*.jsonl lines (is this an `ldm predict` output folder?)")
-    found = [(i, captions[i], root / f"{i:06d}.png") for i in sorted(captions)]
-    return [entry for entry in found if entry[2].is_file()]
+    found = [(i, captions[i], next((p for p in (root / f"{i:06d}{s}" for s in (".png", ".gif")) if p.is_file()), None))
+             for i in sorted(captions)]
+    return [entry for entry in found if entry[2] is not None]
 
 
 def score(prompted: list[str | None], measured: list[str], classes: tuple[str, ...], seed: int = 0) -> dict:
@@ -164,6 +254,22 @@ def measure_folder(folder: str | Path, position: bool = False, seed: int = 0) ->
         for (index, caption, _), colour, where, m in zip(entries, colours, positions, measured)
     ]
     return report
+
+
+def measure_clips(folder: str | Path, frames: int, seed: int = 0) -> dict:
+    """Measure every clip of an `ldm predict` folder (`read_clip`): colour and motion scored against its prompt."""
+    entries = load_predictions(folder)
+    measured = [measure_clip(read_clip(path, frames)) for _, _, path in entries]
+    colours = [prompted_colour(caption) for _, caption, _ in entries]
+    motions = [prompted_motion(caption) for _, caption, _ in entries]
+    return {
+        "folder": str(folder), "clips": len(entries), "frames": frames,
+        "colour": score(colours, [m.colour for m in measured], tuple(COLOURS), seed),
+        "motion": score(motions, [m.motion for m in measured], MOTIONS, seed),
+        "per_clip": [{"index": index, "caption": caption, "prompted_colour": colour, "prompted_motion": motion,
+                      **asdict(m)}
+                     for (index, caption, _), colour, motion, m in zip(entries, colours, motions, measured)],
+    }
 
 
 def format_score(name: str, result: dict) -> str:
@@ -226,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, help="an `ldm predict` output folder to measure")
     parser.add_argument("--position", action="store_true", help="also score the shape's 3x3 grid cell")
+    parser.add_argument("--frames", type=int, metavar="T", help="measure clips of T frames (NNNNNN.gif, or NNNNNN.png "
+                        "strips of T frames in a row): colour and motion")
     parser.add_argument("--out", type=Path, help="write the full report (with per-image results) as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation test / prompt sampling")
     parser.add_argument("--make-prompts", type=Path, metavar="FILE", help="write a balanced .jsonl/.txt prompt file")
@@ -237,22 +345,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give a predictions folder to measure, or --make-prompts FILE")
     if args.make_prompts is None and (args.width, args.height) != (None, None):
         parser.error("--width and --height go with --make-prompts")
+    if args.frames is not None and (args.position or args.frames < 2):
+        parser.error("--frames T takes clips of T >= 2 frames, whose position is not scored (no --position)")
     if args.make_prompts is not None:
         try:
             write_prompts(args.make_prompts, args.n, args.seed, args.width, args.height)
         except ValueError as error:
             parser.error(str(error))
         print(f"wrote {args.n} prompts to {args.make_prompts}")
-    if args.folder is not None:
+    if args.folder is not None and args.frames is not None:
+        report = measure_clips(args.folder, args.frames, args.seed)
+        print(f"{report['clips']} clips of {args.frames} frames in {report['folder']}")
+        print(format_score("colour", report["colour"]))
+        print(format_score("motion", report["motion"]))
+    elif args.folder is not None:
         report = measure_folder(args.folder, args.position, args.seed)
         print(f"{report['images']} images in {report['folder']}")
         print(format_cut(report))
         print(format_score("colour", report["colour"]))
         if args.position:
             print(format_score("position", report["position"]))
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.folder is not None and args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import load_vae_weights
 from ldm.convert.vae import STATS_KEYS
 from ldm.nn.frozen import StaysInEval
+from ldm.nn.layers import per_frame
 from ldm.weights.io import state_sha256
 
 
@@ -88,7 +89,11 @@ class LatentCodec(StaysInEval):
 
     @torch.no_grad()
     def moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) in [-1, 1] -> the posterior's mean and std (B, C, H/f, W/f), unnormalised (fp32)."""
+        """(B, 3, H, W) in [-1, 1] -> the posterior's mean and std (B, C, H/f, W/f), unnormalised (fp32).
+        A clip (B, 3, T, H, W) goes frame by frame (Video LDM, SVD): (B, C, T, H/f, W/f) each."""
+        if images.ndim == 5:
+            both = per_frame(lambda frames: torch.cat(self.moments(frames), dim=1), images)  # (B, 2C, T, h, w)
+            return both.chunk(2, dim=1)
         with torch.autocast(images.device.type, enabled=False):
             posterior = self.vae.encode(images.float())
             return posterior.mean, posterior.std
@@ -99,7 +104,8 @@ class LatentCodec(StaysInEval):
         draws them: the same noise from the same generator, so a latent cache trains like the images."""
         mean, std = mean.float(), std.float()
         z = sample_gaussian(mean, std, generator) if self.sample_posterior else mean
-        return (z - self.mean) / self.std
+        shift, scale = self._statistics(z)
+        return (z - shift) / scale
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalised latents."""
@@ -107,9 +113,17 @@ class LatentCodec(StaysInEval):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) images in [-1, 1] (fp32)."""
+        """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) images in [-1, 1] (fp32); clips (B, C, T, h, w)
+        frame by frame."""
+        if latents.ndim == 5:
+            return per_frame(self.decode, latents)
         with torch.autocast(latents.device.type, enabled=False):
             return self.vae.decode(latents.float() * self.std + self.mean).clamp(-1, 1)
+
+    def _statistics(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The latent mean and std shaped to broadcast over ``z``: (1, C, 1, 1), or (1, C, 1, 1, 1) for clips."""
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return self.mean.view(shape), self.std.view(shape)
 
 
 def check_same_codec(recorded: dict[str, Any] | None, codec: LatentCodec, source: str) -> None:

@@ -14,6 +14,13 @@ from ldm.backbones.base import Backbone
 from ldm.nn.layers import Attention, FeedForward, TimestepEmbedder
 
 
+def sincos_embed(pos: Tensor, dim: int) -> Tensor:
+    """Fixed sin-cos features of positions (N,) -> (N, dim) float64 (Vaswani et al. 2017, Sec. 3.5)."""
+    omega = 10000.0 ** -(torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))  # (D/2,)
+    angles = pos.reshape(-1, 1) * omega  # (N, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (N, D)
+
+
 @functools.lru_cache(maxsize=16)
 def sincos_pos_embed(dim: int, h: int, w: int, base_size: int | None, device: torch.device) -> Tensor:
     """Fixed 2D sin-cos embedding of an (h, w) token grid -> (h*w, dim), row-major like the tokens.
@@ -24,13 +31,7 @@ def sincos_pos_embed(dim: int, h: int, w: int, base_size: int | None, device: to
     """
     ys, xs = (torch.arange(n, dtype=torch.float64) / (1.0 if base_size is None else n / base_size) for n in (h, w))
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
-    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
-
-    def axis(pos: Tensor) -> Tensor:
-        angles = pos.reshape(-1, 1) * omega  # (h*w, D/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (h*w, D/2)
-
-    return torch.cat([axis(grid_x), axis(grid_y)], dim=1).to(device, torch.float32)  # (h*w, D)
+    return torch.cat([sincos_embed(grid_x, dim // 2), sincos_embed(grid_y, dim // 2)], dim=1).to(device, torch.float32)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -54,10 +55,13 @@ class DiTBlock(nn.Module):
         self.mlp = FeedForward(width, mlp_ratio, activation="gelu")
         self.modulation = nn.Linear(width, 6 * width)  # c -> shift, scale, gate for attention and MLP
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, pos: Tensor | None = None) -> Tensor:
+        """``pos`` (T, D), if given, is added to the self-attention's input alone: the video DiT's frame
+        positions, which leave the residual stream (and so the image model, frame by frame) as it is."""
         mod = self.modulation(F.silu(c))[:, None]  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, 1, D)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        x = x + gate_msa * self.attn(h if pos is None else h + pos)  # (B, T, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context)  # (B, T, D)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
@@ -86,6 +90,7 @@ class DiT(Backbone):
     """
 
     block_types = (DiTBlock,)
+    block_type: type[DiTBlock] = DiTBlock  # the class of self.blocks; the video DiT extends it with a temporal block
 
     def __init__(
         self,
@@ -113,7 +118,7 @@ class DiT(Backbone):
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedder(256, width, flip_sin_to_cos=True, downscale_freq_shift=time_freq_shift)
         self.vector_embed = nn.Linear(vector_dim, width) if vector_dim else None
-        self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio, context_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(self.block_type(width, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final = FinalLayer(width, patch_size, out_channels)
         self.initialize_weights()
 
@@ -132,7 +137,7 @@ class DiT(Backbone):
         # gate is 0 and every block is the identity map at initialisation; training opens the
         # residual branches gradually. Zeroing the final layer as well makes the first prediction 0.
         # The cross-attention output starts at zero too, so text enters gradually (PixArt-alpha).
-        for block in self.blocks:
+        for block in (m for m in self.modules() if isinstance(m, DiTBlock)):
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)
             if block.cross_attn is not None:
@@ -149,24 +154,38 @@ class DiT(Backbone):
         context: Tensor | None = None,  # (B, L, D_ctx)
         vector: Tensor | None = None,  # (B, D_vec)
     ) -> Tensor:  # (B, C_out, H, W)
-        p = self.patch_size
-        if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"DiT latent size {tuple(x.shape[-2:])} is not divisible by patch_size {p}")
-        if (context is None) != (self.blocks[0].cross_attn is None):
-            raise ValueError("DiT takes `context` exactly when it was built with a context_dim")
-        if (vector is None) != (self.vector_embed is None):
-            raise ValueError("DiT takes `vector` exactly when it was built with a vector_dim")
-        h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = sincos_pos_embed(self.width, h, w, self.pos_embed_base_size, x.device)  # (T, D)
-        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, T, D)
-        tokens = tokens + pos.to(tokens.dtype)  # (B, T, D)
-        c = self.time_embed(t)  # (B, D)
-        if self.vector_embed is not None:
-            c = c + self.vector_embed(vector)  # (B, D)
+        self._check(x, context, vector)
+        p, h, w = self.patch_size, x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self._tokens(x)  # (B, T, D)
+        c = self._conditioning(t, vector)  # (B, D)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, use_reentrant=False)  # (B, T, D)
-            else:
-                tokens = block(tokens, c, context)  # (B, T, D)
+            tokens = self._run(block, tokens, c, context)  # (B, T, D)
         out = self.final(tokens, c)  # (B, T, p*p*C_out)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # (B, C_out, H, W)
+
+    def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
+        """Raise a ValueError unless the latent's sides divide into patches and the conditioning fits the model."""
+        name, p = type(self).__name__, self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"{name} latent size {tuple(x.shape[-2:])} is not divisible by patch_size {p}")
+        if (context is None) != (self.blocks[0].cross_attn is None):
+            raise ValueError(f"{name} takes `context` exactly when it was built with a context_dim")
+        if (vector is None) != (self.vector_embed is None):
+            raise ValueError(f"{name} takes `vector` exactly when it was built with a vector_dim")
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """Patches of a latent (B, C_in, H, W) -> tokens with their grid positions (B, h*w, D), row-major."""
+        grid = self.patch_embed(x)  # (B, D, h, w)
+        pos = sincos_pos_embed(self.width, *grid.shape[-2:], self.pos_embed_base_size, x.device)  # (T, D)
+        return rearrange(grid, "b d h w -> b (h w) d") + pos.to(grid.dtype)  # (B, T, D)
+
+    def _conditioning(self, t: Tensor, vector: Tensor | None) -> Tensor:
+        """The vector c that modulates every block: timestep embedding plus the projected ``vector``, (B, D)."""
+        c = self.time_embed(t)  # (B, D)
+        return c if self.vector_embed is None else c + self.vector_embed(vector)  # (B, D)
+
+    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        """Call a block, through activation checkpointing when enabled and training."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)

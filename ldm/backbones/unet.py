@@ -12,13 +12,14 @@ from torch.utils.checkpoint import checkpoint
 from ldm.backbones.base import Backbone
 from ldm.backbones.unet_blocks import (
     DownBlock,
+    Downsample,
     MidBlock,
     ResBlock,
     SpatialTransformer,
     UpBlock,
     VectorEmbedder,
 )
-from ldm.nn.layers import TimestepEmbedder
+from ldm.nn.layers import TimestepEmbedder, Upsample
 
 
 class UNet(Backbone):
@@ -32,6 +33,11 @@ class UNet(Backbone):
     """
 
     block_types = (ResBlock, SpatialTransformer)
+    # the classes __init__ builds its layers from; the video UNet extends each to work on clips
+    resnet_type: type[ResBlock] = ResBlock
+    transformer_type: type[SpatialTransformer] = SpatialTransformer
+    downsample_type: type[nn.Module] = Downsample
+    upsample_type: type[nn.Module] = Upsample
 
     def __init__(
         self,
@@ -62,9 +68,9 @@ class UNet(Backbone):
             if head_dim is not None and channels % head_dim:
                 raise ValueError(f"{channels} channels do not split into heads of width {head_dim}")
             heads = num_heads if head_dim is None else channels // head_dim
-            return SpatialTransformer(channels, heads, transformer_depth, context_dim, norm_groups)
+            return self.transformer_type(channels, heads, transformer_depth, context_dim, norm_groups)
 
-        resnet = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, groups=norm_groups)
+        resnet = partial(self.resnet_type, emb_dim=emb_dim, dropout=dropout, groups=norm_groups)
         last = len(widths) - 1
 
         self.time_embedding = TimestepEmbedder(model_channels, emb_dim)
@@ -72,7 +78,8 @@ class UNet(Backbone):
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         level_attention = [attention if i in attention_levels else None for i in range(len(widths))]
         self.down_blocks = nn.ModuleList(
-            DownBlock(widths[max(i - 1, 0)], w, num_res_blocks, resnet, level_attention[i], downsample=i < last)
+            DownBlock(widths[max(i - 1, 0)], w, num_res_blocks, resnet, level_attention[i],
+                      self.downsample_type if i < last else None)
             for i, w in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], resnet, attention)
@@ -82,7 +89,8 @@ class UNet(Backbone):
         for i in reversed(range(len(widths))):
             skips = [skip_channels.pop() for _ in range(num_res_blocks + 1)]  # in the order joined
             self.up_blocks.append(
-                UpBlock(widths[min(i + 1, last)], widths[i], skips, resnet, level_attention[i], upsample=i > 0)
+                UpBlock(widths[min(i + 1, last)], widths[i], skips, resnet, level_attention[i],
+                        self.upsample_type if i > 0 else None)
             )
         self.conv_norm_out = nn.GroupNorm(norm_groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
@@ -111,15 +119,26 @@ class UNet(Backbone):
         return block(*args)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, vector: Tensor | None = None) -> Tensor:
+        self._check(x, context, vector)
+        h = self._levels(self.conv_in(x), self._embedding(t, vector), context)  # (B, C_0, H, W)
+        return self._output(h)  # (B, C_out, H, W)
+
+    def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
+        """Raise a ValueError unless the conditioning fits the model and the latent's sides its size_multiple."""
         if (context is None) != (self.context_dim is None) or (vector is None) != (self.vector_dim is None):
             got = {name: None if v is None else tuple(v.shape) for name, v in (("context", context), ("vector", vector))}
-            raise ValueError(f"this UNet takes context_dim={self.context_dim}, vector_dim={self.vector_dim}; got {got}")
+            raise ValueError(f"this {type(self).__name__} takes context_dim={self.context_dim}, "
+                             f"vector_dim={self.vector_dim}; got {got}")
         if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
             raise ValueError(f"latent sides {tuple(x.shape[-2:])} must be multiples of {self.size_multiple}")
+
+    def _embedding(self, t: Tensor, vector: Tensor | None) -> Tensor:
+        """What every ResBlock receives: the timestep embedding plus the embedded ``vector``, (B, D_emb)."""
         emb = self.time_embedding(t)  # (B, D_emb)
-        if self.vector_embedding is not None:
-            emb = emb + self.vector_embedding(vector)  # (B, D_emb)
-        h = self.conv_in(x)  # (B, C_0, H, W)
+        return emb if self.vector_embedding is None else emb + self.vector_embedding(vector)  # (B, D_emb)
+
+    def _levels(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        """The encoder, middle and decoder levels on conv_in's features h (B, C_0, ...), with their skips."""
         skips = [h]
         for block in self.down_blocks:
             h, level_skips = self._run(block, h, emb, context)  # (B, C_i, H_i, W_i), sides halved below the last level
@@ -129,4 +148,8 @@ class UNet(Backbone):
             n = len(block.resnets)
             h = self._run(block, h, skips[-n:], emb, context)  # (B, C_i, H_i, W_i), sides doubled above level 0
             del skips[-n:]
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, H, W)
+        return h  # (B, C_0, H, W)
+
+    def _output(self, h: Tensor) -> Tensor:
+        """The last features (B, C_0, H, W) to the prediction (B, C_out, H, W)."""
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.nn.layers import Attention, FeedForward, Upsample
+from ldm.nn.layers import Attention, FeedForward
 
 
 class ResBlock(nn.Module):
@@ -98,8 +98,16 @@ class VectorEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(vector)))  # (B, D_emb)
 
 
+class Downsample(nn.Conv2d):
+    """A stride-2 3x3 convolution that halves the sides (the UNet encoder's last step per level)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, stride=2, padding=1)
+
+
 MakeResBlock = Callable[[int, int], ResBlock]  # (in_channels, out_channels) -> ResBlock
 MakeTransformer = Callable[[int], SpatialTransformer]  # channels -> SpatialTransformer
+MakeResampler = Callable[[int], nn.Module]  # channels -> a 2x down- or upsampler
 
 
 class _Level(nn.Module):
@@ -118,15 +126,15 @@ class _Level(nn.Module):
 
 
 class DownBlock(_Level):
-    """One encoder level: ``num_res`` res(+attention) steps, then an optional stride-2 convolution.
+    """One encoder level: ``num_res`` res(+attention) steps, then an optional downsampler.
 
     Returns the features and every intermediate output, which the decoder takes as skips.
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_res: int, resnet: MakeResBlock,
-                 attention: MakeTransformer | None, downsample: bool) -> None:
+                 attention: MakeTransformer | None, downsample: MakeResampler | None) -> None:
         super().__init__([in_channels] + [out_channels] * (num_res - 1), out_channels, resnet, attention)
-        self.downsample = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) if downsample else None
+        self.downsample = downsample(out_channels) if downsample else None
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         skips = []
@@ -140,16 +148,16 @@ class DownBlock(_Level):
 
 
 class UpBlock(_Level):
-    """One decoder level: res(+attention) steps on the features joined with the level's skips, then 2x up.
+    """One decoder level: res(+attention) steps on the features joined with the level's skips, then 2x up (optional).
 
     ``skip_channels`` lists the skips' widths in the order they are joined (the encoder's, reversed).
     """
 
     def __init__(self, in_channels: int, out_channels: int, skip_channels: list[int], resnet: MakeResBlock,
-                 attention: MakeTransformer | None, upsample: bool) -> None:
+                 attention: MakeTransformer | None, upsample: MakeResampler | None) -> None:
         ins = [c + s for c, s in zip([in_channels] + [out_channels] * (len(skip_channels) - 1), skip_channels)]
         super().__init__(ins, out_channels, resnet, attention)
-        self.upsample = Upsample(out_channels) if upsample else None
+        self.upsample = upsample(out_channels) if upsample else None
 
     def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor | None) -> Tensor:
         """``skips`` in the order the encoder made them; the last one is joined first."""

@@ -1,4 +1,5 @@
-"""One image-grid callback for both stages: whatever the module's `log_images` returns, as grids."""
+"""One image-grid callback for both stages: whatever the module's `log_images` returns, as grids (clips as rows
+of their frames)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+from einops import rearrange
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from ldm.data import batch as B
 from ldm.training.fsdp import call_as_forward, sharded
+
+
+def frame_strips(images: Tensor) -> Tensor:
+    """Clips (B, 3, T, H, W) as strips of their frames side by side, (B, 3, H, T*W) with no gaps (a frames grid
+    needs no video codec; tools/measure_attributes.py --frames T reads it back); images (B, 3, H, W) as they are."""
+    return rearrange(images, "b c t h w -> b c h (t w)") if images.ndim == 5 else images
 
 
 class ImageGrid(L.Callback):
@@ -46,7 +55,8 @@ class ImageGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         for name, images in grids.items():
-            grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=self.nrow)  # (3, H', W') in [0, 1]
+            nrow = 1 if images.ndim == 5 else self.nrow  # a clip a row
+            grid = make_grid(((frame_strips(images).float() + 1) / 2).clamp(0, 1).cpu(), nrow=nrow)  # (3, H', W') in [0, 1]
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)

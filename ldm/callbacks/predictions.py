@@ -1,4 +1,4 @@
-"""Writes `ldm predict` outputs as PNG files named by request index, with their prompts."""
+"""Writes `ldm predict` outputs as PNG files named by request index, with their prompts (a clip: a strip of its frames)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import save_image
 
+from ldm.callbacks.images import frame_strips
 from ldm.data import batch as B
 
 
@@ -38,7 +39,7 @@ class PredictionWriter(BasePredictionWriter):
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
         folder = self.folder(trainer)
-        images = ((prediction[B.GENERATED].float() + 1) / 2).clamp(0, 1).cpu()  # (B, 3, H, W)
+        images = ((frame_strips(prediction[B.GENERATED]).float() + 1) / 2).clamp(0, 1).cpu()  # (B, 3, H, W[*T])
         with open(self._log_path(folder, trainer), "a") as log:
             for i, image in enumerate(images):
                 index = int(prediction[B.INDEX][i])

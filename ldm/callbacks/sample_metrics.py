@@ -164,7 +164,7 @@ class SampleMetrics(L.Callback):
         if not self._active:
             return
         strategy, evaluation = trainer.strategy, self._evaluation
-        reduce = lambda t: strategy.reduce(t.to(pl_module.device), reduce_op="sum")  # noqa: E731
+        reduce = lambda t: strategy.reduce(t.to(pl_module.device), reduce_op="sum")
         gather = strategy.all_gather if trainer.world_size > 1 else None
         fresh = evaluation.needs_reference  # the reference is merged from this evaluation's real images
         values = evaluation.compute(reduce, gather) | {"samples": float(evaluation.samples)}

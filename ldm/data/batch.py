@@ -24,6 +24,8 @@ LABEL = "label"  # (B,) int64 class index
 ORIGINAL_SIZE = "original_size"  # (B, 2) int64 (H, W) of the source image before resizing
 CROP_COORDS = "crop_coords"  # (B, 2) int64 (top, left) of the crop, in resized pixels
 TARGET_SIZE = "target_size"  # (B, 2) int64 (H, W) of the image to generate (prediction requests)
+FPS = "fps"  # (B,) float32: a clip's frame rate, its source's fps / the frame stride it was sampled at
+NUM_FRAMES = "num_frames"  # (B,) int64: the frame count of a clip's source video
 INDEX = "index"  # (B,) int64: a prediction request's line number; its sample seed derives from it
 GENERATED = "images"  # in a predict_step's output: the generated images (B, 3, H, W) in [-1, 1]
 

@@ -1,7 +1,7 @@
 """A raw sample's entry names (the img2dataset layout of WebDataset shards) and the kinds of extra map.
 
-The one place these are spelled: the image decoder reads them; tools/make_shards.py and the synthetic
-dataset write them; tools/evaluate.py makes samples of image files and their sidecar captions with them.
+The one place these are spelled: the image and video decoders read them; tools/make_shards.py and the
+synthetic dataset write them; tools/evaluate.py makes samples of image files and their sidecar captions with them.
 A map kind is declared once, in ``MAP_KINDS``, with the rule it decodes by; ``resize_map`` brings decoded
 maps to latent size for the latent cache and the spatial embedder alike.
 """
@@ -24,12 +24,34 @@ CLS = "cls"  # the class index, decimal digits
 JSON = "json"  # an object; its CAPTION and LABEL fields stand in for a missing txt / cls
 CAPTION, LABEL = "caption", "label"  # the json's fields
 WIDTH, HEIGHT = "width", "height"  # the json's fields: the image's size in pixels (img2dataset's names), read to plan buckets undecoded
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")  # video entries: a container file's bytes as they are
+FPS, NUM_FRAMES = "fps", "num_frames"  # the json's fields of a video: its frame rate (a frame sequence's only source) and count
 
 
 def image_entry(path: str | Path) -> str | None:
     """The entry name of an image file (its suffix, lower case, without the dot), None for other files."""
     name = Path(path).suffix.lower().lstrip(".")
     return name if name in IMAGE_EXTENSIONS else None
+
+
+def video_entry(path: str | Path) -> str | None:
+    """The entry name of a video file (its suffix, lower case, without the dot), None for other files."""
+    name = Path(path).suffix.lower().lstrip(".")
+    return name if name in VIDEO_EXTENSIONS else None
+
+
+def frame_entry(index: int, image: str) -> str:
+    """The entry name of frame ``index`` of a frame sequence stored as ``image`` entries: 3, "png" -> "003.png".
+
+    Its tar member is ``<key>.003.png``: webdataset cuts the key at the first dot, so a sample's frames are its
+    entries of digits and an image extension, taken in numeric order."""
+    return f"{index:03d}.{image}"
+
+
+def frame_index(entry: str) -> int | None:
+    """The frame number of a frame sequence's entry ("012.jpg" -> 12), None for any other entry."""
+    number, _, extension = entry.partition(".")
+    return int(number) if number.isdigit() and extension in IMAGE_EXTENSIONS else None
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,15 @@ class ImageDecoder:
         image_key = next((k for k in E.IMAGE_EXTENSIONS if k in raw), None)
         if image_key is None:
             raise SkipSample("no image entry")
-        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), **_annotations(raw)}
+        out: dict[str, Any] = {B.KEY: raw.get("__key__", ""), **sample_annotations(raw)}
         for key in self.require:
             if out.get(key) in (None, ""):
                 raise SkipSample(f"no {key}")
         largest = self.resolution if self.buckets is None else max(map(max, self.buckets))  # covers any target
-        image, original = _open(raw[image_key], image_key, "RGB", largest)
+        image, original = open_image(raw[image_key], image_key, "RGB", largest)
         target = self.target(original)
         out[B.ORIGINAL_SIZE] = torch.tensor(original)
-        crop = self._crop(image.size, target, rng)
+        crop = self.crop_for(image.size, target, rng)
         out[B.CROP_COORDS] = torch.tensor([crop.top, crop.left])
         out[B.IMAGE] = map_tensor(image, crop, "image")  # (3, H, W)
         if self.buckets is not None:
@@ -68,7 +68,7 @@ class ImageDecoder:
         """The (H, W) an image of ``original`` (H, W) size comes out at: its bucket, or the square."""
         return (self.resolution,) * 2 if self.buckets is None else self.buckets[nearest(self.buckets, original)]
 
-    def _crop(self, image_size: tuple[int, int], target: Size, rng: random.Random) -> Crop:
+    def crop_for(self, image_size: tuple[int, int], target: Size, rng: random.Random) -> Crop:
         """Resize to cover the target, then a center or random crop of it, maybe flipped."""
         crop = Crop.center(image_size, target)
         if self.crop == "random":
@@ -122,7 +122,7 @@ def _open_map(raw: dict[str, Any], key: str, kind: MapKind, image_size: tuple[in
     """Decode extra map `key`, which must match its image's (H, W) and be of its declared kind."""
     if key not in raw:
         raise SkipSample(f"no {key!r} entry")
-    img, size = _open(raw[key], key, None)
+    img, size = open_image(raw[key], key, None)
     if size != image_size:
         raise SkipSample(f"{key} {size[1]}x{size[0]}, image {image_size[1]}x{image_size[0]}")
     rule = MAP_KINDS[kind]
@@ -131,7 +131,7 @@ def _open_map(raw: dict[str, Any], key: str, kind: MapKind, image_size: tuple[in
     return img
 
 
-def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def open_image(data: bytes, key: str, mode: str | None, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Fully decode image bytes -> (image, original (H, W)); bad data raises SkipSample.
 
     With `min_side`, a JPEG decodes at the smallest DCT scale that keeps its short side >= min_side,
@@ -149,9 +149,9 @@ def _open(data: bytes, key: str, mode: str | None, min_side: int | None = None) 
         raise SkipSample(f"undecodable {key}: {type(err).__name__}") from None
 
 
-def _annotations(raw: dict[str, Any]) -> dict[str, Any]:
+def sample_annotations(raw: dict[str, Any]) -> dict[str, Any]:
     """Caption ("" where none) and label (where there is one), from `txt` / `cls` or else the json's fields."""
-    meta = _json(raw)
+    meta = read_json(raw)
     if E.TXT in raw:
         try:
             caption = raw[E.TXT].decode("utf-8")
@@ -178,7 +178,7 @@ def _class_index(value: Any, source: str) -> int:
     return value
 
 
-def _json(raw: dict[str, Any]) -> dict[str, Any]:
+def read_json(raw: dict[str, Any]) -> dict[str, Any]:
     if E.JSON not in raw:
         return {}
     try:

@@ -10,16 +10,22 @@ The layout is told by the backbone's type and the file's keys:
   own options (``ldm.weights.sd``), and a key that belongs to no part is refused;
 - diffusers' class-conditional ``DiTTransformer2DModel`` into a ``DiT``, its class table into the
   conditioner's one ``ClassEmbedder``.
+
+Any of these image layouts also initialises the video backbone built on that image backbone (``VideoUNet``,
+``VideoDiT``): the file's weights are its image weights, and its temporal layers (``temporal_names``), all
+absent from the file, keep their initialisation, under which the video backbone is the image one frame by frame.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
 from ldm.backbones.dit import DiT
+from ldm.backbones.temporal import temporal_names
 from ldm.backbones.unet import UNet
 from ldm.conditioning.label import ClassEmbedder
 from ldm.convert.dit import dit_from_diffusers
@@ -31,6 +37,7 @@ from ldm.weights.sd import UNET_PREFIX, unaccounted
 
 Part = tuple[nn.Module, StateDict, str]  # (module, the weights it receives, its name in messages)
 Foreign = Callable[[nn.Module, nn.Module, StateDict, str], list[Part]]  # (backbone, conditioner, file's state, path)
+log = logging.getLogger(__name__)
 
 
 def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -38,7 +45,8 @@ def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | o
 
     From our own layout the backbone takes the EMA weights (``ema.module.*``) when the file has them,
     since those are the ones the model samples with, else the trained ``backbone.*`` ones. Other layouts
-    go through the converter ``FOREIGN`` names for the backbone's class. Every part is checked before any
+    go through the converter ``FOREIGN`` names for the backbone's class. A video backbone takes an image
+    backbone's weights, its temporal layers left as they are (``_inflated``). Every part is checked before any
     is loaded; a mismatch raises a ``WeightsError`` naming the file.
     """
     path = os.fspath(path)
@@ -48,10 +56,24 @@ def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | o
     else:
         foreign = next((FOREIGN[c] for c in type(backbone).__mro__ if c in FOREIGN), _bare)
         parts = foreign(backbone, conditioner, state, path)
+    parts = [(module, _inflated(module, weights, path) if module is backbone else weights, what)
+             for module, weights, what in parts]
     for module, weights, what in parts:
         check_keys(weights, module.state_dict(), path, what)
     for module, weights, _ in parts:
         module.load_state_dict(weights)
+
+
+def _inflated(backbone: nn.Module, weights: StateDict, path: str) -> StateDict:
+    """A video backbone's weights from a file without any of its temporal tensors (an image backbone's): those
+    keep their initialisation. Other weights pass unchanged, and check_keys judges them as any others."""
+    temporal = temporal_names(backbone)
+    if not temporal or temporal & weights.keys():
+        return weights
+    log.info("%s: image backbone weights; the %d temporal tensors of this %s start at their initialisation",
+             path, len(temporal), type(backbone).__name__)
+    current = backbone.state_dict()
+    return {**weights, **{k: current[k] for k in temporal}}
 
 
 def _ours(backbone: nn.Module, conditioner: nn.Module, state: Mapping[str, Tensor]) -> list[Part]:
@@ -74,8 +96,8 @@ def _unet(backbone: nn.Module, conditioner: nn.Module, state: StateDict, path: s
     """A Stable Diffusion single file's UNet (refusing keys of no part), else diffusers' (or our own names)."""
     if any(k.startswith(UNET_PREFIX) for k in state):
         weights = {**unet_from_sd(under(state, UNET_PREFIX), backbone.state_dict()), **unaccounted(state)}
-        return [(backbone, weights, f"this UNet (the file's {UNET_PREFIX}*)")]
-    return [(backbone, unet_from_diffusers(state), "this UNet")]  # our own names pass unchanged
+        return [(backbone, weights, f"this {type(backbone).__name__} (the file's {UNET_PREFIX}*)")]
+    return [(backbone, unet_from_diffusers(state), f"this {type(backbone).__name__}")]  # our own names pass unchanged
 
 
 def _dit(backbone: nn.Module, conditioner: nn.Module, state: StateDict, path: str) -> list[Part]:

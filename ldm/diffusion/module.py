@@ -62,6 +62,7 @@ class LatentDiffusion(TrainingModule):
         compile: dict[str, Any] | bool = False,  # torch.compile the backbone (True, or its keyword arguments)
         loss_buckets: int = 10,  # loss per noise level: buckets of t (DDPM) or log-SNR (flow), */loss_by_t/<k>
         posthoc_ema: PostHocEMA | None = None,  # {sigma_rels, every_n_steps}: EDM2 power EMAs, snapshots to reconstruct
+        frames: int | None = None,  # clips of this many frames where no data says (prediction requests); None: images
     ) -> None:
         super().__init__(lr_scheduler, max_nonfinite_steps)
         self.save_hyperparameters(ignore=["backbone", "codec", "conditioner", "objective", "sampler"])
@@ -195,28 +196,33 @@ class LatentDiffusion(TrainingModule):
         """What image sides must be multiples of: the autoencoder's downsampling times the backbone's multiple."""
         return self.codec.downsample_factor * self.backbone.size_multiple
 
-    def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
-        """(h, w) of the latents to generate for a batch: from its images or cached latents, or its `target_size`."""
+    def latent_shape(self, batch: Mapping[str, Any]) -> tuple[int, ...]:
+        """(h, w), or (T, h, w) for clips, of the latents to generate for a batch: from its images, clips or cached
+        latents, or its `target_size` (and the model's ``frames``)."""
         f = self.codec.downsample_factor
         if B.LATENT_MEAN in batch:
-            return tuple(batch[B.LATENT_MEAN].shape[-2:])
+            return tuple(batch[B.LATENT_MEAN].shape[2:])
         if B.IMAGE in batch:
-            return tuple(s // f for s in batch[B.IMAGE].shape[-2:])
+            *frames, h, w = batch[B.IMAGE].shape[2:]
+            return (*frames, h // f, w // f)
         h, w = batch[B.TARGET_SIZE][0].tolist()
-        return h // f, w // f
+        frames = self.hparams.frames
+        return (h // f, w // f) if frames is None else (frames, h // f, w // f)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], cfg_scale: float | None = None, indices: Tensor | None = None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] for the batch's conditions; sample i's noise is seeded by seed + indices[i].
+        """Images (B, 3, H, W), or clips (B, 3, T, H, W), in [-1, 1] for the batch's conditions; sample i's noise is
+        seeded by seed + indices[i].
 
         Uses self.backbone as it is: inside validation/test/predict that is the EMA (see ema_weights).
         """
-        size = self.latent_size(batch)
+        shape = self.latent_shape(batch)
+        size = shape[-2:]
         indices = torch.arange(B.batch_size(batch)) if indices is None else indices
         # one CPU generator per sample for its initial noise and every later draw of a stochastic sampler:
         # a sample is the same whatever batch, rank, world size or device draws it
         generators = [torch.Generator().manual_seed(self.hparams.seed + int(i)) for i in indices]
-        noise = randn((len(generators), self.codec.latent_channels, *size), generators, self.device)  # (B, C, h, w)
+        noise = randn((len(generators), self.codec.latent_channels, *shape), generators, self.device)  # (B, C, [T,] h, w)
         scale = self.hparams.cfg_scale if cfg_scale is None else cfg_scale
         cond = self.conditioner(batch, size, drop=False)
         uncond = self.conditioner.unconditional(batch, size) if scale != 1.0 else None

@@ -43,8 +43,8 @@ class TextToImage:
         embedders = list(model.conditioner.embedders)
         text = embedders[0] if len(embedders) == 1 else None
         problems = [
-            *([] if isinstance(model.backbone, UNet) else [f"the backbone is a {type(model.backbone).__name__}, "
-                                                           "not a UNet (a DiT has no Stable Diffusion layout)"]),
+            *([] if type(model.backbone) is UNet else [f"the backbone is a {type(model.backbone).__name__}, not a "
+                                                       "UNet (a DiT or a video backbone has no Stable Diffusion layout)"]),
             *([] if isinstance(text, OpenCLIPTextEmbedder) and text.output == "tokens" else
               [f"the conditioner has {[type(e).__name__ for e in embedders]}, not one OpenCLIPTextEmbedder of tokens"]),
             *([] if isinstance(model.objective, DDPM) else [f"the objective is {type(model.objective).__name__}, not DDPM"]),

@@ -1,13 +1,24 @@
-"""Layers shared by the UNet and the transformer backbones."""
+"""Layers shared by the UNet and the transformer backbones; ``per_frame`` runs an image layer on a clip's frames
+(video backbones, the autoencoder on clips)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+
+def per_frame(fn: Callable[..., Tensor], x: Tensor, *per_clip: Tensor | None) -> Tensor:
+    """``fn`` on every frame of ``x`` (B, C, T, H, W) at once, the frames folded into the batch; each per-clip
+    argument (B, ...) is repeated for the clip's frames. Returns (B, C', T, H', W')."""
+    frames = x.shape[2]
+    repeated = (None if a is None else a.repeat_interleave(frames, dim=0) for a in per_clip)  # (B*T, ...) each
+    out = fn(rearrange(x, "b c t h w -> (b t) c h w"), *repeated)  # (B*T, C', H', W')
+    return rearrange(out, "(b t) c h w -> b c t h w", t=frames)
 
 
 def timestep_embedding(

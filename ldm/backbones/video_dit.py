@@ -1,0 +1,62 @@
+"""A DiT over clips: the image DiT's blocks on each frame, each followed by a temporal block at each position."""
+
+from __future__ import annotations
+
+from einops import rearrange
+from torch import Tensor
+
+from ldm.backbones.dit import DiT, DiTBlock
+from ldm.backbones.temporal import TemporalDiTBlock, frame_pos_embed
+
+
+class SpatioTemporalBlock(DiTBlock):
+    """The image DiT block over the tokens of each frame (its weights, its names), then ``temporal`` over the
+    frames at each token position: factorised space-time attention (ViViT, Arnab et al. 2021, model 3, with a
+    whole adaLN block for each factor as in Latte, Ma et al. 2024, variant 1)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, context_dim: int | None) -> None:
+        super().__init__(width, num_heads, mlp_ratio, context_dim)
+        self.temporal = TemporalDiTBlock(width, num_heads, mlp_ratio)
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None) -> Tensor:
+        """x: (B, T, L, D) tokens of T frames; c: (B, D) and context: (B, L_ctx, D_ctx) per clip."""
+        b, frames, length, width = x.shape
+        repeat = (None if a is None else a.repeat_interleave(frames, dim=0) for a in (c, context))
+        x = super().forward(x.flatten(0, 1), *repeat)  # (B*T, L, D), each frame as the image model sees it
+        x = rearrange(x, "(b t) l d -> (b l) t d", t=frames)  # (B*L, T, D)
+        frame_pos = frame_pos_embed(width, frames, x.device).to(x.dtype)  # (T, D)
+        x = self.temporal(x, c.repeat_interleave(length, dim=0), None, frame_pos)  # (B*L, T, D)
+        return rearrange(x, "(b l) t d -> b t l d", b=b)  # (B, T, L, D)
+
+
+class VideoDiT(DiT):
+    """DiT on latent clips (B, C, T, H, W) with factorised space/time attention; any T x H x W.
+
+    Its state dict is the image DiT's plus ``blocks.<i>.temporal.*``: built from an image DiT's weights
+    (``LatentDiffusion.init_weights``), the temporal blocks start as identities and it is that DiT frame
+    by frame. Tokens carry the image DiT's 2D grid positions; each temporal block adds 1D sin-cos frame
+    positions to its attention's input, so a model trained on some number of frames runs on others.
+    """
+
+    block_types = (SpatioTemporalBlock,)
+    block_type = SpatioTemporalBlock
+
+    def forward(
+        self,
+        x: Tensor,  # (B, C_in, T, H, W)
+        t: Tensor,  # (B,)
+        context: Tensor | None = None,  # (B, L, D_ctx)
+        vector: Tensor | None = None,  # (B, D_vec)
+    ) -> Tensor:  # (B, C_out, T, H, W)
+        if x.ndim != 5:
+            raise ValueError(f"VideoDiT takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        self._check(x, context, vector)
+        (b, _, frames, height, width), p = x.shape, self.patch_size
+        tokens = self._tokens(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, L, D)
+        tokens = rearrange(tokens, "(b t) l d -> b t l d", b=b)  # (B, T, L, D)
+        c = self._conditioning(t, vector)  # (B, D)
+        for block in self.blocks:
+            tokens = self._run(block, tokens, c, context)  # (B, T, L, D)
+        out = self.final(tokens.flatten(1, 2), c)  # (B, T*L, p*p*C_out)
+        return rearrange(out, "b (t h w) (p q c) -> b c t (h p) (w q)",
+                         t=frames, h=height // p, w=width // p, p=p, q=p)  # (B, C_out, T, H, W)
