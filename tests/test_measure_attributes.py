@@ -242,6 +242,16 @@ def moving():
     return [(c, m, _clip(rgb, m), f"a {c} circle {_PHRASES[m]}") for c, rgb in COLOURS.items() for m in _STEPS]
 
 
+def test_clip_prompts_name_every_colour_shape_and_motion_equally_often(tmp_path: Path) -> None:
+    """--make-prompts with --frames: moving-shapes captions the tool reads back, balanced over what it scores."""
+    ma.main(["--make-prompts", str(tmp_path / "clips.txt"), "--n", "70", "--frames", "8"])
+    captions = (tmp_path / "clips.txt").read_text().splitlines()
+    assert Counter(map(ma.prompted_motion, captions)) == {motion: 14 for motion in ma.MOTIONS}
+    assert Counter(map(ma.prompted_colour, captions)) == {colour: 10 for colour in COLOURS}
+    shapes = Counter(next(s for s in SHAPES if s in c) for c in captions)
+    assert set(shapes) == set(SHAPES) and max(shapes.values()) - min(shapes.values()) <= 1
+
+
 def test_caption_parsing_finds_the_motion():
     for motion, phrase in _PHRASES.items():
         caption = f"a blue square {phrase}"

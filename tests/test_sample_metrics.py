@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
-from ldm.cli import LdmCLI, build_cli
+from ldm.cli import LdmCLI, build_cli, main
 from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data import batch as B
 from ldm.metrics.base import DistributionMetric
@@ -38,6 +38,7 @@ from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.statistics import FeatureSet
 from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
 from tests.processes import run_ldm
+from tests.stage2 import write_clip_shards
 from tests.tiny_modules import TinyFeatures
 from tools import evaluate, sampler_table
 
@@ -330,3 +331,16 @@ def test_training_monitor_logs_grad_norm_and_samples_per_sec_to_tensorboard(tmp_
     assert all(norm > 1e-3 for norm in model.grad_norms)  # so clipping would have shown
     throughput = events.Scalars("train/samples_per_sec")
     assert len(throughput) == 2 and all(math.isfinite(e.value) and e.value > 0 for e in throughput)
+
+
+def test_clips_are_refused_in_one_line_naming_the_video_callbacks(tmp_path: Path) -> None:
+    """SampleMetrics scores images: a run of clips ends in one refusal naming the video callbacks part, rather than
+    an Inception error on a 5-d tensor."""
+    clips = write_clip_shards(tmp_path / "clips")
+    callbacks = [metrics_callback(tmp_path / "cache", metrics=[FID_ENTRY])]
+    model = {"codec": {"init_args": {"weights": None}}, "backbone": str(ROOT / "configs/backbone/video-dit-tiny.yaml")}
+    args = cli_args(ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml", clips, tmp_path / "run", callbacks, model)
+    with pytest.raises(SystemExit) as ended:
+        main(["test", *args])
+    assert "SampleMetrics scores images, and this run's batches are clips" in str(ended.value.code)
+    assert "configs/callbacks/video.yaml" in str(ended.value.code)

@@ -25,6 +25,7 @@ both are scored as colour is for images (chance 1 / 5 for motion).
 
     python tools/measure_attributes.py --make-prompts prompts.jsonl --n 70
     python tools/measure_attributes.py --make-prompts wide.jsonl --n 70 --width 96 --height 48
+    python tools/measure_attributes.py --make-prompts clips.txt --n 105 --frames 8
     ldm predict --config run.yaml --data.predict prompts.jsonl ...
     python tools/measure_attributes.py runs/.../predictions --position --out report.json
     python tools/measure_attributes.py runs/.../predictions --frames 8 --out report.json
@@ -45,7 +46,7 @@ from PIL import Image, ImageFilter, ImageSequence
 
 from ldm.data import batch as B
 from ldm.data import entries as E
-from ldm.data.synthetic import COLOURS, POSITIONS, SCALES, SHAPES, caption_for
+from ldm.data.synthetic import COLOURS, MOTIONS, POSITIONS, SCALES, SHAPES, caption_for, clip_caption
 
 NONE = "none"  # measured when no single shape stands out from the background
 FOREGROUND_DELTA_E = 40.0  # Lab distance from the background median that marks a shape pixel
@@ -56,7 +57,6 @@ _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 _ROWS = {"top": 0, "bottom": 2}  # caption words -> grid row / column; absent means the middle
 _COLUMNS = {"left": 0, "right": 2}
 _POSITION_WORDS = {*_ROWS, *_COLUMNS, "center", "centre", "middle"}
-MOTIONS = ("up", "down", "left", "right", "still")  # the moving-shapes data's motions
 STILL_TRAVEL = 0.1  # centroid travel over a clip (fraction of the frame's width / height) below which it is still
 _STILL_WORDS = {"still", "static", "stationary", "motionless"}
 
@@ -265,7 +265,7 @@ def measure_clips(folder: str | Path, frames: int, seed: int = 0) -> dict:
     return {
         "folder": str(folder), "clips": len(entries), "frames": frames,
         "colour": score(colours, [m.colour for m in measured], tuple(COLOURS), seed),
-        "motion": score(motions, [m.motion for m in measured], MOTIONS, seed),
+        "motion": score(motions, [m.motion for m in measured], tuple(MOTIONS), seed),
         "per_clip": [{"index": index, "caption": caption, "prompted_colour": colour, "prompted_motion": motion,
                       **asdict(m)}
                      for (index, caption, _), colour, motion, m in zip(entries, colours, motions, measured)],
@@ -299,8 +299,9 @@ def format_cut(report: dict) -> str:
 
 
 def write_prompts(path: str | Path, n: int, seed: int = 0, width: int | None = None,
-                  height: int | None = None) -> list[str]:
-    """Write n shapes-style captions naming each colour (and position, shape, size) equally often.
+                  height: int | None = None, clips: bool = False) -> list[str]:
+    """Write n shapes-style captions naming each colour (and position, shape, size) equally often; with
+    ``clips``, moving-shapes captions naming each colour, shape and motion equally often.
 
     `.jsonl` lines carry the shape index as `label` too (for class-conditional models) and, when given,
     the `width` and `height` to generate; any other suffix gets one caption per line (no size: ValueError).
@@ -316,8 +317,12 @@ def write_prompts(path: str | Path, n: int, seed: int = 0, width: int | None = N
     def balanced(options: tuple[str, ...]) -> list[str]:  # counts differ by at most one, in random order
         return [options[i] for i in rng.permutation(np.resize(np.arange(len(options)), n))]
 
-    rows = list(zip(balanced(SHAPES), balanced(tuple(COLOURS)), balanced(tuple(SCALES)), balanced(POSITIONS)))
-    captions = [caption_for(*row) for row in rows]
+    if clips:
+        rows = list(zip(balanced(SHAPES), balanced(tuple(COLOURS)), balanced(tuple(MOTIONS))))
+        captions = [clip_caption(*row) for row in rows]
+    else:
+        rows = list(zip(balanced(SHAPES), balanced(tuple(COLOURS)), balanced(tuple(SCALES)), balanced(POSITIONS)))
+        captions = [caption_for(*row) for row in rows]
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     if file.suffix == ".jsonl":
@@ -336,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                         "strips of T frames in a row): colour and motion")
     parser.add_argument("--out", type=Path, help="write the full report (with per-image results) as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation test / prompt sampling")
-    parser.add_argument("--make-prompts", type=Path, metavar="FILE", help="write a balanced .jsonl/.txt prompt file")
+    parser.add_argument("--make-prompts", type=Path, metavar="FILE", help="write a balanced .jsonl/.txt prompt file "
+                        "(with --frames: of moving shapes)")
     parser.add_argument("--n", type=int, default=70, help="prompts to write with --make-prompts")
     parser.add_argument("--width", type=int, help="with --make-prompts FILE.jsonl: the width to generate, in pixels")
     parser.add_argument("--height", type=int, help="with --make-prompts FILE.jsonl: the height to generate")
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--frames T takes clips of T >= 2 frames, whose position is not scored (no --position)")
     if args.make_prompts is not None:
         try:
-            write_prompts(args.make_prompts, args.n, args.seed, args.width, args.height)
+            write_prompts(args.make_prompts, args.n, args.seed, args.width, args.height, clips=args.frames is not None)
         except ValueError as error:
             parser.error(str(error))
         print(f"wrote {args.n} prompts to {args.make_prompts}")

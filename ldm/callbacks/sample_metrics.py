@@ -138,6 +138,10 @@ class SampleMetrics(L.Callback):
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
         if not self._active:
             return
+        if batch[B.IMAGE].ndim == 5:
+            raise ValueError("SampleMetrics scores images, and this run's batches are clips: FVD and per-frame FID are not "
+                             "wired to clips yet, so leave SampleMetrics out of a video run's callbacks "
+                             "(configs/callbacks/video.yaml)")
         cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
         size = B.batch_size(batch)
         take = size if cap is None else max(0, min(size, cap - self._seen))  # the batch's samples to generate from
