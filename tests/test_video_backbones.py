@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ldm.backbones.base import Backbone
 from ldm.backbones.dit import DiT
-from ldm.backbones.temporal import TemporalLayer, temporal_names
+from ldm.backbones.temporal import TemporalDiTBlock, TemporalLayer, TemporalTransformer, temporal_names
 from ldm.backbones.unet import UNet
 from ldm.backbones.video_dit import VideoDiT
 from ldm.backbones.video_unet import VideoUNet
@@ -124,6 +124,30 @@ def test_temporal_layers_mix_frames_in_order(inflated):
         assert not torch.allclose(trained(**changed)[:, :, 5], out[:, :, 5], atol=1e-4)  # frame 0 reaches frame 5
         # frame positions: the reversed clip does not give the reversed output
         assert not torch.allclose(trained(**reversed_).flip(2), out, atol=1e-4)
+
+
+def test_temporal_attention_reads_the_text(inflated):
+    """What moves where is in the caption (SVD's temporal blocks): each temporal attention changes with the
+    context alone, with the frames it mixes held fixed."""
+    kind, _, video, _ = inflated
+    trained = build(kind, video=True).eval()
+    trained.load_state_dict(video.state_dict())
+    attentions = [m for m in trained.modules() if isinstance(m, (TemporalTransformer, TemporalDiTBlock))]
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args))) for m in attentions]
+    with torch.no_grad():
+        for param in temporal_parameters(trained).values():  # as after training: every temporal weight non-zero
+            param.copy_(torch.randn_like(param) * 0.2)
+        trained(**clip_inputs(1, 4))
+        for hook in hooks:
+            hook.remove()
+        assert len(calls) == len(attentions) > 0
+        for module, args in calls:
+            context = [i for i, a in enumerate(args) if a is not None and a.ndim == 3 and a.shape[-1] == CONTEXT_DIM]
+            assert len(context) == 1, f"{type(module).__name__} is not given the text"
+            other = list(args)
+            other[context[0]] = torch.randn_like(args[context[0]])
+            assert not torch.allclose(module(*other), module(*args), atol=1e-4)
 
 
 def test_gradients_reach_the_temporal_layers(inflated):

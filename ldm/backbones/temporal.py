@@ -58,25 +58,22 @@ class TemporalConv(TemporalLayer):
 
 
 class TemporalTransformer(SpatialTransformer, TemporalLayer):
-    """The UNet's transformer, self-attention only, over the frames at each position, with frame positions
-    added after its input projection (AnimateDiff's motion module); proj_out starts at zero as in the UNet."""
-
-    def __init__(self, channels: int, heads: int, depth: int, groups: int) -> None:
-        super().__init__(channels, heads, depth, None, groups)
+    """The UNet's transformer over the frames at each position, with frame positions added after its input
+    projection (AnimateDiff's motion module) and a cross-attention to the text when the UNet has one (SVD's
+    temporal blocks: what moves where is in the caption); proj_out starts at zero as in the UNet."""
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x: (B, C, T, H, W); no context (the text is read by the spatial transformers)."""
+        """x: (B, C, T, H, W); context: (B, L, D_ctx) per clip, or None."""
         b, c, t, h, w = x.shape
         tokens = self.proj_in(rearrange(self.norm(x), "b c t h w -> (b h w) t c"))  # (B*H*W, T, C)
         tokens = tokens + frame_pos_embed(c, t, x.device).to(tokens.dtype)  # (B*H*W, T, C)
+        context = None if context is None else context.repeat_interleave(h * w, dim=0)  # (B*H*W, L, D_ctx)
         for block in self.transformer_blocks:
-            tokens = block(tokens, None)  # (B*H*W, T, C)
+            tokens = block(tokens, context)  # (B*H*W, T, C)
         return x + rearrange(self.proj_out(tokens), "(b h w) t c -> b c t h w", h=h, w=w)  # (B, C, T, H, W)
 
 
 class TemporalDiTBlock(DiTBlock, TemporalLayer):
-    """A DiT block without cross-attention over the frames at each position, the frame positions added to its
-    attention's input; adaLN-Zero makes it the identity at initialisation (Latte, Ma et al. 2024, Sec. 3.2)."""
-
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__(width, num_heads, mlp_ratio, None)
+    """A DiT block over the frames at each position, the frame positions added to its attention's input, its
+    cross-attention reading the text as SVD's temporal blocks do; adaLN-Zero and the zeroed cross-attention
+    output make it the identity at initialisation (Latte, Ma et al. 2024, Sec. 3.2)."""

@@ -9,6 +9,11 @@ from ldm.backbones.dit import DiT, DiTBlock
 from ldm.backbones.temporal import TemporalDiTBlock, frame_pos_embed
 
 
+def _repeat(n: int, *per_clip: Tensor | None) -> list[Tensor | None]:
+    """Each clip's conditioning for each of its n frames or n token positions: rows repeated in place."""
+    return [None if a is None else a.repeat_interleave(n, dim=0) for a in per_clip]
+
+
 class SpatioTemporalBlock(DiTBlock):
     """The image DiT block over the tokens of each frame (its weights, its names), then ``temporal`` over the
     frames at each token position: factorised space-time attention (ViViT, Arnab et al. 2021, model 3, with a
@@ -16,16 +21,15 @@ class SpatioTemporalBlock(DiTBlock):
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, context_dim: int | None) -> None:
         super().__init__(width, num_heads, mlp_ratio, context_dim)
-        self.temporal = TemporalDiTBlock(width, num_heads, mlp_ratio)
+        self.temporal = TemporalDiTBlock(width, num_heads, mlp_ratio, context_dim)
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None) -> Tensor:
         """x: (B, T, L, D) tokens of T frames; c: (B, D) and context: (B, L_ctx, D_ctx) per clip."""
         b, frames, length, width = x.shape
-        repeat = (None if a is None else a.repeat_interleave(frames, dim=0) for a in (c, context))
-        x = super().forward(x.flatten(0, 1), *repeat)  # (B*T, L, D), each frame as the image model sees it
+        x = super().forward(x.flatten(0, 1), *_repeat(frames, c, context))  # (B*T, L, D), each frame as the image model sees it
         x = rearrange(x, "(b t) l d -> (b l) t d", t=frames)  # (B*L, T, D)
         frame_pos = frame_pos_embed(width, frames, x.device).to(x.dtype)  # (T, D)
-        x = self.temporal(x, c.repeat_interleave(length, dim=0), None, frame_pos)  # (B*L, T, D)
+        x = self.temporal(x, *_repeat(length, c, context), frame_pos)  # (B*L, T, D)
         return rearrange(x, "(b l) t d -> b t l d", b=b)  # (B, T, L, D)
 
 

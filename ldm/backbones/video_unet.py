@@ -27,11 +27,11 @@ class SpatioTemporalTransformer(SpatialTransformer):
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int | None, groups: int) -> None:
         super().__init__(channels, heads, depth, context_dim, groups)
-        self.temporal = TemporalTransformer(channels, heads, depth, groups)
+        self.temporal = TemporalTransformer(channels, heads, depth, context_dim, groups)
 
     def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         """x: (B, C, T, H, W); context: (B, L, D_ctx) per clip, or None. Returns (B, C, T, H, W)."""
-        return self.temporal(per_frame(super().forward, x, context))
+        return self.temporal(per_frame(super().forward, x, context), context)
 
 
 class FrameDownsample(Downsample):
