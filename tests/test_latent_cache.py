@@ -26,12 +26,13 @@ from ldm.data.latents import CACHE_INFO, MEAN, TENSORS, LatentDecoder
 from ldm.data.shards import expand_shards
 from ldm.data.stream import ShardStream
 from ldm.data.synthetic import write_shapes
-from tests.stage2 import ROOT, cli_args
+from tests.stage2 import ROOT, cli_args, write_clip_shards
 from tools import cache_latents
 from tools.bench import cli as benchmark  # tools/benchmark.py runs it
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 SEG2IMG = ROOT / "experiments" / "shapes" / "seg2img_unet.yaml"
+TXT2VID = ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml"
 TINY = str(ROOT / "configs" / "backbone" / "unet-tiny.yaml")
 
 
@@ -207,6 +208,33 @@ def test_a_bucketed_cache_gives_the_batches_and_latents_training_from_images_wou
     square.setup("fit")
     with pytest.raises(ValueError, match=r"is at bucket \[\d+, \d+\] \(H, W\), but this run's data has no buckets: rebuild the cache"):
         next(iter(square.train_dataloader()))
+
+
+def test_a_clip_cache_gives_the_batches_and_latents_training_from_clips_would(
+        setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving-shapes clips: each frame's moments stored as a (C, T, h, w) clip with its fps and frame count, and a
+    cached epoch gives the clip run's batches and latents; moving-shapes.yaml recognises the cache by itself."""
+    _, weights = setup
+    monkeypatch.setattr(sys, "argv", ["ldm"])
+    shards = write_clip_shards(tmp_path / "clips")
+    overlay = tmp_path / "posterior.yaml"  # the posterior's mean: the same z for both runs
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"codec": {"init_args": {"sample_posterior": False}}}}}))
+    options = [*cli_args(TXT2VID, shards, tmp_path / "run", codec_weights=str(weights)), "--config", str(overlay)]
+    out = tmp_path / "latents"
+    info = cache_latents.main(["--config", options[1], *options[2:], "--out", str(out), "--dtype", "float32"])
+    assert info["clips"] == {"frames": 8, "stride": 1, "fps": None}
+    model, clips = instantiate(options)
+    cached = instantiate([*options, "--data.init_args.train", str(out / "shard-*.tar")])[1]
+    clips.setup("fit")
+    cached.setup("fit")
+    batches = 0
+    for step, (a, b) in enumerate(zip(clips.train_dataloader(), cached.train_dataloader(), strict=True)):
+        assert a[B.KEY] == b[B.KEY] and a[B.IMAGE].ndim == 5 and b[B.LATENT_MEAN].shape[1:3] == (4, 8)
+        assert torch.equal(a[B.FPS], b[B.FPS]) and torch.equal(a[B.NUM_FRAMES], b[B.NUM_FRAMES])
+        z_clips, z_cached = (model.latents(x, torch.Generator().manual_seed(step)) for x in (a, b))
+        torch.testing.assert_close(z_cached, z_clips, rtol=1e-5, atol=1e-5)  # the posterior's mean, float32
+        batches += 1
+    assert batches == 2  # 4 clips in batches of 2
 
 
 def test_a_cache_loader_resumes_at_its_position_decoding_nothing_before_it(float_cache: tuple[Path, dict],

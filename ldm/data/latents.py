@@ -1,10 +1,10 @@
 """The latent cache's format: what tools/cache_latents.py writes and the data module reads, both through here.
 
 A cache shard holds, per sample, ``latent.safetensors`` (the posterior's ``mean`` and ``std`` at latent
-size, with ``flip.mean`` / ``flip.std`` for the mirrored image when training flips; each extra map at
+size, (C, h, w), or (C, T, h, w) for a clip, with ``flip.mean`` / ``flip.std`` for the mirrored image when training flips; each extra map at
 latent size, ``<name>`` and ``flip.<name>``; the frozen text encoders' outputs ``embedding.<i>``) and
 a ``json`` (caption, label, original size, crop, the pixel size it was encoded at as ``width``/``height``, its
-bucket as ``target_size`` when bucketed, and the fingerprint hashes of the codec and text
+bucket as ``target_size`` when bucketed, a clip's ``fps`` and ``num_frames``, and the fingerprint hashes of the codec and text
 encoders that made it). ``cache.json`` next to the shards describes the whole cache and marks its
 folder as one: ``LatentCache``, the data module's default shard format, recognises it by that file and
 reads it with ``LatentDecoder``.
@@ -37,6 +37,7 @@ TENSORS, META = "latent.safetensors", E.JSON  # a cached sample's entries
 MEAN, STD = "mean", "std"  # the posterior's moments among its tensors
 FLIP = "flip."  # prefix of the mirrored image's tensors
 CLASS_MAP_DTYPE = torch.int16  # class maps are stored as int16 ids
+CLIP_FIELDS = {B.FPS: torch.float32, B.NUM_FRAMES: torch.int64}  # a clip's per-sample scalars (conditioning)
 
 
 def is_cache(urls: Sequence[str]) -> bool:
@@ -73,6 +74,7 @@ def cached_samples(batch: Mapping[str, Any], tensors: Mapping[str, Tensor], code
                 E.WIDTH: width, E.HEIGHT: height, B.CACHE_CODEC: codec_hash, B.CACHE_TEXT: text_hash}
         if B.TARGET_SIZE in batch:  # bucketed: the bucket, which training batches by
             meta[B.TARGET_SIZE] = batch[B.TARGET_SIZE][i].tolist()
+        meta |= {name: batch[name][i].item() for name in CLIP_FIELDS if name in batch}
         yield {"__key__": key, TENSORS: save_tensors({k: v[i].cpu().contiguous() for k, v in tensors.items()}),
                META: json.dumps(meta).encode()}
 
@@ -108,6 +110,7 @@ class LatentDecoder:
                 out[name] = value.float() if value.is_floating_point() else value
         out[B.ORIGINAL_SIZE], out[B.CROP_COORDS] = torch.tensor(meta[B.ORIGINAL_SIZE]), torch.tensor(meta[B.CROP_COORDS])
         out[B.CACHE_CODEC], out[B.CACHE_TEXT] = meta[B.CACHE_CODEC], meta.get(B.CACHE_TEXT) or ""
+        out |= {name: torch.tensor(meta[name], dtype=dtype) for name, dtype in CLIP_FIELDS.items() if name in meta}
         target = meta.get(B.TARGET_SIZE)
         if (target is None) != (self.buckets is None) or (target is not None and tuple(target) not in self.buckets):
             stored = "square" if target is None else f"at bucket {target} (H, W)"
