@@ -20,6 +20,7 @@ from tests.processes import run_ldm
 from tests.stage2 import ROOT, cli_args
 
 TXT2IMG = ROOT / "experiments" / "shapes" / "txt2img_unet.yaml"
+TXT2VID = ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml"
 AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
 STEPS, CHECKPOINT_EVERY = 10, 3
 # stage 1: batches 0 and 1 step the autoencoder alone, from batch 2 (disc_start) the discriminator too, so
@@ -45,9 +46,11 @@ def _ldm_fit(args: list[str], expect_kill: bool, status: int = 0) -> str:
                         killed=expect_kill, status=status)
 
 
-def fit(shards: Path, out: Path, *options: str, ddp: bool = False, expect_kill: bool = False, status: int = 0) -> str:
-    """`ldm fit` of the tiny txt2img run into ``out`` (logs, checkpoints, export); its output."""
-    args = [*cli_args(TXT2IMG, shards, out), "--model.init_args.backbone", str(ROOT / "configs/backbone/unet-tiny.yaml"),
+def fit(shards: Path, out: Path, *options: str, ddp: bool = False, expect_kill: bool = False, status: int = 0,
+        experiment: Path = TXT2IMG, backbone: str = "unet-tiny") -> str:
+    """`ldm fit` of the tiny txt2img run (or ``experiment`` with the tiny ``backbone``) into ``out`` (logs,
+    checkpoints, export); its output."""
+    args = [*cli_args(experiment, shards, out), "--model.init_args.backbone", str(ROOT / f"configs/backbone/{backbone}.yaml"),
             *LOADER, "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY), *options]
     if ddp:
         args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]

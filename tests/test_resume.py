@@ -19,6 +19,7 @@ from ldm.data.synthetic import write_shapes
 from tests.resume_runs import (
     AE_BATCHES,
     SIGNALLED,
+    TXT2VID,
     assert_resumed_exactly,
     crash_options,
     fit,
@@ -75,6 +76,21 @@ def test_a_bucketed_run_killed_and_resumed_continues_exactly(tmp_path: Path) -> 
     last = out / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
     fit(shards, out, *buckets, "--ckpt_path", str(last))
+    assert_resumed_exactly(reference, out, 6)
+
+
+def test_a_video_run_killed_and_resumed_continues_exactly(tmp_path: Path) -> None:
+    """Clips of 4 frames from random starts in 8-frame videos, through the video DiT: the temporal crops, the clip
+    loader's position and the model all continue bit for bit."""
+    shards, reference, out = tmp_path / "clips", tmp_path / "reference", tmp_path / "run"
+    write_shapes(shards, train=16, val=2, test=0, size=32, samples_per_shard=5, frames=8)
+    video = {"experiment": TXT2VID, "backbone": "video-dit-tiny"}
+    clips = ["--data.init_args.formats", "[{class_path: ldm.data.video.VideoClips, init_args: {frames: 4}}]"]
+    fit(shards, reference, *clips, **video)
+    fit(shards, out, *clips, *crash_options(out, "KillAt", 7, "video"), expect_kill=True, **video)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    fit(shards, out, *clips, "--ckpt_path", str(last), **video)
     assert_resumed_exactly(reference, out, 6)
 
 
