@@ -18,6 +18,7 @@ from ldm.cli import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))  # as when the tool runs as a script: it imports bench and cache_latents so
+import check_runner
 import gpu_check
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -70,7 +71,7 @@ def test_the_runner_records_a_failing_check_and_runs_the_next(tmp_path: Path) ->
 def test_the_markdown_names_the_machine_above_the_rows() -> None:
     results = [{"title": "bf16 fit", "passed": True, "summary": "loss 0.9 → 0.5", "seconds": 42.4},
                {"title": "DDP", "passed": False, "summary": "RuntimeError: nccl", "seconds": 78.0}]
-    assert gpu_check.markdown(HEADER, results) == (
+    assert check_runner.markdown(HEADER, results) == (
         "NVIDIA H200 (1 visible), torch 2.9.0, CUDA 12.8, 2025-01-01: 1 of 2 checks pass in 2.0 min "
         "(`python tools/gpu_check.py`).\n\n"
         "| check | result | measured | time |\n|---|---|---|---:|\n"

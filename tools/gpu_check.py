@@ -40,11 +40,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -55,6 +53,7 @@ import cache_latents  # tools/ is on sys.path when this file runs as a script
 import lightning as L
 import torch
 from bench.train import benchmark_train
+from check_runner import Check, Outcome, run_checks
 from lightning.fabric.utilities.throughput import get_available_flops
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -72,7 +71,6 @@ SD15 = [str(ROOT / "experiments" / "sd" / "finetune_sd15.yaml"), str(ROOT / "con
 PRECISION = "bf16-mixed"
 SHAPES = {64: (1000, 64), 256: (512, 0), 512: (8, 0)}  # px: (train, val) samples; no val: validation reads train
 SYNC = "called a synchronizing CUDA operation"  # torch's sync debug message
-Outcome = dict[str, Any]  # what a check returns: passed, summary (its table cell), numbers
 
 
 @dataclass(frozen=True)
@@ -94,14 +92,6 @@ class Context:
     def codec(self) -> Path:
         """The stage-1 export (with latent statistics) that the stage1 check writes."""
         return self.run_dir("stage1") / "export.safetensors"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    title: str  # its row in the table
-    budget_s: float
-    run: Callable[[Context], Outcome]
 
 
 # --- what each check runs -------------------------------------------------------------------------------------------
@@ -364,68 +354,6 @@ CHECKS = [
     Check("fsdp", "FSDP on one GPU: shapes text-to-image, 30 steps", 40, partial(fit_check, "fsdp")),
     Check("ddp", "DDP on every visible GPU: shapes text-to-image, 30 steps", 45, partial(fit_check, "ddp")),
 ]
-
-
-# --- running them ---------------------------------------------------------------------------------------------------
-class OverBudget(Exception):
-    """A check ran past its time budget."""
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise OverBudget in the main thread once ``seconds`` have passed (at the next Python bytecode)."""
-    def stop(signum: int, frame: Any) -> None:
-        raise OverBudget(f"over its {seconds:g} s budget")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def run_checks(checks: Sequence[Check], ctx: Context, header: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run ``checks`` in order, each within its budget; a failing one is recorded and the next runs. The
-    report is rewritten after each (write_report)."""
-    results: list[dict[str, Any]] = []
-    for index, check in enumerate(checks, 1):
-        start = time.perf_counter()
-        try:
-            with time_limit(check.budget_s):
-                outcome = check.run(ctx)
-        except Exception as error:  # noqa: BLE001 - whatever a check raises, it is recorded and the next runs
-            lines = str(error).strip().splitlines() or [""]
-            outcome = {"passed": False, "summary": f"{type(error).__name__}: {lines[-1]}".rstrip(": "), "numbers": {},
-                       "traceback": traceback.format_exc()}
-        results.append({"name": check.name, "title": check.title, **outcome,
-                        "seconds": round(time.perf_counter() - start, 1), "budget_s": check.budget_s})
-        write_report(ctx.out, header, results)
-        verdict = "pass" if outcome["passed"] else "FAIL"
-        print(f"gpu_check: [{index}/{len(checks)}] {check.name}: {verdict} in {results[-1]['seconds']:.0f} s: "
-              f"{outcome['summary']}", flush=True)
-    return results
-
-
-def markdown(header: dict[str, Any], results: Sequence[dict[str, Any]]) -> str:
-    """The GPU table's rows for README, with a line naming the machine above them."""
-    passed, seconds = sum(r["passed"] for r in results), sum(r["seconds"] for r in results)
-    machine = (f"{header['device']} ({header['devices']} visible), torch {header['torch']}, CUDA {header['cuda']}, "
-               f"{header['date']}: {passed} of {len(results)} checks pass in {seconds / 60:.1f} min "
-               "(`python tools/gpu_check.py`).")
-    lines = [machine, "", "| check | result | measured | time |", "|---|---|---|---:|"]
-    for r in results:
-        cell = r["summary"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['title']} | {'pass' if r['passed'] else '**fail**'} | {cell} | {r['seconds']:.0f} s |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, header: dict[str, Any], results: Sequence[dict[str, Any]]) -> None:
-    """<out>/gpu_check.json (the header and every result) and <out>/gpu_check.md (markdown)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps({**header, "checks": list(results)}, indent=2, default=str))
-    (out / "gpu_check.md").write_text(markdown(header, results))
 
 
 def require_cuda() -> None:
