@@ -19,6 +19,7 @@ from ldm.data.synthetic import (
     caption_for,
     render_sample,
 )
+from ldm.data.video import clip_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import measure_attributes as ma  # noqa: E402
@@ -332,7 +333,7 @@ def test_cli_measures_clips_and_refuses_what_it_cannot_read(tmp_path, moving, ca
         ma.main([str(gif), "--frames", "3"])
     still = _write_predictions(tmp_path / "still", [_clip(COLOURS["red"], "still")], ["a red circle staying still"])
     assert Image.open(still / "000000.gif").n_frames == 1  # PIL writes eight identical frames as one lasting eight
-    assert len(ma.read_clip(still / "000000.gif", CLIP_FRAMES)) == CLIP_FRAMES
+    assert len(clip_frames(still / "000000.gif", CLIP_FRAMES)) == CLIP_FRAMES
     for argv in ([str(folder), "--frames", "8", "--position"], [str(folder), "--frames", "1"]):
         with pytest.raises(SystemExit):
             ma.main(argv)

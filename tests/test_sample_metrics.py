@@ -1,7 +1,8 @@
 """Evaluation callbacks: SampleMetrics (its metric list: FID against the exact feature statistics, KID, CLIP
 score, PSNR / SSIM / LPIPS, precision and recall by name, a metric defined here (the rest of the ADM suite:
 tests/test_eval_suite.py); the reference cache, seeds that make FID independent of the
-world size), the names shared with EvaluationReport and tools/evaluate.py, and TrainingMonitor.
+world size; per-frame FID and KID and FVD of a video run), the names shared with EvaluationReport and
+tools/evaluate.py, and TrainingMonitor.
 
 CLI runs use the shapes experiments on tiny 16 px shards with a tiny feature extractor
 (tests/tiny_modules.py) in place of Inception and a random-init OpenCLIP model.
@@ -28,23 +29,26 @@ from torch.utils.data import DataLoader
 
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
-from ldm.cli import LdmCLI, build_cli, main
+from ldm.cli import LdmCLI, build_cli
 from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data import batch as B
 from ldm.metrics.base import DistributionMetric
 from ldm.metrics.clip_score import CLIPScore
+from ldm.metrics.features import FeatureExtractors
 from ldm.metrics.fid import FID, KID, frechet_distance, kid
 from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.statistics import FeatureSet
 from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
 from tests.processes import run_ldm
 from tests.stage2 import write_clip_shards
+from tests.test_fvd import TinyI3D, scripted
 from tests.tiny_modules import TinyFeatures
 from tools import evaluate, sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOENCODER = ROOT / "experiments" / "shapes" / "autoencoder.yaml"
 CLASS2IMG = ROOT / "experiments" / "shapes" / "class2img_unet.yaml"
+TXT2VID = ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml"
 TINY_UNET = ROOT / "configs" / "backbone" / "unet-tiny.yaml"
 RESOLUTION, TEST_SAMPLES = TINY_SIZE, 5  # in batches of 2: 2 + 2 + 1 on one rank; 3 and 2 samples on two ranks
 TINY_CLIP = {"clip": {"random_init": True, "text_cfg": {"width": 32, "layers": 1, "heads": 2}, "vision_cfg": {"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16}}}
@@ -333,14 +337,40 @@ def test_training_monitor_logs_grad_norm_and_samples_per_sec_to_tensorboard(tmp_
     assert len(throughput) == 2 and all(math.isfinite(e.value) and e.value > 0 for e in throughput)
 
 
-def test_clips_are_refused_in_one_line_naming_the_video_callbacks(tmp_path: Path) -> None:
-    """SampleMetrics scores images: a run of clips ends in one refusal naming the video callbacks part, rather than
-    an Inception error on a 5-d tensor."""
-    clips = write_clip_shards(tmp_path / "clips")
-    callbacks = [metrics_callback(tmp_path / "cache", metrics=[FID_ENTRY])]
-    model = {"codec": {"init_args": {"weights": None}}, "backbone": str(ROOT / "configs/backbone/video-dit-tiny.yaml")}
-    args = cli_args(ROOT / "experiments" / "shapes" / "txt2vid_dit.yaml", clips, tmp_path / "run", callbacks, model)
-    with pytest.raises(SystemExit) as ended:
-        main(["test", *args])
-    assert "SampleMetrics scores images, and this run's batches are clips" in str(ended.value.code)
-    assert "configs/callbacks/video.yaml" in str(ended.value.code)
+@pytest.fixture(scope="module")
+def tiny_i3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random TorchScript I3D (tests/test_fvd.py's), FVD's network in place of i3d_torchscript.pt."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
+    scripted(TinyI3D().eval(), path)
+    return path
+
+
+def test_a_video_run_logs_per_frame_fid_kid_and_fvd_and_caches_the_reference_by_clip_length(
+        tmp_path: Path, tiny_i3d: Path, offline: None) -> None:
+    """SampleMetrics(metrics=[FID, KID, FVD]) on a text-to-video model: FID and KID of every frame (the tiny
+    extractor sees each clip's 8 frames), FVD of whole clips; the real clips' features are cached, and clips of
+    another length are another reference."""
+    clips = write_clip_shards(tmp_path / "clips")  # 2 validation clips of 8 frames
+    metrics = [FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=4), metric("ldm.metrics.fvd.FVD")]
+    callbacks = [metrics_callback(tmp_path / "cache", metrics=metrics, i3d_weights=str(tiny_i3d))]
+    model = {"codec": {"init_args": {"weights": None}}, "backbone": str(ROOT / "configs/backbone/video-dit-tiny.yaml"),
+             "sampler": {"class_path": "ldm.diffusion.samplers.DPMSolverPP2M", "init_args": {"steps": 2}}}
+
+    def validate(name: str, *extra: str) -> tuple[dict[str, float], int]:
+        """The logged values and the frames the tiny extractor saw."""
+        cli = run("validate", [*cli_args(TXT2VID, clips, tmp_path / name, callbacks, model), *extra])
+        extractor = sample_metrics(cli).extractor
+        assert isinstance(extractor, FeatureExtractors)  # the tiny Inception and the tiny I3D in one forward
+        return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}, extractor.parts[0].images_seen
+
+    first, seen = validate("first")
+    assert all(math.isfinite(first[f"val/{name}"]) for name in ("fid", "kid", "fvd")) and first["val/fvd"] > 0
+    assert first["val/samples"] == 2 and seen == 2 * 2 * 8  # clips; generated and real frames
+    cached = lambda: len(list((tmp_path / "cache").glob("refstats-*.safetensors")))
+    assert cached() == 2  # the real frames' features and the real clips'
+    again, seen = validate("again")
+    assert seen == 2 * 8 and again["val/fvd"] == first["val/fvd"] and cached() == 2  # the reference from the cache
+    four = '[{"class_path": "ldm.data.video.VideoClips", "init_args": {"frames": 4}}]'
+    shorter, seen = validate("shorter", "--data.init_args.formats", four)
+    assert seen == 2 * 2 * 4 and cached() == 4 and math.isfinite(shorter["val/fvd"])  # not the 8-frame reference

@@ -26,11 +26,22 @@ weights the tool stops, naming the option; with an Inception file lacking the cl
 Inception Score's), that metric alone is left out, in one line. CLIP score needs captions for the generated
 images (sidecars, shard txt or --captions, one line per image in sorted file order) and OpenCLIP weights;
 without either it is left out.
+
+With --frames T both sets are clips of T frames: shard patterns of video samples (decoded as evaluation decodes
+them, ldm.data.video.VideoClips: the first T frames, at stride 1), folders of video files (mp4, webm, mkv, mov,
+avi, m4v; decoded the same way) and folders of `ldm predict` clips (PNG strips of T frames side by side) or
+GIFs. FVD reads each clip whole (I3D: --i3d-weights, else torch hub's cache, else its download; without it FVD
+alone is left out, in one line), the other metrics every frame (per-frame FID and KID over all frames, CLIP score the mean over
+frames with the clip's caption, PSNR / SSIM / LPIPS frame by frame); generated_count counts clips.
+
+    python tools/evaluate.py --frames 8 --generated runs/.../predictions --reference 'data/moving-shapes/test/*.tar' \
+        --resolution 64 --metrics fvd fid kid --i3d-weights i3d_torchscript.pt --out report.json
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -42,14 +53,15 @@ from torch import Tensor, nn
 from ldm.conditioning.open_clip import OpenCLIP
 from ldm.data import batch as B
 from ldm.data import entries as E
-from ldm.data.decoder import SkipSample
+from ldm.data.decoder import SampleDecoder, SkipSample
 from ldm.data.images import ImageDecoder
 from ldm.data.shards import expand_shards, identify
 from ldm.data.stream import ShardStream
+from ldm.data.video import VideoClips, clip_frames
 from ldm.metrics.base import SampleMetric, TextMetric, metric_classes
 from ldm.metrics.clip_score import CLIPScore
 from ldm.metrics.evaluation import Evaluation, inception_for, load_metrics
-from ldm.metrics.features import FeaturesUnavailable, InceptionFeatures
+from ldm.metrics.features import FeaturesUnavailable, InceptionFeatures, reads_clips
 from ldm.metrics.fid import KID
 from ldm.metrics.paired import LPIPS
 from ldm.metrics.reference_batch import (
@@ -64,35 +76,55 @@ from ldm.metrics.statistics import ReferenceCache
 from ldm.weights.io import WeightsUnavailable, state_sha256
 
 
-def iter_batches(source: str, resolution: int, batch_size: int) -> Iterator[tuple[Tensor, list[str]]]:
-    """(images (B, 3, R, R) in [-1, 1], captions, "" where none) from a folder or a shard pattern; from an ADM
-    .npz batch its images at their own size, without captions."""
+def iter_batches(source: str, resolution: int, batch_size: int,
+                 frames: int | None = None) -> Iterator[tuple[Tensor, list[str]]]:
+    """(images (B, 3, R, R), or with ``frames`` clips (B, 3, T, R, R), in [-1, 1], captions, "" where none) from a
+    folder or a shard pattern; from an ADM .npz batch its images at their own size, without captions."""
     if is_reference_batch(source):
+        if frames is not None:
+            raise ValueError(f"{source}: an ADM .npz batch holds images, not clips of --frames {frames}")
         for images in read_images(source, batch_size):
             yield images, [""] * len(images)
         return
-    decoder = ImageDecoder(resolution=resolution, crop="center", require=())
+    images = ImageDecoder(resolution=resolution, crop="center", require=())
+    clips = None if frames is None else VideoClips(frames)  # evaluation's clips: the first T frames
+    decoder = images if clips is None else clips.decoder(images)
     if not Path(source).is_dir():
-        for batch in ShardStream(expand_shards(source), decoder, batch_size).batches(worker=0):
+        urls = expand_shards(source)
+        if clips is not None and not clips.recognises(urls):
+            raise ValueError(f"--frames {frames}: {source} holds images, not clips (video entries or frame images)")
+        for batch in ShardStream(urls, decoder, batch_size).batches(worker=0):
             yield batch[B.IMAGE], list(batch[B.CAPTION])
         return
-    paths = _images(source)
+    paths = _files(source, frames)
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(E.IMAGE_EXTENSIONS)} images under {source}")
+        kinds = E.IMAGE_EXTENSIONS if frames is None else (*E.VIDEO_EXTENSIONS, "gif", "image strips")
+        raise FileNotFoundError(f"no {'/'.join(kinds)} under {source}")
     rng = random.Random(0)  # a center crop without flips draws nothing from it
     for start in range(0, len(paths), batch_size):
-        samples = [_load(path, decoder, rng) for path in paths[start:start + batch_size]]
+        samples = [_load(path, decoder, rng, frames) for path in paths[start:start + batch_size]]
         yield torch.stack([s[B.IMAGE] for s in samples]), [s[B.CAPTION] for s in samples]
 
 
-def _images(folder: str) -> list[Path]:
-    """The image files under a folder, recursively, in sorted order."""
-    return sorted(p for p in Path(folder).rglob("*") if E.image_entry(p))
+def _clip_image(path: Path) -> bool:
+    """Whether a file of a folder of clips is a clip saved as an image: a strip of frames or a GIF."""
+    return bool(E.image_entry(path)) or path.suffix.lower() == ".gif"
 
 
-def _load(path: Path, decoder: ImageDecoder, rng: random.Random) -> dict:
-    """An image file and its sidecar caption (`a.jpg`, `a.txt`) decoded as a sample of a shard would be."""
-    raw = {E.image_entry(path): path.read_bytes()}
+def _files(folder: str, frames: int | None = None) -> list[Path]:
+    """The image files under a folder, recursively, in sorted order; with ``frames``, its clips: video files, image
+    strips and GIFs."""
+    found = (p for p in Path(folder).rglob("*") if p.is_file())
+    return sorted(p for p in found if (E.image_entry(p) if frames is None else E.video_entry(p) or _clip_image(p)))
+
+
+def _load(path: Path, decoder: SampleDecoder, rng: random.Random, frames: int | None = None) -> dict:
+    """An image file (with ``frames``, a video file or an image strip of that many frames) and its sidecar caption
+    (`a.jpg`, `a.txt`) decoded as a sample of a shard would be."""
+    if frames is not None and _clip_image(path):
+        raw = _strip(path, frames)
+    else:
+        raw = {E.image_entry(path) or E.video_entry(path): path.read_bytes()}
     if path.with_suffix(f".{E.TXT}").is_file():
         raw[E.TXT] = path.with_suffix(f".{E.TXT}").read_bytes()
     try:
@@ -101,11 +133,22 @@ def _load(path: Path, decoder: ImageDecoder, rng: random.Random) -> dict:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _sources(source: str) -> list[str]:
+def _strip(path: Path, frames: int) -> dict[str, bytes]:
+    """A clip saved as an image (``ldm predict``'s strips, or a GIF; ``ldm.data.video.clip_frames``) as the entries
+    of a frame sequence (``000.png``, ``001.png``, ... and its json's fps, which any value serves)."""
+    raw = {E.JSON: json.dumps({E.FPS: frames}).encode()}
+    for i, frame in enumerate(clip_frames(path, frames)):
+        buffer = io.BytesIO()
+        frame.save(buffer, "PNG", compress_level=1)
+        raw[E.frame_entry(i, "png")] = buffer.getvalue()
+    return raw
+
+
+def _sources(source: str, frames: int | None = None) -> list[str]:
     """The files a folder, shard pattern or .npz batch reads, in order."""
     if is_reference_batch(source):
         return [source]
-    return [str(p) for p in _images(source)] if Path(source).is_dir() else expand_shards(source)
+    return [str(p) for p in _files(source, frames)] if Path(source).is_dir() else expand_shards(source)
 
 
 def evaluate(
@@ -117,6 +160,7 @@ def evaluate(
     batch_size: int = 50,
     captions: list[str] | None = None,
     reference_cache: str | None = None,
+    frames: int | None = None,
 ) -> dict[str, float | int | str]:
     """The ``metrics`` (loaded, on the extractor's device) of the generated set against the reference set.
 
@@ -124,7 +168,8 @@ def evaluate(
     for true FID). ``captions`` override the generated images' own, in their order. ``reference_cache`` keeps the
     reference's features on disk, keyed by its files (sizes and modification times), the resolution, the
     feature kind and the extractor's weights, so an edited reference is never served from a stale entry.
-    An .npz ``reference`` gives its published statistics (``ldm.metrics.reference_batch``) as they are.
+    An .npz ``reference`` gives its published statistics (``ldm.metrics.reference_batch``) as they are. With
+    ``frames`` both sets are clips of that many frames (``iter_batches``), and the cache key names it.
     """
     run = Evaluation(metrics, extractor)
     if is_reference_batch(reference):
@@ -132,12 +177,13 @@ def evaluate(
     device = _device(extractor, *metrics)
     cache = ReferenceCache(reference_cache) if reference_cache is not None and run.compared else None
     if cache is not None:
-        key = {"data": identify(_sources(reference)), "resolution": resolution, "extractor": state_sha256(extractor)}
+        key = {"data": identify(_sources(reference, frames)), "resolution": resolution,
+               "extractor": state_sha256(extractor), **({"frames": frames} if frames is not None else {})}
         run.reference = run.cached_reference(cache, key)
     fresh = run.needs_reference
-    references = iter_batches(reference, resolution, batch_size) if fresh or run.paired else iter(())
+    references = iter_batches(reference, resolution, batch_size, frames) if fresh or run.paired else iter(())
     lines = iter(captions) if captions is not None else None
-    for images, own in iter_batches(generated, resolution, batch_size):
+    for images, own in iter_batches(generated, resolution, batch_size, frames):
         real = _pair(references, len(images)).to(device) if run.paired else None
         if fresh and real is not None:
             run.add_reference(real)
@@ -218,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     parser.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS trunk")
     parser.add_argument("--lpips-weights", help="local LPIPS trunk (torchvision's ImageNet file) or LPIPS state dict "
                         "(default: torch hub's cache, else downloaded there)")
+    parser.add_argument("--frames", type=int, metavar="T", help="read both sets as clips of T frames (video shards, "
+                        "folders of video files or of `ldm predict` PNG strips): FVD of clips, the rest per frame")
+    parser.add_argument("--i3d-weights", help="local FVD I3D TorchScript i3d_torchscript.pt (default: torch hub's "
+                        "cache, else downloaded there)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--kid", action="store_true", help="also KID (mean and std over subsets): --metrics ... kid")
@@ -231,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
         parser.error("--generated (to evaluate) or --write-reference (to write a reference batch) is required")
     if args.generated is not None and args.out is None:
         parser.error("--out is required with --generated")
+    if args.frames is not None and (args.frames < 1 or args.write_reference is not None):
+        parser.error("--frames takes T >= 1, and --write-reference writes images, not clips")
 
     if args.write_reference is not None:
         try:
@@ -242,20 +294,23 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
         if args.generated is None:
             return {"reference": args.reference, "reference_count": count}
     metrics = build_metrics([*args.metrics, *(["kid"] if args.kid else [])], args)
+    of_clips = [m.names[0] for m in metrics if reads_clips(m)]
+    if of_clips and args.frames is None:
+        parser.error(f"{', '.join(of_clips)} reads clips: give --frames T")
     try:
         extractor = inception_for(metrics, args.inception_weights)
     except FeaturesUnavailable:
         extractor = None  # load_metrics leaves out the metrics reading the missing kinds, in one line
     except WeightsUnavailable as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    metrics, extractor = load_metrics(metrics, extractor, args.inception_weights)
+    metrics, extractor = load_metrics(metrics, extractor, args.inception_weights, args.i3d_weights)
     for module in (extractor, *metrics):
         if module is not None:
             module.to(args.device)
     captions = Path(args.captions).read_text().splitlines() if args.captions else None
     reference = args.write_reference or args.reference  # a reference just written is read back, statistics and all
     report = evaluate(args.generated, reference, metrics, extractor, args.resolution, args.batch_size, captions,
-                      args.reference_cache)
+                      args.reference_cache, args.frames)
     for metric in metrics:
         if isinstance(metric, TextMetric) and metric.names[0] not in report:
             print(f"{metric.label} left out: the generated images have no captions")

@@ -42,11 +42,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageSequence
+from PIL import Image, ImageFilter
 
 from ldm.data import batch as B
 from ldm.data import entries as E
-from ldm.data.synthetic import COLOURS, MOTIONS, POSITIONS, SCALES, SHAPES, caption_for, clip_caption
+from ldm.data.synthetic import (
+    COLOURS,
+    MOTIONS,
+    POSITIONS,
+    SCALES,
+    SHAPES,
+    caption_for,
+    clip_caption,
+)
+from ldm.data.video import clip_frames
 
 NONE = "none"  # measured when no single shape stands out from the background
 FOREGROUND_DELTA_E = 40.0  # Lab distance from the background median that marks a shape pixel
@@ -145,27 +154,6 @@ def measure_clip(frames: Sequence[Image.Image]) -> ClipMeasurement:
                            sum(colours.values()))
 
 
-def read_clip(path: str | Path, frames: int) -> list[Image.Image]:
-    """The `frames` RGB frames of a clip file: a GIF of that many frames, or a strip of that many equal frames side
-    by side (a PNG); anything else is a ValueError naming the file.
-
-    A GIF writer (PIL's) stores a run of identical frames as one frame lasting the run, so each GIF frame counts
-    for its share of the clip's duration (a still clip may be one frame).
-    """
-    with Image.open(path) as image:
-        if image.format == "GIF":
-            held = [(frame.convert("RGB"), frame.info.get("duration", 0)) for frame in ImageSequence.Iterator(image)]
-            total = sum(duration for _, duration in held)
-            repeats = [round(duration * frames / total) for _, duration in held] if total else [1] * len(held)
-            if sum(repeats) != frames:
-                raise ValueError(f"{path}: a GIF of {len(held)} frames over {total} ms, not --frames {frames}")
-            return [frame for (frame, _), k in zip(held, repeats) for _ in range(k)]
-        if image.width % frames:
-            raise ValueError(f"{path}: {image.width} px wide, not a strip of --frames {frames} equal frames in a row")
-        width, rgb = image.width // frames, image.convert("RGB")
-        return [rgb.crop((i * width, 0, (i + 1) * width, image.height)) for i in range(frames)]
-
-
 def prompted_colour(caption: str) -> str | None:
     """The first palette colour word of a caption, or None when it names none."""
     return next((word for word in re.findall(r"[a-z]+", caption.lower()) if word in COLOURS), None)
@@ -259,7 +247,7 @@ def measure_folder(folder: str | Path, position: bool = False, seed: int = 0) ->
 def measure_clips(folder: str | Path, frames: int, seed: int = 0) -> dict:
     """Measure every clip of an `ldm predict` folder (`read_clip`): colour and motion scored against its prompt."""
     entries = load_predictions(folder)
-    measured = [measure_clip(read_clip(path, frames)) for _, _, path in entries]
+    measured = [measure_clip(clip_frames(path, frames)) for _, _, path in entries]
     colours = [prompted_colour(caption) for _, caption, _ in entries]
     motions = [prompted_motion(caption) for _, caption, _ in entries]
     return {

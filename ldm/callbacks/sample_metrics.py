@@ -1,6 +1,6 @@
-"""Metrics of generated images (FID, sFID, Inception Score, precision and recall, KID, CLIP score, PSNR/SSIM/LPIPS
-of reconstructions, ...) at validation and test, for either stage: the SampleMetric list of ``ldm.metrics`` run
-over the split."""
+"""Metrics of generated images or clips (FID, sFID, Inception Score, precision and recall, KID, CLIP score,
+PSNR/SSIM/LPIPS of reconstructions, FVD, ...) at validation and test, for either stage: the SampleMetric list of
+``ldm.metrics`` run over the split."""
 
 from __future__ import annotations
 
@@ -50,35 +50,40 @@ class SampleMetrics(L.Callback):
     generated images, ``<split>/samples``. Distribution metrics compare the generated images with the
     split's real images, paired metrics each with its original, text metrics each with its caption.
 
+    A video run's batches are clips (B, 3, T, H, W): FVD (``ldm.metrics.fvd``) reads each clip whole through
+    I3D (``i3d_weights``), the other metrics every frame (per-frame FID and KID over all frames, CLIP score the
+    mean over frames, PSNR/SSIM/LPIPS of each frame against the real one); ``<split>/samples`` counts clips.
+
     Each generated sample is seeded by its data key, so with the whole split (``max_samples: null``)
     the figures are the same for any number of ranks. ``max_samples`` caps the split samples generated
     from, ``draws`` samples each; the reference is the same samples' real images, or with
     ``full_reference`` the whole split's (a paper's "FID-5k against the 10k test set"; 50k with draws 5).
     The real images' features are computed once and cached in ``cache_dir`` under the data module's
     description of the split (every shard file with its size and modification time, resolution, ...), the
-    sample cap, the feature kind and the extractor's weights, so edited shards never reuse stale
-    statistics. With ``reference``, an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``), the
+    sample cap, the clips' frame count, the feature kind and the extractors' weights, so edited shards never
+    reuse stale statistics. With ``reference``, an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``), the
     distribution metrics compare with it instead: its published statistics as they are, its images (dealt
     to the ranks) where features are needed, so the figures compare with the papers'. A metric whose weights
     (Inception, CLIP, LPIPS) are not on the machine, with no way to download them, is disabled with one log
-    line naming the option to set.
+    line naming the option to set (FVD without I3D: ``i3d_weights``), and the others run.
     """
 
     def __init__(
         self,
         metrics: list[SampleMetric] | None = None,  # ldm.metrics classes; None: [FID]
         inception_weights: str | None = None,  # local FID Inception file; None: torch hub's cache, else download
-        feature_extractor: nn.Module | None = None,  # replaces Inception (e.g. a small net in tests)
+        feature_extractor: nn.Module | None = None,  # replaces Inception, of images and frames (a small net in tests)
         max_samples: int | None = None,  # split samples generated from per evaluation (split over ranks); None: all
         draws: int = 1,  # samples generated per split sample, each from its own noise (FID-50k from a 10k split)
         full_reference: bool = False,  # the whole split is the reference, whatever max_samples (FID-5k vs 10k)
         every_n_validations: int = 1,  # 0: only at test
         cache_dir: str = "~/.cache/ldm/fid_stats",
         reference: str | None = None,  # an ADM reference batch (.npz) in place of the split's real images
+        i3d_weights: str | None = None,  # local FVD I3D (i3d_torchscript.pt); None: torch hub's cache, else download
     ) -> None:
         super().__init__()
         self.metrics = [FID()] if metrics is None else list(metrics)
-        self.inception_weights, self.extractor = inception_weights, feature_extractor
+        self.inception_weights, self.i3d_weights, self.extractor = inception_weights, i3d_weights, feature_extractor
         self.max_samples, self.draws, self.full_reference = max_samples, draws, full_reference
         self.every_n_validations = every_n_validations
         self.cache = ReferenceCache(cache_dir)
@@ -90,7 +95,8 @@ class SampleMetrics(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._loaded:  # once, whatever the stages run
-            self.metrics, self.extractor = load_metrics(self.metrics, self.extractor, self.inception_weights)
+            self.metrics, self.extractor = load_metrics(self.metrics, self.extractor, self.inception_weights,
+                                                        self.i3d_weights)
             extractor = self.extractor
             self._extractor_id = None if extractor is None else state_sha256(extractor)  # names it in cache keys
             self._loaded = True
@@ -102,17 +108,22 @@ class SampleMetrics(L.Callback):
             if module is not None:
                 module.to(pl_module.device).eval()
         self._evaluation = Evaluation(self.metrics, self.extractor)
-        self._key = self._reference_key(trainer, split)
-        if self._key is not None:
-            cached = self._evaluation.cached_reference(self.cache, self._key)
+        self._key, self._keyed = None, False  # the split's key waits for the first batch (a clip's frame count)
+        if self.reference is not None:
+            self._use_cache(trainer, pl_module, self._reference_key(trainer, split))
+            self._evaluation.use_statistics(read_statistics(self.reference), image_count(self.reference))
+            if self._evaluation.needs_reference:
+                self._add_reference_batch(trainer, pl_module)
+
+    def _use_cache(self, trainer: L.Trainer, pl_module: L.LightningModule, key: dict[str, Any] | None) -> None:
+        """Take the reference's features cached under ``key`` (None: no caching) where every rank found them."""
+        self._key, self._keyed = key, True
+        if key is not None:
+            cached = self._evaluation.cached_reference(self.cache, key)
             # every rank must take the same path in _finish: use the cache only where all ranks found it
             found = torch.tensor(float(cached is not None), device=pl_module.device)
             if trainer.strategy.reduce(found, reduce_op="min"):
                 self._evaluation.reference = cached
-        if self.reference is not None:
-            self._evaluation.use_statistics(read_statistics(self.reference), image_count(self.reference))
-            if self._evaluation.needs_reference:
-                self._add_reference_batch(trainer, pl_module)
 
     def _add_reference_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int = 50) -> None:
         """The reference batch's images, dealt to the ranks batch by batch, ordered by their index in the file."""
@@ -138,10 +149,10 @@ class SampleMetrics(L.Callback):
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
         if not self._active:
             return
-        if batch[B.IMAGE].ndim == 5:
-            raise ValueError("SampleMetrics scores images, and this run's batches are clips: FVD and per-frame FID are not "
-                             "wired to clips yet, so leave SampleMetrics out of a video run's callbacks "
-                             "(configs/callbacks/video.yaml)")
+        if not self._keyed:  # every rank has a first batch
+            shape = batch[B.IMAGE].shape  # (B, 3, [T,] H, W)
+            frames = shape[2] if len(shape) == 5 else None
+            self._use_cache(trainer, pl_module, self._reference_key(trainer, self._split, frames))
         cap = None if self.max_samples is None else -(-self.max_samples // trainer.world_size)
         size = B.batch_size(batch)
         take = size if cap is None else max(0, min(size, cap - self._seen))  # the batch's samples to generate from
@@ -153,7 +164,7 @@ class SampleMetrics(L.Callback):
         batch = B.head(batch, take)
         order = _order(batch, take)
         for draw in range(self.draws):
-            images = call_as_forward(trainer.strategy, pl_module, "evaluation_images", batch, draw)  # (B, 3, H, W) in [-1, 1]
+            images = call_as_forward(trainer.strategy, pl_module, "evaluation_images", batch, draw)  # (B, 3, [T,] H, W)
             self._evaluation.add_generated(images, batch[B.IMAGE], batch.get(B.CAPTION),
                                            None if order is None else order + (draw << 32))
         self._seen += take
@@ -184,8 +195,9 @@ class SampleMetrics(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
 
-    def _reference_key(self, trainer: L.Trainer, split: str) -> dict[str, Any] | None:
-        """What the split's real features depend on, or None (no caching) when the data cannot say."""
+    def _reference_key(self, trainer: L.Trainer, split: str, frames: int | None = None) -> dict[str, Any] | None:
+        """What the split's real features (of clips of ``frames`` frames) depend on, or None (no caching) when the data
+        cannot say."""
         data = trainer.datamodule
         if self._evaluation.compared and self.reference is not None:
             return {"data": identify([self.reference]), "extractor": self._extractor_id}
@@ -196,4 +208,4 @@ class SampleMetrics(L.Callback):
         if whole:  # the whole split: how it is dealt to ranks and batches does not matter
             description.pop("layout", None)
         return {"data": description, "split": split, "max_samples": None if whole else self.max_samples,
-                "extractor": self._extractor_id}
+                "extractor": self._extractor_id, **({"frames": frames} if frames is not None else {})}

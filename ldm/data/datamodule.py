@@ -142,6 +142,7 @@ class WebDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         return {"files": identify(expand_shards(pattern)), "resolution": hp.resolution, "crop": "center", "require": sorted(hp.require),
                 **({"buckets": [list(b) for b in self.buckets]} if self.buckets else {}),
+                "formats": [[type(f).__qualname__, vars(f)] for f in self.formats],  # e.g. VideoClips' frames, stride
                 "layout": [world, hp.num_workers, hp.eval_batch_size or hp.batch_size]}
 
     def _loader(self, split: str) -> EpochLoader:

@@ -16,6 +16,7 @@ and crops, resizes and flips every frame alike with the image decoder's geometry
 from __future__ import annotations
 
 import io
+import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 from webdataset.handlers import ignore_and_stop
 from webdataset.tariterators import tarfile_samples
 
@@ -236,3 +237,25 @@ class VideoClips(ShardFormat):
         if images.extra_keys:
             raise ValueError(f"data.init_args.extra_keys {sorted(images.extra_keys)}: video shards carry no extra maps")
         return VideoDecoder(images, self.frames, self.stride, self.fps)
+
+
+def clip_frames(path: str | os.PathLike[str], frames: int) -> list[Image.Image]:
+    """The ``frames`` RGB frames of a clip saved as an image: a GIF of that many frames, or a strip of that many
+    equal frames side by side (``ldm predict``'s PNGs, ldm.callbacks.images.frame_strips); anything else is a
+    ValueError naming the file.
+
+    A GIF writer (PIL's) stores a run of identical frames as one frame lasting the run, so each GIF frame counts
+    for its share of the clip's duration (a still clip may be one frame).
+    """
+    with Image.open(path) as image:
+        if image.format == "GIF":
+            held = [(frame.convert("RGB"), frame.info.get("duration", 0)) for frame in ImageSequence.Iterator(image)]
+            total = sum(duration for _, duration in held)
+            repeats = [round(duration * frames / total) for _, duration in held] if total else [1] * len(held)
+            if sum(repeats) != frames:
+                raise ValueError(f"{path}: a GIF of {len(held)} frames over {total} ms, not --frames {frames}")
+            return [frame for (frame, _), k in zip(held, repeats) for _ in range(k)]
+        if image.width % frames:
+            raise ValueError(f"{path}: {image.width} px wide, not a strip of --frames {frames} equal frames in a row")
+        width, rgb = image.width // frames, image.convert("RGB")
+        return [rgb.crop((i * width, 0, (i + 1) * width, image.height)) for i in range(frames)]

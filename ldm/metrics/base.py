@@ -45,7 +45,8 @@ class SampleMetric(StaysInEval, metaclass=ABCMeta):
 class DistributionMetric(SampleMetric):
     """A distance between the generated and the reference set's features of kind ``feature``."""
 
-    feature: ClassVar[str] = "pool3"  # the feature kind it reads (ldm.metrics.features.INCEPTION_LAYERS)
+    feature: ClassVar[str] = "pool3"  # the feature kind it reads (ldm.metrics.features.INCEPTION_LAYERS, or "i3d")
+    reads_clips: ClassVar[bool] = False  # reads (B, 3, T, H, W) clips whole (FVD); else images, of a clip every frame
     keep: ClassVar[bool] = False  # needs the features themselves, not only their count, mean and covariance
     compares: ClassVar[bool] = True  # reads the reference set; False: a function of the generated set alone (IS)
 

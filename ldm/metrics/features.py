@@ -2,7 +2,9 @@
 
 An extractor is any ``nn.Module`` mapping (B, 3, H, W) images in [-1, 1] to a dict of (B, D) features by
 kind, one entry per kind the metrics read (``DistributionMetric.feature``); one forward serves them all.
-``InceptionFeatures`` is the standard one, others (a tiny random net in tests) plug in the same way.
+``InceptionFeatures`` is the standard one, others (a tiny random net in tests) plug in the same way. One that
+reads (B, 3, T, H, W) clips whole (I3D, for FVD) says so with ``reads_clips = True``; ``FeatureExtractors`` runs
+image and clip extractors as one, giving the image extractors every frame of a clip (per-frame FID).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import (
     URL_INCEPTION_V3,
@@ -34,6 +37,36 @@ class FeaturesUnavailable(WeightsUnavailable):
     def __init__(self, message: str, kinds: Sequence[str]) -> None:
         super().__init__(message)
         self.kinds = tuple(kinds)
+
+
+def reads_clips(part: nn.Module) -> bool:
+    """Whether a feature extractor or a distribution metric reads (B, 3, T, H, W) clips whole (I3D, FVD: its class
+    sets ``reads_clips = True``) rather than images, of which a clip gives its frames."""
+    return bool(getattr(part, "reads_clips", False))
+
+
+def frames_of(clips: Tensor) -> Tensor:
+    """The (B * T, 3, H, W) frames of (B, 3, T, H, W) clips, frame t of clip b in row b * T + t."""
+    return rearrange(clips, "b c t h w -> (b t) c h w")
+
+
+class FeatureExtractors(nn.Module):
+    """Several extractors as one (Inception for FID and I3D for FVD), each run once per forward. Of (B, 3, H, W)
+    images, every part's features; of (B, 3, T, H, W) clips, the clip extractors' ((B, D) a kind) and the image
+    extractors' of every frame ((B * T, D) a kind, in ``frames_of``'s order)."""
+
+    reads_clips = True  # takes clips whole, and gives its image extractors their frames
+
+    def __init__(self, *parts: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        frames = frames_of(x) if x.ndim == 5 else x  # (B [* T], 3, H, W)
+        features: dict[str, Tensor] = {}
+        for part in self.parts:
+            features |= part(x if reads_clips(part) else frames)
+        return features
 
 
 def spatial_features(mixed_6_conv: Tensor) -> Tensor:

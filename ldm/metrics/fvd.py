@@ -65,6 +65,7 @@ class I3DFeatures(StaysInEval):
     """
 
     frozen_part = "net"  # stays in eval mode (StaysInEval)
+    reads_clips = True  # given clips whole, not their frames (ldm.metrics.features.FeatureExtractors)
 
     def __init__(self, weights: str | None = None) -> None:  # None: torch hub's cache, else the download
         super().__init__()
@@ -84,9 +85,10 @@ class I3DFeatures(StaysInEval):
 
 class FVD(FID):
     """Fréchet Video Distance of the generated clips to the reference, from the mean and covariance of their
-    ``I3DFeatures`` (the extractor for the feature kind "i3d")."""
+    ``I3DFeatures`` (the extractor for the feature kind "i3d"), one row per clip; a set of images is refused."""
 
     names = ("fvd",)
     label = "FVD"
     feature = "i3d"
+    reads_clips = True  # features of whole clips (ldm.metrics.features.reads_clips)
 
