@@ -27,6 +27,7 @@ from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.backbones.unet import UNet
 from ldm.callbacks.images import ImageGrid
+from ldm.callbacks.predictions import PredictionWriter
 from ldm.cli import LdmCLI, build_cli, compose
 from ldm.conditioning.conditioner import Conditioner
 from ldm.conditioning.label import ClassEmbedder
@@ -96,12 +97,30 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
-def test_experiment_fast_dev_run(experiment: Path, shards: Path, clips: Path, tmp_path: Path) -> None:
+def test_experiment_trains_a_step_and_answers_jsonl_requests_with_maps(experiment: Path, shards: Path, clips: Path,
+                                                                       tmp_path: Path) -> None:
+    """fast_dev_run: a training and a validation step with finite losses; then the fitted model answers requests
+    carrying caption, label and seg map, so every experiment finds the keys it reads."""
+    (tmp_path / "maps").mkdir()
+    lines = []
+    for i in (5, 9):
+        sample = render_sample(i, size=RESOLUTION)
+        sample.seg.save(tmp_path / "maps" / f"{i}.png")
+        lines.append(json.dumps({"caption": sample.caption, "label": sample.label, "seg": f"maps/{i}.png"}))
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
     data = clips if reads_clips(experiment) else shards
-    cli = build_cli(["fit", *cli_args(experiment, data, tmp_path), "--trainer.fast_dev_run", "1"])
+    cli = build_cli(["fit", *cli_args(experiment, data, tmp_path), "--trainer.fast_dev_run", "1",
+                     "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 1
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+
+    folder = tmp_path / "predictions"
+    next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter)).output_dir = str(folder)  # no log dir
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png"]
+    records = [json.loads(line) for line in (folder / "prompts.rank0.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["label"]) for r in records) == [(0, render_sample(5).label), (1, render_sample(9).label)]
 
 
 def test_a_video_model_generates_clips_as_strips_of_their_frames(clips: Path, tmp_path: Path) -> None:
@@ -158,24 +177,6 @@ def test_predict_writes_one_png_per_prompt_reproducibly(trained: tuple, tmp_path
     for a, b in zip(*images):  # same seed, same images
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(images[0][0], images[0][1])  # each request has noise of its own
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
-def test_predict_from_jsonl_requests_with_maps(experiment: Path, shards: Path, tmp_path: Path) -> None:
-    """Requests carry caption, label and seg map, so every experiment finds the keys it reads."""
-    (tmp_path / "maps").mkdir()
-    lines = []
-    for i in (5, 9):
-        sample = render_sample(i, size=RESOLUTION)
-        sample.seg.save(tmp_path / "maps" / f"{i}.png")
-        lines.append(json.dumps({"caption": sample.caption, "label": sample.label, "seg": f"maps/{i}.png"}))
-    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
-    cli = build_cli(["predict", *cli_args(experiment, shards, tmp_path),
-                "--data.init_args.predict", str(tmp_path / "requests.jsonl")])
-    folder = Path(cli.trainer.log_dir) / "predictions"
-    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png"]
-    records = [json.loads(line) for line in (folder / "prompts.rank0.jsonl").read_text().splitlines()]
-    assert sorted((r["index"], r["label"]) for r in records) == [(0, render_sample(5).label), (1, render_sample(9).label)]
 
 
 @pytest.mark.parametrize("experiment", [TXT2IMG, TXT2IMG.with_name("txt2img_dit.yaml")], ids=lambda p: p.stem)
