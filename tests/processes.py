@@ -41,24 +41,33 @@ def run_ldm(args: list[str], cwd: Path, timeout: float, env: dict[str, str] | No
             killed: bool = False, status: int = 0) -> str:
     """`python -m ldm.cli <args>` as run_isolated runs a command (a process and session of its own, its exit
     status and output), without the interpreter's start-up; a DDP run's other ranks start as Lightning starts them."""
+    return run_main("ldm.cli", ["ldm", *args], cwd, timeout, env, killed, status)
+
+
+def run_main(module: str, argv: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None,
+             killed: bool = False, status: int = 0) -> str:
+    """`python -m <module>` with ``sys.argv`` ``argv`` (its ``main()``), as run_ldm runs ldm: forked from the server
+    that imported ldm.cli."""
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        proc = _LDM_SERVER.Process(target=_ldm_process, args=(args, str(cwd), {**os.environ, **(env or {})}, log.name))
+        proc = _LDM_SERVER.Process(target=_main_process, args=(module, argv, str(cwd), {**os.environ, **(env or {})},
+                                                               log.name))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.join()
-            pytest.fail(f"ldm {' '.join(args[:3])} ... did not finish in {timeout} s (hung?)\n{log.read()[-3000:]}")
+            pytest.fail(f"{' '.join(argv[:4])} ... did not finish in {timeout} s (hung?)\n{log.read()[-3000:]}")
         text = log.read()
     assert proc.exitcode == (-signal.SIGKILL if killed else status), text[-3000:]
     return text
 
 
-def _ldm_process(args: list[str], cwd: str, env: dict[str, str], log: str) -> None:
-    """The forked process: what `python -m ldm.cli <args>` would be, output to ``log``."""
+def _main_process(module: str, argv: list[str], cwd: str, env: dict[str, str], log: str) -> None:
+    """The forked process: what `python -m <module> <argv[1:]>` would be, output to ``log``."""
     os.setsid()
     multiprocessing.set_start_method("fork", force=True)  # the interpreter's default (loader workers), not the server's
     os.chdir(cwd)
+    sys.path.insert(0, cwd)  # as `python -m` puts the working directory first
     os.environ.clear()
     os.environ.update(env)
     if "OMP_NUM_THREADS" in env:  # read at import in a fresh interpreter: the server imported torch without it
@@ -70,9 +79,9 @@ def _ldm_process(args: list[str], cwd: str, env: dict[str, str], log: str) -> No
     os.dup2(output, 2)
     import __main__
 
-    __main__.__spec__ = importlib.util.find_spec("ldm.cli")  # Lightning starts DDP ranks as `python -m <main> <argv>`
-    sys.argv = ["ldm", *args]
-    from ldm.cli import main
+    __main__.__spec__ = importlib.util.find_spec(module)  # Lightning starts DDP ranks as `python -m <main> <argv>`
+    sys.argv = argv
+    main = importlib.import_module(module).main
 
     try:
         main()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.processes import run_isolated
+from tests.processes import run_main
 from tests.shardutil import write_shards
 
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
@@ -25,8 +24,8 @@ def _run_probe(tmp_path: Path, buckets: bool) -> list[dict]:
     val = write_shards(tmp_path / "val", [BUCKETED_VAL_COUNT if buckets else VAL_COUNT], sizes)[0]
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, str(PROBE), "--train", train, "--val", val, "--out", str(out), *(["--buckets"] if buckets else [])]
-    run_isolated(command, PROBE.parent.parent, TIMEOUT_S)
+    args = [str(PROBE), "--train", train, "--val", val, "--out", str(out), *(["--buckets"] if buckets else [])]
+    run_main("tests.ddp_data_probe", args, PROBE.parent.parent, TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
