@@ -8,6 +8,7 @@ import torch
 from ldm.conditioning.conditioner import Conditioner
 from ldm.conditioning.label import ClassEmbedder
 from ldm.conditioning.open_clip import OpenCLIP
+from ldm.conditioning.scalars import ScalarEmbedder
 from ldm.conditioning.size import SizeEmbedder
 from ldm.conditioning.spatial import SpatialEmbedder
 from ldm.conditioning.text import OpenCLIPTextEmbedder
@@ -94,6 +95,21 @@ def test_size_embedder_features_and_default_target():
     assert torch.equal(emb.null(batch, LATENT), torch.zeros(1, 36))
     with pytest.raises(KeyError, match="target_size"):
         SizeEmbedder()(batch, LATENT)
+
+
+def test_scalar_embedder_features_defaults_and_refusal():
+    """A clip's fps (and its source's frame count) as Fourier features; a request without them takes the defaults."""
+    emb = ScalarEmbedder(keys=("fps", "num_frames"), defaults={"fps": 8.0}, features_per_value=6)
+    batch = {"fps": torch.tensor([8.0, 4.0]), "num_frames": torch.tensor([16, 30])}
+    out = emb(batch, LATENT)
+    assert emb.dim == 12 and emb.kind == "vector" and out.shape == (2, 12)
+    expected = timestep_embedding(torch.tensor([8.0, 16, 4, 30]), 6).reshape(2, 12)
+    assert torch.allclose(out, expected) and not torch.allclose(out[0], out[1])
+    request = {"caption": ["a", "b"], "num_frames": torch.tensor([16, 30])}  # no fps: the default, 8
+    assert torch.equal(emb(request, LATENT)[0], out[0]) and torch.equal(emb(request, LATENT)[1, :6], out[0, :6])
+    assert torch.equal(emb.null(batch, LATENT), torch.zeros(2, 12))
+    with pytest.raises(KeyError, match=r"reads 'num_frames', which the batch lacks.*defaults"):
+        emb({"caption": ["a"]}, LATENT)
 
 
 def test_spatial_class_map_one_hot_nearest():

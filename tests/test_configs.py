@@ -87,7 +87,7 @@ def test_experiments_name_only_parts_that_exist() -> None:
 def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Path,
                                         tmp_path_factory: pytest.TempPathFactory) -> None:
     kind, name = part.parent.name, str(part)
-    if kind == "backbone" and part.name.startswith("video-"):  # a video backbone takes clips
+    if (kind == "backbone" and part.name.startswith("video-")) or "fps" in part.name:  # video backbones, clips' fps
         experiment, shards = TXT2VID, write_clip_shards(tmp_path_factory.mktemp("moving-shapes"))
     else:
         experiment = TXT2IMG
@@ -105,7 +105,7 @@ def test_part_composes_and_trains_a_step(part: Path, shards: Path, tmp_path: Pat
         overlay = tmp_path / "embedder.yaml"
         overlay.write_text(yaml.safe_dump({"model": {"init_args": {"conditioner": {
             "class_path": "ldm.conditioning.conditioner.Conditioner", "init_args": {"embedders": [name]}}}}}))
-        _run([*cli_args(TXT2IMG, shards, tmp_path, parts=(str(overlay),))])
+        _run([*cli_args(experiment, shards, tmp_path, parts=(str(overlay),))])
     elif kind == "data":
         _run(cli_args(TXT2IMG, shards, tmp_path, parts=(name,)))
     elif kind == "trainer":  # GPU settings: they compose here and run where CUDA is

@@ -6,15 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from ldm.conditioning.embedder import Embedder
+from ldm.conditioning.fourier import FourierEmbedder
 from ldm.data import batch as B
-from ldm.nn.layers import timestep_embedding
 
 
-class SizeEmbedder(Embedder):
+class SizeEmbedder(FourierEmbedder):
     """Fourier features of each (B, 2) pair the batch carries, concatenated in ``keys`` order.
 
     Defaults follow SDXL: ``original_size`` (H, W) of the source image, ``crop_coords`` (top, left)
@@ -33,28 +31,20 @@ class SizeEmbedder(Embedder):
         image_size: int | None = None,  # target_size when the batch has none
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__(tuple(keys), "vector", 2 * len(keys) * features_per_value, drop_rate)
-        self.features_per_value = features_per_value
-        target = None if image_size is None else torch.tensor([[image_size, image_size]], dtype=torch.float32)
-        self.register_buffer("default_target", target, persistent=False)  # (1, 2), follows the module's device
-        self.register_buffer("no_crop", torch.zeros(1, 2), persistent=False)  # (1, 2): crop_coords of a request
+        super().__init__(tuple(keys), 2 * len(keys), features_per_value, drop_rate)
+        self.image_size = image_size
 
-    def forward(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
+    def values(self, batch: Mapping[str, Any]) -> Tensor:
         pairs = torch.broadcast_tensors(*(self._pair(batch, key) for key in self.keys))  # each (B, 2)
-        values = torch.stack(pairs, 1)  # (B, K, 2)
-        features = timestep_embedding(values.flatten(), self.features_per_value)  # (B * K * 2, F)
-        return rearrange(features, "(b n) f -> b (n f)", b=values.shape[0])  # (B, 2 * K * F)
-
-    def null(self, batch: Mapping[str, Any], latent_size: tuple[int, int]) -> Tensor:
-        return torch.zeros_like(self(batch, latent_size))  # (B, D)
+        return torch.cat(pairs, 1)  # (B, 2K)
 
     def _pair(self, batch: Mapping[str, Any], key: str) -> Tensor:
         if key in batch:
-            return torch.as_tensor(batch[key], dtype=torch.float32, device=self.no_crop.device).reshape(-1, 2)  # (B, 2)
-        if key == B.ORIGINAL_SIZE and (B.TARGET_SIZE in batch or self.default_target is not None):
+            return self.number(batch[key]).reshape(-1, 2)  # (B, 2)
+        if key == B.ORIGINAL_SIZE and (B.TARGET_SIZE in batch or self.image_size is not None):
             return self._pair(batch, B.TARGET_SIZE)  # (B, 2) or (1, 2)
         if key == B.CROP_COORDS:
-            return self.no_crop  # (1, 2)
-        if key == B.TARGET_SIZE and self.default_target is not None:
-            return self.default_target  # (1, 2)
+            return self.number([[0, 0]])  # (1, 2): no crop
+        if key == B.TARGET_SIZE and self.image_size is not None:
+            return self.number([[self.image_size, self.image_size]])  # (1, 2)
         raise KeyError(f"SizeEmbedder reads {key!r}, which the batch lacks (keys: {sorted(batch)})")
