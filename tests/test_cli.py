@@ -18,7 +18,9 @@ from ldm.autoencoder.weights import save_vae_safetensors
 from ldm.cli import build_cli, instantiate, main, refusal
 from ldm.data.synthetic import write_shapes
 from ldm.training.nonfinite import NonFiniteGuard
+from tests.processes import run_ldm
 from tests.stage2 import cli_args, write_stage2_shards
+from tools import export
 
 ROOT = Path(__file__).resolve().parent.parent
 LDM = shutil.which("ldm") or "ldm"
@@ -32,7 +34,7 @@ def ldm(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subp
 
 def ldm_in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
     """What `ldm <args>` prints before it exits with status 0 (--help, --print_config), run in this process: the
-    console script itself is run by the other tests here."""
+    console script itself is run by test_fit_exits_0_and_saves_config_and_last_checkpoint_twice."""
     with pytest.raises(SystemExit) as ended:
         main(list(args))
     assert not ended.value.code, capsys.readouterr().err[-2000:]
@@ -40,8 +42,8 @@ def ldm_in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
 
 
 def test_help_lists_the_subcommands_and_fit_help_the_components(capsys: pytest.CaptureFixture) -> None:
-    top = ldm("--help")
-    assert top.returncode == 0 and all(c in top.stdout for c in ("fit", "validate", "test", "predict"))
+    top = ldm_in_process(capsys, "--help")
+    assert all(c in top for c in ("fit", "validate", "test", "predict"))
     fit = ldm_in_process(capsys, "fit", "--help")
     assert "--model" in fit and "--data" in fit and "--checkpoint.save_last" in fit
 
@@ -81,12 +83,12 @@ def test_fit_exits_0_and_saves_config_and_last_checkpoint_twice(tmp_path: Path) 
 
 
 # --- refusals: one line, no traceback; bugs keep theirs ------------------------------------------------
-def assert_refused(run: subprocess.CompletedProcess, program: str, *says: str) -> None:
-    """The command ended with status 1 in one line, ``<program>: error: ...`` saying each of ``says``, and no traceback."""
-    assert run.returncode == 1, run.stderr[-3000:]
-    last = run.stderr.strip().splitlines()[-1]
+def assert_refused(output: str, program: str, *says: str) -> None:
+    """The output of a command that ended with status 1 ends in one line, ``<program>: error: ...`` saying each of
+    ``says``, with no traceback."""
+    last = output.strip().splitlines()[-1]
     assert last.startswith(f"{program}: error: ") and all(s in last for s in says), last
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in output
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +109,25 @@ def stage2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 def test_ldm_test_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, tmp_path: Path) -> None:
     shards, ckpt, other = stage2
-    run = ldm("test", *cli_args(TXT2IMG, shards, tmp_path, codec_weights=str(other)), "--ckpt_path", str(ckpt))
-    assert_refused(run, "ldm", f"checkpoint {ckpt} was made with another autoencoder",
+    output = run_ldm(["test", *cli_args(TXT2IMG, shards, tmp_path, codec_weights=str(other)), "--ckpt_path", str(ckpt)],
+                     ROOT, 300, status=1)
+    assert_refused(output, "ldm", f"checkpoint {ckpt} was made with another autoencoder",
                    "set the codec's weights to the autoencoder it was made with")
 
 
-def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, tmp_path: Path) -> None:
+def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/export.py's main as `python tools/export.py` runs it: its refusal is a SystemExit whose message Python
+    prints as the last line, with status 1."""
     _, ckpt, other = stage2
     overlay = tmp_path / "codec.yaml"
     overlay.write_text(yaml.safe_dump({"model": {"init_args": {"codec": {"init_args": {"weights": str(other)}}}}}))
-    run = subprocess.run([sys.executable, "tools/export.py", "--config", str(TXT2IMG), "--config", str(overlay),
-                          "--ckpt", str(ckpt), "--out", str(tmp_path / "diffusers")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert_refused(run, "export.py", f"{ckpt} was made with another autoencoder")
+    monkeypatch.setattr(sys, "argv", ["export.py"])
+    with pytest.raises(SystemExit) as ended:
+        export.main(["--config", str(TXT2IMG), "--config", str(overlay), "--ckpt", str(ckpt),
+                     "--out", str(tmp_path / "diffusers")])
+    assert isinstance(ended.value.code, str)  # printed by Python, status 1
+    assert_refused(ended.value.code, "export.py", f"{ckpt} was made with another autoencoder")
     assert not (tmp_path / "diffusers").exists()
 
 
