@@ -137,17 +137,23 @@ def test_a_cache_of_another_codec_or_text_encoder_is_refused(setup: tuple[Path, 
     state = load_file(weights)
     state["latent_mean"] = state["latent_mean"] + 1  # the same autoencoder, other statistics
     save_file(state, other)
-    fit = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-           "--data.init_args.train", str(float_cache[0] / "shard-*.tar")]
+    cached = ["--data.init_args.train", str(float_cache[0] / "shard-*.tar")]
+
+    def train_step(*options: str) -> None:
+        """A training step of the run these options make, on the first batch from the cache."""
+        model, data = instantiate([*options, *cached])
+        data.setup("fit")
+        model.training_step(next(iter(data.train_dataloader())), 0)
+
     with pytest.raises(ValueError, match="were made with another autoencoder or latent statistics"):
-        build_cli(["fit", *args(shards, tmp_path / "stale", other), *fit])
+        train_step(*args(shards, tmp_path / "stale", other))
     text = yaml.safe_load((ROOT / "configs" / "embedder" / "text-tiny.yaml").read_text())
     text["init_args"]["clip"]["seed"] = 1  # another random tower
     other_text = tmp_path / "other-text.yaml"
     other_text.write_text(yaml.safe_dump({"model": {"init_args": {"conditioner": {"init_args": {
         "embedders": [text, str(ROOT / "configs" / "embedder" / "shapes-seg.yaml")]}}}}}))
     with pytest.raises(ValueError, match="were made with another text encoder"):
-        build_cli(["fit", *args(shards, tmp_path / "text", weights), *fit, "--config", str(other_text)])
+        train_step(*args(shards, tmp_path / "text", weights), "--config", str(other_text))
 
 
 def test_the_tool_resumes_and_splits_shards_over_processes(setup: tuple[Path, Path], tmp_path: Path,
