@@ -23,10 +23,13 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ldm.autoencoder.module import AutoencoderKL
+from ldm.callbacks import sample_metrics as sample_metrics_module
 from ldm.callbacks.monitor import TrainingMonitor
 from ldm.callbacks.sample_metrics import SampleMetrics
 from ldm.cli import LdmCLI, build_cli
@@ -250,6 +253,24 @@ def test_full_reference_scores_a_capped_sample_against_the_whole_split(shards: P
     third = run("test", cli_args(AUTOENCODER, shards, tmp_path / "c", [metrics_callback(tmp_path / "cache", max_samples=2,
                                                                                         draws=3, full_reference=True)]))
     assert sample_metrics(third).extractor.images_seen == 6 and report(tmp_path / "c")["metrics"]["test/samples"] == 6
+
+
+def test_under_fsdp_a_rank_past_its_cap_generates_while_another_still_does(shards: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP's units gather collectively, so every rank must generate on every batch some rank generates on: here the
+    other rank (the strategy's max over ranks, simulated) still wants a sample on each batch after this one's cap
+    of 2 is reached on the first; this rank generates one sample there, unscored."""
+    calls = []
+    generate = AutoencoderKL.evaluation_images
+    monkeypatch.setattr(AutoencoderKL, "evaluation_images", lambda self, batch, draw=0: calls.append(
+        B.batch_size(batch)) or generate(self, batch, draw))
+    monkeypatch.setattr(sample_metrics_module, "sharded", lambda strategy: True)
+    reduce = SingleDeviceStrategy.reduce
+    monkeypatch.setattr(SingleDeviceStrategy, "reduce", lambda self, t, *args, reduce_op=None, **kwargs: t.clamp(min=1)
+                        if reduce_op == "max" else reduce(self, t, *args, reduce_op=reduce_op, **kwargs))
+    cli = run("test", cli_args(AUTOENCODER, shards, tmp_path, [metrics_callback(tmp_path / "cache", max_samples=2)]))
+    assert calls == [2, 1, 1]  # batches of 2, 2, 1: the cap reached on the first
+    assert report(tmp_path)["metrics"]["test/samples"] == 2 and sample_metrics(cli).extractor.images_seen == 2 + 2
 
 
 def test_sampler_table_runs_the_evaluation_once_per_sampler(shards: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from ldm.metrics.reference_batch import (
     read_statistics,
 )
 from ldm.metrics.statistics import ReferenceCache
-from ldm.training.fsdp import call_as_forward
+from ldm.training.fsdp import call_as_forward, sharded
 from ldm.weights.io import state_sha256
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class SampleMetrics(L.Callback):
         real = size if self.full_reference else take  # real images the reference takes from it
         if self._evaluation.needs_reference and self.reference is None and real:
             self._evaluation.add_reference(batch[B.IMAGE][:real], _order(batch, real))
+        if sharded(trainer.strategy) and self._idle(trainer, pl_module, batch, take):
+            return
         if not take:
             return
         batch = B.head(batch, take)
@@ -168,6 +170,17 @@ class SampleMetrics(L.Callback):
             self._evaluation.add_generated(images, batch[B.IMAGE], batch.get(B.CAPTION),
                                            None if order is None else order + (draw << 32))
         self._seen += take
+
+    def _idle(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], take: int) -> bool:
+        """Under FSDP every rank must generate as often (each backbone unit gathers its parameters collectively),
+        yet ranks reach ``max_samples`` on different batches (batch sizes differ: buckets, a short last batch):
+        a rank done while another still generates samples one of its batch's conditions, unscored. True if so."""
+        wanted = trainer.strategy.reduce(torch.tensor(float(take), device=pl_module.device), reduce_op="max")
+        if take or not wanted:
+            return False
+        for draw in range(self.draws):
+            call_as_forward(trainer.strategy, pl_module, "evaluation_images", B.head(batch, 1), draw)
+        return True
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._batch(trainer, pl_module, batch)
