@@ -375,7 +375,8 @@ def test_a_video_run_logs_per_frame_fid_kid_and_fvd_and_caches_the_reference_by_
     clips = write_clip_shards(tmp_path / "clips")  # 2 validation clips of 8 frames
     metrics = [FID_ENTRY, metric("ldm.metrics.fid.KID", subset_size=4), metric("ldm.metrics.fvd.FVD")]
     callbacks = [metrics_callback(tmp_path / "cache", metrics=metrics, i3d_weights=str(tiny_i3d))]
-    model = {"codec": {"init_args": {"weights": None}}, "backbone": str(ROOT / "configs/backbone/video-dit-tiny.yaml"),
+    model = {"codec": {"init_args": {"weights": None}}, "init_weights": None,
+             "backbone": str(ROOT / "configs/backbone/video-dit-tiny.yaml"),
              "sampler": {"class_path": "ldm.diffusion.samplers.DPMSolverPP2M", "init_args": {"steps": 2}}}
 
     def validate(name: str, *extra: str) -> tuple[dict[str, float], int]:
