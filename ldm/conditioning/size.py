@@ -32,7 +32,10 @@ class SizeEmbedder(FourierEmbedder):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__(tuple(keys), 2 * len(keys), features_per_value, drop_rate)
-        self.image_size = image_size
+        target = None if image_size is None else torch.tensor([[image_size, image_size]], dtype=torch.float32)
+        # on the module's device from the start: a tensor made from Python numbers each step would be a host copy
+        self.register_buffer("default_target", target, persistent=False)  # (1, 2)
+        self.register_buffer("no_crop", torch.zeros(1, 2), persistent=False)  # (1, 2): crop_coords of a request
 
     def values(self, batch: Mapping[str, Any]) -> Tensor:
         pairs = torch.broadcast_tensors(*(self._pair(batch, key) for key in self.keys))  # each (B, 2)
@@ -41,10 +44,10 @@ class SizeEmbedder(FourierEmbedder):
     def _pair(self, batch: Mapping[str, Any], key: str) -> Tensor:
         if key in batch:
             return self.number(batch[key]).reshape(-1, 2)  # (B, 2)
-        if key == B.ORIGINAL_SIZE and (B.TARGET_SIZE in batch or self.image_size is not None):
+        if key == B.ORIGINAL_SIZE and (B.TARGET_SIZE in batch or self.default_target is not None):
             return self._pair(batch, B.TARGET_SIZE)  # (B, 2) or (1, 2)
         if key == B.CROP_COORDS:
-            return self.number([[0, 0]])  # (1, 2): no crop
-        if key == B.TARGET_SIZE and self.image_size is not None:
-            return self.number([[self.image_size, self.image_size]])  # (1, 2)
+            return self.no_crop  # (1, 2)
+        if key == B.TARGET_SIZE and self.default_target is not None:
+            return self.default_target  # (1, 2)
         raise KeyError(f"SizeEmbedder reads {key!r}, which the batch lacks (keys: {sorted(batch)})")
