@@ -6,6 +6,7 @@ import dis
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,8 +68,19 @@ class LdmCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._command_line = sys.argv[1:] if args is None else args
         super().parse_arguments(parser, args)
         self._check_checkpoint_module()
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's model hyper-parameters over the config files (Lightning's rule), then the command
+        line's own ``--model...`` options over those: ``ldm predict --ckpt_path c --model.init_args.cfg_scale 6``
+        samples at 6, where Lightning alone would silently keep the checkpoint's value."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        options = model_options(self._command_line) if isinstance(self._command_line, list) else []
+        if subcommand and options and self.config[subcommand].get("ckpt_path"):
+            self.config[subcommand] = self._parser(subcommand).parse_args(options, namespace=self.config[subcommand])
 
     def _check_checkpoint_module(self) -> None:
         """Refuse a --ckpt_path written by another LightningModule than the one the config builds (naming both)."""
@@ -123,6 +135,16 @@ class LdmCLI(LightningCLI):
         trainer.callbacks += [RandomStates(), EpochLength(), Preemption()]
         trainer.callbacks.insert(0, FiniteMetrics())  # first: its on_test_end runs before EvaluationReport's
         return trainer
+
+
+def model_options(args: list[str]) -> list[str]:
+    """The ``--model`` options of a command line, each with its value: ``--model.x=v``, ``--model.x v``."""
+    options: list[str] = []
+    for i, arg in enumerate(args):
+        name = arg.split("=", 1)[0]
+        if name == "--model" or name.startswith("--model."):
+            options += [arg] if "=" in arg or i + 1 == len(args) else [arg, args[i + 1]]
+    return options
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LdmCLI:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ldm.autoencoder.weights import save_vae_safetensors
-from ldm.cli import build_cli, instantiate, main, refusal
+from ldm.cli import LdmCLI, build_cli, instantiate, main, refusal
 from ldm.data.synthetic import write_shapes
 from ldm.training.nonfinite import NonFiniteGuard
 from tests.processes import run_ldm
@@ -129,6 +129,34 @@ def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, 
     assert isinstance(ended.value.code, str)  # printed by Python, status 1
     assert_refused(ended.value.code, "export.py", f"{ckpt} was made with another autoencoder")
     assert not (tmp_path / "diffusers").exists()
+
+
+class _ParseOnly(LdmCLI):
+    """Parses a command line (the checkpoint's hyper-parameters included) and stops."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_the_command_line_overrides_the_checkpoints_hyperparameters(stage2, tmp_path: Path) -> None:
+    """Lightning puts a checkpoint's hyper-parameters over the whole config, so `--model.init_args.cfg_scale 6`
+    beside --ckpt_path went unheard; in ldm the command line wins, and the checkpoint still wins over config files."""
+    shards, ckpt, _ = stage2
+    overlay = tmp_path / "cfg.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"cfg_scale": 9.0}}}))
+
+    def cfg_scale(*options: str) -> float:
+        cli = _ParseOnly(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         args=["predict", *cli_args(TXT2IMG, shards, tmp_path), *options, "--ckpt_path", str(ckpt)])
+        return cli.config.predict.model.init_args.cfg_scale
+
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["cfg_scale"]
+    assert cfg_scale("--config", str(overlay)) == trained != 9.0
+    assert cfg_scale("--model.init_args.cfg_scale", "6.5") == cfg_scale("--model.init_args.cfg_scale=6.5") == 6.5
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
