@@ -56,19 +56,15 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Linear(width, 6 * width)  # c -> shift, scale, gate for attention and MLP
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None, pos: Tensor | None = None) -> Tensor:
-        """``pos`` (T, D), if given, is added to the input of each sub-layer (self-attention, cross-attention,
-        MLP) but never to the residual stream: the video DiT's frame positions, which every sub-layer of a
-        temporal block sees (which frame is this, for "moving to the right"), while the image model, frame by
-        frame, stays as it is."""
-        def placed(h: Tensor) -> Tensor:
-            return h if pos is None else h + pos  # (B, T, D)
-
+        """``pos`` (T, D), if given, is added to the self-attention's input alone: the video DiT's frame
+        positions, which leave the residual stream (and so the image model, frame by frame) as it is."""
         mod = self.modulation(F.silu(c))[:, None]  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, 1, D)
-        x = x + gate_msa * self.attn(placed(modulate(self.norm1(x), shift_msa, scale_msa)))  # (B, T, D)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        x = x + gate_msa * self.attn(h if pos is None else h + pos)  # (B, T, D)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(placed(x), context)  # (B, T, D)
-        return x + gate_mlp * self.mlp(placed(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (B, T, D)
+            x = x + self.cross_attn(x, context)  # (B, T, D)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
 
 
 class FinalLayer(nn.Module):

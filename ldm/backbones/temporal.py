@@ -74,6 +74,6 @@ class TemporalTransformer(SpatialTransformer, TemporalLayer):
 
 
 class TemporalDiTBlock(DiTBlock, TemporalLayer):
-    """A DiT block over the frames at each position, the frame positions added to each sub-layer's input, its
+    """A DiT block over the frames at each position, the frame positions added to its attention's input, its
     cross-attention reading the text as SVD's temporal blocks do; adaLN-Zero and the zeroed cross-attention
     output make it the identity at initialisation (Latte, Ma et al. 2024, Sec. 3.2)."""
