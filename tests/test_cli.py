@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ldm.autoencoder.weights import save_vae_safetensors
-from ldm.cli import LdmCLI, build_cli, instantiate, main, refusal
+from ldm.cli import _ComposeOnly, build_cli, instantiate, main, refusal
 from ldm.data.synthetic import write_shapes
 from ldm.training.nonfinite import NonFiniteGuard
 from tests.processes import run_ldm
@@ -131,11 +131,8 @@ def test_export_refuses_a_checkpoint_of_another_autoencoder_in_one_line(stage2, 
     assert not (tmp_path / "diffusers").exists()
 
 
-class _ParseOnly(LdmCLI):
-    """Parses a command line (the checkpoint's hyper-parameters included) and stops."""
-
-    def instantiate_classes(self) -> None:
-        pass
+class _ParseOnly(_ComposeOnly):
+    """Parses a command line with its subcommand (the checkpoint's hyper-parameters included) and stops."""
 
     def _run_subcommand(self, subcommand: str) -> None:
         pass
