@@ -55,6 +55,11 @@ def _of_images(metrics: Sequence[SampleMetric]) -> list[SampleMetric]:
     return [m for m in metrics if not reads_clips(m)]
 
 
+def _of_clips(metrics: Sequence[SampleMetric]) -> list[SampleMetric]:
+    """The metrics reading clips whole (FVD)."""
+    return [m for m in metrics if reads_clips(m)]
+
+
 def inception_for(metrics: Sequence[SampleMetric], weights: str | None = None) -> InceptionFeatures | None:
     """The Inception-v3 extracting every image feature kind the metrics read (all but the clips' of FVD), or None
     when they read none."""
@@ -84,7 +89,7 @@ def load_metrics(
         except WeightsUnavailable as err:
             metrics = _leave_out(metrics, feature_kinds(_of_images(metrics)), err)
     parts = [extractor] if extractor is not None and feature_kinds(_of_images(metrics)) else []
-    clip_kinds = feature_kinds([m for m in metrics if reads_clips(m)])
+    clip_kinds = feature_kinds(_of_clips(metrics))
     if clip_kinds:
         try:
             parts.append(I3DFeatures(i3d_weights))
@@ -145,7 +150,7 @@ class Evaluation:
         if extractor is not None and not isinstance(extractor, FeatureExtractors):
             extractor = FeatureExtractors(extractor)  # an extractor of images gets a clip's frames, I3D whole clips
         self.extractor = extractor
-        self.clip_kinds = set(feature_kinds([m for m in self.distribution if reads_clips(m)]))  # one row per clip
+        self.clip_kinds = set(feature_kinds(_of_clips(self.distribution)))  # one row per clip
         self.generated = {kind: FeatureSet(keep) for kind, keep in self.kinds.items()}
         self.compared = feature_kinds(metrics, compared=True)  # the kinds read of the reference -> kept
         self.real = {kind: FeatureSet(keep) for kind, keep in self.compared.items()}
