@@ -126,6 +126,25 @@ def test_temporal_layers_mix_frames_in_order(inflated):
         assert not torch.allclose(trained(**reversed_).flip(2), out, atol=1e-4)
 
 
+@pytest.mark.parametrize("inflated", ["dit"], indirect=True)  # the UNet's temporal convolutions pad with zeros
+def test_video_dit_frame_positions_reach_the_residual_stream(inflated):
+    """Opening only the frame gates (every other temporal tensor at its zero start) makes a clip of one frame
+    repeated come out different at each frame: the spatial layers see which frame they draw."""
+    kind, image, video, _ = inflated
+    batch = clip_inputs(1, 4)
+    batch["x"] = batch["x"][:, :, :1].expand(-1, -1, 4, -1, -1)
+    gated = build(kind, video=True).eval()
+    gated.load_state_dict(video.state_dict())
+    with torch.no_grad():
+        assert torch.equal(video(**batch)[:, :, 0], video(**batch)[:, :, 3])
+        gates = [p for k, p in gated.named_parameters() if k.endswith(".frame_gate")]
+        assert len(gates) == len(gated.blocks)
+        for gate in gates:
+            gate.fill_(1.0)
+        out = gated(**batch)
+        assert not torch.allclose(out[:, :, 0], out[:, :, 3], atol=1e-4)
+
+
 def test_temporal_attention_reads_the_text(inflated):
     """What moves where is in the caption (SVD's temporal blocks): each temporal attention changes with the
     context alone, with the frames it mixes held fixed."""

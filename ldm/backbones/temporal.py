@@ -76,4 +76,18 @@ class TemporalTransformer(SpatialTransformer, TemporalLayer):
 class TemporalDiTBlock(DiTBlock, TemporalLayer):
     """A DiT block over the frames at each position, the frame positions added to its attention's input, its
     cross-attention reading the text as SVD's temporal blocks do; adaLN-Zero and the zeroed cross-attention
-    output make it the identity at initialisation (Latte, Ma et al. 2024, Sec. 3.2)."""
+    output make it the identity at initialisation (Latte, Ma et al. 2024, Sec. 3.2).
+
+    The frame positions also enter the residual stream before it, through a per-channel gate that starts at zero
+    (Latte adds them to the tokens before its first temporal block): every later layer, spatial ones included,
+    can tell which frame it draws, which the sign of a motion needs, and an inflated model is still the image
+    model frame by frame.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, context_dim: int | None) -> None:
+        super().__init__(width, num_heads, mlp_ratio, context_dim)
+        self.frame_gate = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, pos: Tensor | None = None) -> Tensor:
+        """x: (B*L, T, D) the frames at each position; pos: (T, D) their sin-cos positions."""
+        return super().forward(x if pos is None else x + self.frame_gate * pos, c, context, pos)

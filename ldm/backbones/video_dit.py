@@ -39,7 +39,8 @@ class VideoDiT(DiT):
     Its state dict is the image DiT's plus ``blocks.<i>.temporal.*``: built from an image DiT's weights
     (``LatentDiffusion.init_weights``), the temporal blocks start as identities and it is that DiT frame
     by frame. Tokens carry the image DiT's 2D grid positions; each temporal block adds 1D sin-cos frame
-    positions to its attention's input, so a model trained on some number of frames runs on others.
+    positions to its attention's input and, gated, to the tokens, so a model trained on some number of frames
+    runs on others.
     """
 
     block_types = (SpatioTemporalBlock,)
