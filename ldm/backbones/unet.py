@@ -6,12 +6,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.backbones.base import Backbone
-from ldm.backbones.dit import sincos_pos_embed
 from ldm.backbones.unet_blocks import (
     DownBlock,
     Downsample,
@@ -57,13 +55,8 @@ class UNet(Backbone):
         dropout: float = 0.0,  # dropout inside the ResBlocks
         norm_groups: int = 32,  # GroupNorm groups
         gradient_checkpointing: bool = False,  # recompute each level's activations in the backward pass
-        position_grid: int | None = None,  # add 2-D sin-cos positions to conv_in's features, each axis spanning
-        # this many cells whatever its length (the DiT's pos_embed_base_size); None: none, as in Stable Diffusion
     ) -> None:
         super().__init__()
-        if position_grid is not None and model_channels % 4:
-            raise ValueError(f"position_grid needs model_channels divisible by 4, got {model_channels}")
-        self.position_grid = position_grid
         self.context_dim = context_dim
         self.vector_dim = vector_dim
         self.gradient_checkpointing = gradient_checkpointing
@@ -127,21 +120,8 @@ class UNet(Backbone):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, vector: Tensor | None = None) -> Tensor:
         self._check(x, context, vector)
-        h = self._levels(self._input(x), self._embedding(t, vector), context)  # (B, C_0, H, W)
+        h = self._levels(self.conv_in(x), self._embedding(t, vector), context)  # (B, C_0, H, W)
         return self._output(h)  # (B, C_out, H, W)
-
-    def _input(self, x: Tensor) -> Tensor:
-        """conv_in's features of the latent (B, C_in, H, W), with their positions when the UNet has a position_grid.
-
-        A convolutional UNet knows where it draws only from its zero padding; on canvases of changing shape that
-        did not teach it where "top left" is (README, any aspect ratio): positions spanning the canvas do, as the
-        DiT's do and as CoordConv (Liu et al. 2018) gives a CNN.
-        """
-        h = self.conv_in(x)  # (B, C_0, H, W)
-        if self.position_grid is None:
-            return h
-        pos = sincos_pos_embed(h.shape[1], *h.shape[-2:], self.position_grid, h.device)  # (H*W, C_0)
-        return h + rearrange(pos, "(h w) c -> c h w", h=h.shape[-2]).to(h.dtype)  # (B, C_0, H, W)
 
     def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
         """Raise a ValueError unless the conditioning fits the model and the latent's sides its size_multiple."""

@@ -78,5 +78,5 @@ class VideoUNet(UNet):
         if x.ndim != 5:
             raise ValueError(f"VideoUNet takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
         self._check(x, context, vector)
-        h = self._levels(per_frame(self._input, x), self._embedding(t, vector), context)  # (B, C_0, T, H, W)
+        h = self._levels(per_frame(self.conv_in, x), self._embedding(t, vector), context)  # (B, C_0, T, H, W)
         return per_frame(self._output, h)  # (B, C_out, T, H, W)

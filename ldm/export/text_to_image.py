@@ -49,8 +49,6 @@ class TextToImage:
               [f"the conditioner has {[type(e).__name__ for e in embedders]}, not one OpenCLIPTextEmbedder of tokens"]),
             *([] if isinstance(model.objective, DDPM) else [f"the objective is {type(model.objective).__name__}, not DDPM"]),
             *(["the UNet takes a vector (class or pooled) input"] if getattr(model.backbone, "vector_dim", None) else []),
-            *(["the UNet adds positions (position_grid), which SD's UNet has not"]
-              if getattr(model.backbone, "position_grid", None) else []),
         ]
         if problems:
             raise ValueError("Stable Diffusion's formats hold a text-to-image UNet model only: " + "; ".join(problems))
