@@ -80,8 +80,8 @@ class TemporalDiTBlock(DiTBlock, TemporalLayer):
 
     The frame positions also enter the residual stream before it, through a per-channel gate that starts at zero
     (Latte adds them to the tokens before its first temporal block): every later layer, spatial ones included,
-    can tell which frame it draws, which the sign of a motion needs, and an inflated model is still the image
-    model frame by frame.
+    can tell which frame it draws, and an inflated model is still the image model frame by frame. On the CPU
+    shapes runs this did not yet teach the motion's sign (README: Video).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, context_dim: int | None) -> None:
