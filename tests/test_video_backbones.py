@@ -16,7 +16,7 @@ from ldm.backbones.base import Backbone
 from ldm.backbones.dit import DiT
 from ldm.backbones.temporal import TemporalDiTBlock, TemporalLayer, TemporalTransformer, temporal_names
 from ldm.backbones.unet import UNet
-from ldm.backbones.video_dit import VideoDiT
+from ldm.backbones.video_dit import JointVideoDiT, VideoDiT
 from ldm.backbones.video_unet import VideoUNet
 from ldm.conditioning.conditioner import Conditioner
 from ldm.convert.sd_unet import unet_to_sd
@@ -261,6 +261,46 @@ def test_channels_last_video_unet_gives_the_same_output(inflated):
     batch = clip_inputs(1, 3)
     with torch.no_grad():
         torch.testing.assert_close(fast(**batch), video(**batch), atol=1e-5, rtol=1e-4)
+
+
+def joint(context: bool = True, vector: bool = True) -> JointVideoDiT:
+    return JointVideoDiT(4, 4, CONTEXT_DIM if context else None, VECTOR_DIM if vector else None, **KINDS["dit"][2])
+
+
+def test_joint_video_dit_any_clip_size_and_refusals():
+    model = randomize(joint()).eval()
+    with torch.no_grad():
+        for frames, height, width in [(1, 8, 8), (5, 8, 12), (11, 12, 4)]:
+            assert model(**clip_inputs(1, frames, height, width)).shape == (1, 4, frames, height, width)
+    batch = clip_inputs(1, 3)
+    with pytest.raises(ValueError, match=r"takes latent clips \(B, C, T, H, W\), got shape \(1, 4, 8, 8\)"):
+        model(batch["x"][:, :, 0], batch["t"], batch["context"], batch["vector"])
+    assert joint(context=False, vector=False)(batch["x"], batch["t"]).shape == (1, 4, 3, 8, 8)
+
+
+def test_joint_video_dit_attends_across_frames_and_positions_in_one_block(tmp_path):
+    """One block: a change at frame 0, column 0 reaches frame 5, the far column (factorised attention needs its
+    spatial and its temporal layer for that); a reversed clip does not give the reversed output (rotary frame
+    positions); an image DiT's export loads into it strictly, as it has the same tensors."""
+    torch.manual_seed(0)
+    model = JointVideoDiT(4, 4, CONTEXT_DIM, VECTOR_DIM, **{**KINDS["dit"][2], "depth": 1}).eval()
+    with torch.no_grad():  # its own initialisation, the zeroed layers opened: attention that is not one-hot
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0, 0.1)
+    batch = clip_inputs(1, 6, 8, 8)
+    changed = {**batch, "x": batch["x"].clone()}
+    changed["x"][:, :, 0, :2, :2] += 1.0  # the first token of the first frame
+    with torch.no_grad():
+        out = model(**batch)
+        assert not torch.allclose(model(**changed)[:, :, 5, :2, -2:], out[:, :, 5, :2, -2:], atol=1e-4)
+        assert not torch.allclose(model(**{**batch, "x": batch["x"].flip(2)}).flip(2), out, atol=1e-4)
+    image = randomize(build("dit", video=False))
+    path = tmp_path / "image.safetensors"
+    save_file({k: v.contiguous() for k, v in image.state_dict().items()}, path)
+    video = joint()
+    load_init_weights(video, Conditioner([]), path)
+    assert all(torch.equal(v, image.state_dict()[k]) for k, v in video.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["video-dit-cpu.yaml", "video-unet-cpu.yaml", "video-dit-tiny.yaml",

@@ -55,13 +55,15 @@ class DiTBlock(nn.Module):
         self.mlp = FeedForward(width, mlp_ratio, activation="gelu")
         self.modulation = nn.Linear(width, 6 * width)  # c -> shift, scale, gate for attention and MLP
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, pos: Tensor | None = None,
+                rotary: Tensor | None = None) -> Tensor:
         """``pos`` (T, D), if given, is added to the self-attention's input alone: the video DiT's frame
-        positions, which leave the residual stream (and so the image model, frame by frame) as it is."""
+        positions, which leave the residual stream (and so the image model, frame by frame) as it is.
+        ``rotary`` (T, head_dim / 2): RoPE angles of the tokens for the self-attention (the joint video DiT)."""
         mod = self.modulation(F.silu(c))[:, None]  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, 1, D)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
-        x = x + gate_msa * self.attn(h if pos is None else h + pos)  # (B, T, D)
+        x = x + gate_msa * self.attn(h if pos is None else h + pos, rotary=rotary)  # (B, T, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context)  # (B, T, D)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ldm.backbones.dit import DiT, DiTBlock
 from ldm.backbones.temporal import TemporalDiTBlock, frame_pos_embed
+from ldm.nn.rotary import rotary_angles
 
 
 def _repeat(n: int, *per_clip: Tensor | None) -> list[Tensor | None]:
@@ -60,8 +61,37 @@ class VideoDiT(DiT):
         tokens = self._tokens(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, L, D)
         tokens = rearrange(tokens, "(b t) l d -> b t l d", b=b)  # (B, T, L, D)
         c = self._conditioning(t, vector)  # (B, D)
-        for block in self.blocks:
-            tokens = self._run(block, tokens, c, context)  # (B, T, L, D)
+        tokens = self._mix(tokens, c, context, (height // p, width // p))  # (B, T, L, D)
         out = self.final(tokens.flatten(1, 2), c)  # (B, T*L, p*p*C_out)
         return rearrange(out, "b (t h w) (p q c) -> b c t (h p) (w q)",
                          t=frames, h=height // p, w=width // p, p=p, q=p)  # (B, C_out, T, H, W)
+
+    def _mix(self, tokens: Tensor, c: Tensor, context: Tensor | None, grid: tuple[int, int]) -> Tensor:
+        """The blocks over the clip's tokens (B, T, L, D) on a (h, w) token grid -> (B, T, L, D)."""
+        for block in self.blocks:
+            tokens = self._run(block, tokens, c, context)  # (B, T, L, D)
+        return tokens
+
+
+class JointVideoDiT(VideoDiT):
+    """A video DiT whose blocks attend over all of a clip's tokens at once (joint space-time attention, as
+    CogVideoX and Wan), with 3-D rotary positions (frame, row, column) in every self-attention.
+
+    Factorised attention reaches "one frame later, a few tokens over" only in two hops, and its models came out
+    nearly symmetric under playing a clip backwards (README: Video). Here one attention compares any two tokens
+    by their offsets in time and space. Its state dict is the image DiT's (the same blocks, no temporal ones), so
+    an image DiT's weights load into it, but joint attention over the frames is not that image model frame by
+    frame: it starts from the image model rather than equal to it.
+    """
+
+    block_types = (DiTBlock,)
+    block_type = DiTBlock
+
+    def _mix(self, tokens: Tensor, c: Tensor, context: Tensor | None, grid: tuple[int, int]) -> Tensor:
+        b, frames = tokens.shape[:2]
+        head_dim = self.width // self.blocks[0].attn.heads
+        rotary = rotary_angles(head_dim, (frames, *grid), tokens.device)  # (T*L, head_dim/2)
+        joint = tokens.flatten(1, 2)  # (B, T*L, D)
+        for block in self.blocks:
+            joint = self._run(block, joint, c, context, None, rotary)  # (B, T*L, D)
+        return joint.unflatten(1, (frames, -1))  # (B, T, L, D)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ldm.nn.rotary import rotate
+
 
 def per_frame(fn: Callable[..., Tensor], x: Tensor, *per_clip: Tensor | None) -> Tensor:
     """``fn`` on every frame of ``x`` (B, C, T, H, W) at once, the frames folded into the batch; each per-clip
@@ -71,9 +73,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, rotary: Tensor | None = None) -> Tensor:
+        """``rotary`` (L, head_dim / 2): self-attention's RoPE angles per token (ldm.nn.rotary), rotating q and k."""
         ctx = x if context is None else context
         q, k, v = (rearrange(p, "b l (h d) -> b h l d", h=self.heads) for p in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, head_dim)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 
