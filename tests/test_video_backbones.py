@@ -278,7 +278,8 @@ def test_joint_video_dit_any_clip_size_and_refusals():
     assert joint(context=False, vector=False)(batch["x"], batch["t"]).shape == (1, 4, 3, 8, 8)
 
 
-def test_joint_video_dit_attends_across_frames_and_positions_in_one_block(tmp_path):
+@pytest.mark.parametrize("inflated", ["dit"], indirect=True)  # its image DiT export
+def test_joint_video_dit_attends_across_frames_and_positions_in_one_block(inflated):
     """One block: a change at frame 0, column 0 reaches frame 5, the far column (factorised attention needs its
     spatial and its temporal layer for that); a reversed clip does not give the reversed output (rotary frame
     positions); an image DiT's export loads into it strictly, as it has the same tensors."""
@@ -295,12 +296,11 @@ def test_joint_video_dit_attends_across_frames_and_positions_in_one_block(tmp_pa
         out = model(**batch)
         assert not torch.allclose(model(**changed)[:, :, 5, :2, -2:], out[:, :, 5, :2, -2:], atol=1e-4)
         assert not torch.allclose(model(**{**batch, "x": batch["x"].flip(2)}).flip(2), out, atol=1e-4)
-    image = randomize(build("dit", video=False))
-    path = tmp_path / "image.safetensors"
-    save_file({k: v.contiguous() for k, v in image.state_dict().items()}, path)
+    _, image, _, path = inflated
     video = joint()
     load_init_weights(video, Conditioner([]), path)
-    assert all(torch.equal(v, image.state_dict()[k]) for k, v in video.state_dict().items())
+    expected = image.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in video.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["video-dit-cpu.yaml", "video-unet-cpu.yaml", "video-dit-tiny.yaml",
