@@ -18,7 +18,7 @@ from ldm.data.datamodule import WebDataModule
 from ldm.data.formats import ShardFormat
 from ldm.data.images import ImageDecoder
 from ldm.data.latents import LatentCache
-from ldm.data.shards import count_samples, expand_shards, plan_epoch
+from ldm.data.shards import count_samples, expand_shards, identify, plan_epoch
 from ldm.data.stream import SKIPPED, ShardStream
 from tests.shardutil import jpeg_bytes, write_shards
 
@@ -199,6 +199,17 @@ def test_missing_pattern_names_it(tmp_path: Path) -> None:
     dm = WebDataModule(train=pattern, num_workers=0)
     with pytest.raises(FileNotFoundError, match=r"nothing-\{0000\.\.0003\}"):
         dm.setup("fit")
+
+
+def test_shards_identify_by_the_file_they_resolve_to(tmp_path: Path) -> None:
+    write_shards(tmp_path / "a", [2])
+    write_shards(tmp_path / "b", [3])
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    direct, linked = (identify(expand_shards(str(tmp_path / d / "shard-*.tar"))) for d in ("a", "link"))
+    assert linked == direct  # a worktree's data/ symlink reaches the same cache
+    (tmp_path / "link").unlink()
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    assert identify(expand_shards(str(tmp_path / "link" / "shard-*.tar"))) != direct
 
 
 def test_count_samples_reads_headers(tmp_path: Path) -> None:

@@ -58,9 +58,10 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def identify(urls: list[str]) -> list[str | list]:
-    """Each local file as [absolute path, size, modification time in ns] (remote URLs as they are):
-    what caches keyed by content compare, so a rewritten file is never taken for the old one."""
-    return [url if is_remote(url) else [os.path.abspath(url), os.path.getsize(url), os.stat(url).st_mtime_ns]
+    """Each local file as [resolved path, size, modification time in ns] (remote URLs as they are): what caches
+    keyed by content compare. The path is resolved through symlinks, so the same shards reached through a linked
+    folder (a git worktree's `data/`) hit the same cache; a rewritten file, or a link moved to other data, does not."""
+    return [url if is_remote(url) else [os.path.realpath(url), os.path.getsize(url), os.stat(url).st_mtime_ns]
             for url in urls]
 
 
