@@ -27,6 +27,8 @@ from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
 from ldm.callbacks.finite_metrics import FiniteMetrics  # noqa: E402
+from ldm.diffusion.module import LatentDiffusion  # noqa: E402
+from ldm.export.text_to_image import load_for_export  # noqa: E402
 from ldm.training.preemption import Preemption  # noqa: E402
 from ldm.training.resume import AtomicCheckpointIO, Checkpoint, EpochLength, RandomStates  # noqa: E402
 
@@ -169,6 +171,16 @@ def instantiate(args: list[str]) -> tuple[LightningModule, LightningDataModule]:
     """The model and data module `ldm fit <args>` would build, without running anything (for tools)."""
     cli = build_cli(args, run=False)
     return cli.model, cli.datamodule
+
+
+def instantiate_trained(args: list[str], ckpt: str | os.PathLike[str]) -> tuple[LatentDiffusion, LightningDataModule]:
+    """The LatentDiffusion and data module `ldm fit <args>` would build, the model with a stage-2 checkpoint's or
+    export's (EMA) weights, in eval mode (for tools that read a trained model)."""
+    # no EMA: the checkpoint's EMA weights load into the backbone itself
+    model, data = instantiate([*args, "--model.init_args.init_weights", "null", "--model.init_args.ema_decay", "null"])
+    if not isinstance(model, LatentDiffusion):
+        raise TypeError(f"{args}: the model is a {type(model).__name__}, not a LatentDiffusion")
+    return load_for_export(model, ckpt), data
 
 
 class _ComposeOnly(LdmCLI):

@@ -7,6 +7,7 @@ and everything written under tmp_path; the unit-level tests build a tiny LatentD
 from __future__ import annotations
 
 import json
+import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from ldm.diffusion.samplers import (
 )
 from tests.processes import run_ldm
 from tests.stage2 import RESOLUTION, cli_args, reads_clips, write_clip_shards, write_stage2_shards
+from tools import caption_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
@@ -209,6 +211,14 @@ def test_buckets_whose_sides_the_model_cannot_take_are_refused_before_training(s
     with pytest.raises(ValueError, match=r"data.init_args.buckets: the buckets \[.*'24x44'.*\] \(width x height\) have "
                                          r"sides that are not multiples of 8.*set buckets.multiple to a multiple of 8"):
         build_cli(["fit", *cli_args(TXT2IMG, shards, tmp_path), "--data.init_args.buckets", "{max_ratio: 2.0, multiple: 4}"])
+
+
+def test_caption_probe_scores_a_trained_model_on_its_validation_captions(trained: tuple,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    _, args, ckpt = trained  # every shapes caption says small or large: each of the 4 validation samples is probed
+    caption_probe.main([*args, "--ckpt", str(ckpt), "--swap", "small=large", "large=small", "--seeds", "1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"4 samples: the true caption's loss is lower for \d+%; swapping raises the loss by [+-]\d+\.\d+% on average", line)
 
 
 def test_checkpoint_keeps_ema_leaves_frozen_parts_out_and_round_trips(trained: tuple) -> None:

@@ -26,21 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import instantiate, refusals
-from ldm.diffusion.module import LatentDiffusion
+from ldm.cli import instantiate_trained, refusals
 from ldm.export.diffusers import save_diffusers
 from ldm.export.sd import save_sd_checkpoint
-from ldm.export.text_to_image import load_for_export
-
-
-def load_model(configs: list[str], ckpt: Path) -> tuple[LatentDiffusion, int | None]:
-    """The experiment's LatentDiffusion with the checkpoint's (EMA) weights, in eval mode, and its data resolution."""
-    args = [arg for config in configs for arg in ("--config", config)]
-    # no EMA: the checkpoint's EMA weights load into the backbone itself
-    model, data = instantiate([*args, "--model.init_args.init_weights", "null", "--model.init_args.ema_decay", "null"])
-    if not isinstance(model, LatentDiffusion):
-        raise TypeError(f"{configs}: the model is a {type(model).__name__}, not a LatentDiffusion")
-    return load_for_export(model, ckpt), getattr(data, "resolution", None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--format {args.format} writes one .safetensors file: give --out a .safetensors path")
 
     with refusals(parser.prog), torch.no_grad():  # a checkpoint or model that cannot be exported: one line
-        model, resolution = load_model(args.config, args.ckpt)
+        model, data = instantiate_trained([arg for config in args.config for arg in ("--config", config)], args.ckpt)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "diffusers":
-            save_diffusers(model, args.out, args.image_size or resolution or 512)
+            save_diffusers(model, args.out, args.image_size or getattr(data, "resolution", None) or 512)
         elif args.format == "sd":
             save_sd_checkpoint(model, args.out)
         else:
