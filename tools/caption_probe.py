@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from ldm.cli import instantiate_trained, refusals
@@ -48,8 +49,10 @@ def swap_words(caption: str, table: Mapping[str, str]) -> str:
     return re.sub(pattern, lambda match: table[match.group(1)], caption)
 
 
-def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: Mapping[str, str], seeds: int = 3) -> Tensor:
-    """(swapped loss - true loss) / true loss for each sample whose caption the swap changes, (N,)."""
+def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: Mapping[str, str], seeds: int = 3,
+          device: str = "cpu") -> Tensor:
+    """(swapped loss - true loss) / true loss for each sample whose caption the swap changes, (N,); the model and
+    batches on ``device``."""
     increases = []
     for batch in batches:
         captions = list(batch[B.CAPTION])
@@ -57,17 +60,18 @@ def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: M
         changed = torch.tensor([s != c for s, c in zip(swapped, captions, strict=True)])
         if not changed.any():
             continue
-        true, other = (_mean_loss(model, {**batch, B.CAPTION: text}, seeds) for text in (captions, swapped))
-        increases.append(((other - true) / true)[changed])
+        true, other = (_mean_loss(model, {**batch, B.CAPTION: text}, seeds, device) for text in (captions, swapped))
+        increases.append(((other - true) / true).cpu()[changed])
     if not increases:
         raise ValueError(f"no caption holds any of the words {sorted(table)}")
     return torch.cat(increases)
 
 
-def _mean_loss(model: LatentDiffusion, batch: Mapping[str, Any], seeds: int) -> Tensor:
+def _mean_loss(model: LatentDiffusion, batch: Mapping[str, Any], seeds: int, device: str) -> Tensor:
     """Each sample's loss (B,) averaged over ``seeds`` draws of latents, noise and times, seeded 0, 1, ..."""
     with torch.no_grad():
-        return torch.stack([model.timed_loss(batch, torch.Generator().manual_seed(seed))[0] for seed in range(seeds)]).mean(0)
+        return torch.stack([model.timed_loss(batch, torch.Generator(device).manual_seed(seed))[0]
+                            for seed in range(seeds)]).mean(0)
 
 
 def summary(increases: Tensor) -> str:
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--swap", nargs="+", required=True, metavar="WORD=OTHER", help="words to swap, e.g. left=right right=left")
     parser.add_argument("--batches", type=int, default=9, help="validation batches to probe (fewer if the split ends first)")
     parser.add_argument("--seeds", type=int, default=3, help="draws of latents, noise and times each loss averages")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args, options = parser.parse_known_args(argv)  # the rest: ldm fit's options (--config ... and overrides)
     try:
         table = parse_swaps(args.swap)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     with refusals(parser.prog):
         model, data = instantiate_trained(options, args.ckpt)
         data.setup("validate")
-        print(summary(probe(model, islice(data.val_dataloader(), args.batches), table, args.seeds)))
+        batches = (move_data_to_device(batch, args.device) for batch in islice(data.val_dataloader(), args.batches))
+        print(summary(probe(model.to(args.device), batches, table, args.seeds, args.device)))
 
 
 if __name__ == "__main__":

@@ -80,9 +80,9 @@ class JointVideoDiT(VideoDiT):
     Factorised attention reaches "one frame later, a few tokens over" only in two hops, and its models came out
     nearly symmetric under playing a clip backwards (README: Video). Here one attention compares any two tokens
     by their offsets in time and space; on the CPU shapes runs the 8-block one is the only backbone that learnt the
-    motion's sign (96% of clips move the prompted way after 6,000 steps). Its state dict is the image DiT's (the same blocks, no temporal ones), so
-    an image DiT's weights load into it, but joint attention over the frames is not that image model frame by
-    frame: it starts from the image model rather than equal to it.
+    motion's sign (96% of clips move the prompted way after 6,000 steps). Its state dict is the image DiT's (the
+    same blocks, no temporal ones), so an image DiT's weights load into it, but joint attention over the frames is
+    not that image model frame by frame: it starts from the image model rather than equal to it.
     """
 
     block_types = (DiTBlock,)
