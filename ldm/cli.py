@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Idle OpenMP threads sleep instead of spinning: with DataLoader workers on a few CPU cores, spinning
 # intra-op threads starve the workers (a CPU run here went 1.6x slower). Set before torch loads OpenMP.
@@ -27,10 +27,11 @@ from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from ldm.callbacks.export import ExportWeights  # noqa: E402
 from ldm.callbacks.finite_metrics import FiniteMetrics  # noqa: E402
-from ldm.diffusion.module import LatentDiffusion  # noqa: E402
-from ldm.export.text_to_image import load_for_export  # noqa: E402
 from ldm.training.preemption import Preemption  # noqa: E402
 from ldm.training.resume import AtomicCheckpointIO, Checkpoint, EpochLength, RandomStates  # noqa: E402
+
+if TYPE_CHECKING:
+    from ldm.diffusion.module import LatentDiffusion
 
 CHECKPOINT_EVERY = 500  # optimizer steps between checkpoints, by default
 OWN_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tools")  # where refusals come from
@@ -176,6 +177,10 @@ def instantiate(args: list[str]) -> tuple[LightningModule, LightningDataModule]:
 def instantiate_trained(args: list[str], ckpt: str | os.PathLike[str]) -> tuple[LatentDiffusion, LightningDataModule]:
     """The LatentDiffusion and data module `ldm fit <args>` would build, the model with a stage-2 checkpoint's or
     export's (EMA) weights, in eval mode (for tools that read a trained model)."""
+    # imported here, not with the module: every `ldm` command would otherwise load stage 2 and open_clip at start-up
+    from ldm.diffusion.module import LatentDiffusion
+    from ldm.export.text_to_image import load_for_export
+
     # no EMA: the checkpoint's EMA weights load into the backbone itself
     model, data = instantiate([*args, "--model.init_args.init_weights", "null", "--model.init_args.ema_decay", "null"])
     if not isinstance(model, LatentDiffusion):
