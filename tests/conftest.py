@@ -7,18 +7,8 @@ import socket
 import pytest
 import torch
 
-from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
-
-OBJECTIVES = {
-    "ddpm-eps-scaled_linear": lambda: DDPM("eps"),
-    "ddpm-eps-linear": lambda: DDPM("eps", "linear", beta_start=1e-4, beta_end=0.02),
-    "ddpm-v-cosine": lambda: DDPM("v", "cosine"),
-    "ddpm-x0-scaled_linear": lambda: DDPM("x0"),
-    "ddpm-v-ztsnr": lambda: DDPM("v", zero_terminal_snr=True),
-    "ddpm-x0-cosine-ztsnr": lambda: DDPM("x0", "cosine", zero_terminal_snr=True),
-    "flow-uniform": lambda: FlowMatching("uniform"),
-    "flow-logit_normal-shift3": lambda: FlowMatching(shift=3.0),
-}
+from ldm.diffusion.objectives import Objective
+from tests.tiny_models import OBJECTIVES
 
 
 @pytest.fixture(params=list(OBJECTIVES), ids=list(OBJECTIVES))

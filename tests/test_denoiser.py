@@ -22,8 +22,7 @@ from ldm.convert.unet import unet_from_diffusers
 from ldm.diffusion.init_weights import load_init_weights
 from ldm.diffusion.module import LatentDiffusion
 from ldm.weights.io import WeightsError
-from tests.test_dit import diffusers_dit, inputs, randomize, tiny_dit
-from tests.test_unet import TINY, diffusers_twin
+from tests.backbones import TINY, diffusers_dit, diffusers_twin, inputs, randomize, tiny_dit
 
 
 def stage2(seed: int, classes: int = 3, ema: bool = True) -> LatentDiffusion:

@@ -16,30 +16,9 @@ from torch.utils.checkpoint import checkpoint
 import ldm.backbones.dit as dit_module
 from ldm.backbones.dit import DiT, sincos_pos_embed
 from ldm.convert.dit import dit_from_diffusers
+from tests.backbones import diffusers_dit, inputs, randomize, tiny_dit
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs" / "backbone").glob("dit-*.yaml"))
-
-
-def tiny_dit(context_dim: int | None = 12, vector_dim: int | None = 10, **kwargs) -> DiT:
-    return DiT(4, 4, context_dim, vector_dim, **{"width": 32, "depth": 2, "num_heads": 2, **kwargs})
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-zero weights everywhere, so that outputs depend on every parameter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
-
-
-def inputs(batch: int = 2, height: int = 8, width: int = 8, context: bool = True, vector: bool = True) -> dict:
-    return {
-        "x": torch.randn(batch, 4, height, width),
-        "t": torch.rand(batch) * 1000,
-        "context": torch.randn(batch, 5, 12) if context else None,
-        "vector": torch.randn(batch, 10) if vector else None,
-    }
 
 
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
@@ -125,18 +104,6 @@ def test_each_token_gets_its_own_row_and_column_on_a_non_square_grid():
         out = model(x, torch.ones(1))
     pos = mae_pos_embed(width, h, w, 4).reshape(h, w, p, p, c).transpose(4, 0, 2, 1, 3).reshape(c, h * p, w * p)
     torch.testing.assert_close(out[0] - x[0], torch.from_numpy(pos).float(), atol=1e-5, rtol=0)
-
-
-def diffusers_dit(tie_embedders: bool = True) -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6,  # DiT's own LayerNorm eps
-    )
-    if tie_embedders:  # one shared t/y embedding, as in converted facebookresearch checkpoints
-        for block in model.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-    return model.eval()
 
 
 class _Tokens(Exception):

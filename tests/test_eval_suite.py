@@ -33,15 +33,9 @@ from ldm.metrics.precision_recall import PrecisionRecall, precision_recall
 from ldm.metrics.reference_batch import read_statistics
 from ldm.metrics.statistics import FeatureSet
 from tests.assets import asset
-from tests.test_metrics import (
-    as_tensor,
-    cifar_folder,
-    ev,
-    exact_fid,
-    random_inception_file,
-    write_images,
-)
+from tests.metric_inputs import as_tensor, cifar_folder, exact_fid, random_inception_file, write_images
 from tests.tiny_modules import TinyFeatures
+from tools import evaluate as ev
 
 INCEPTION = "inception/weights-inception-2015-12-05-6726825d.pth"
 

@@ -63,7 +63,7 @@ from ldm.training.fsdp import (
 )
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.speed import clip_gradients
-from tests.test_unet import TINY
+from tests.backbones import TINY
 from tests.tiny_clip import register_tiny_clip
 
 TINY_DIT = {"patch_size": 2, "width": 64, "depth": 2, "num_heads": 2}

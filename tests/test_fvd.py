@@ -1,13 +1,9 @@
 """FVD: a tiny random TorchScript I3D stand-in, loaded through the real weights' path, against a direct NumPy/SciPy
 Fréchet distance; the weights policy (path, torch hub's cache, offline in one line) and refused files."""
 
-import warnings
-
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.metrics.base import metric_classes
@@ -15,30 +11,13 @@ from ldm.metrics.evaluation import Evaluation
 from ldm.metrics.fvd import (
     FVD,
     I3D_FILE,
-    I3D_MIN_FRAMES,
     I3D_OPTION,
     I3D_URL,
     I3DFeatures,
 )
 from ldm.weights.io import WeightsError, WeightsUnavailable
-
-
-class TinyI3D(nn.Module):
-    """I3D's call convention on a tiny random net: (B, 3, T, H, W) -> (B, 8) features (``return_features``) or class
-    probabilities. Its temporal kernel spans ``I3D_MIN_FRAMES`` frames, so shorter clips fail as they do in I3D."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, (I3D_MIN_FRAMES, 3, 3), stride=(1, 2, 2))
-        self.head = nn.Linear(8, 8)
-
-    def forward(self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> Tensor:
-        if rescale:
-            x = x.float() / 127.5 - 1
-        if resize:  # I3D: each frame to 224 x 224; here 12 x 12
-            x = F.interpolate(x, size=(x.shape[2], 12, 12), mode="trilinear", align_corners=False)
-        features = self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))  # (B, 8)
-        return features if return_features else features.softmax(-1)
+from tests.fvd_direct import clips, direct_features, frechet
+from tests.tiny_modules import TinyI3D, scripted
 
 
 class NoOptions(nn.Module):
@@ -48,43 +27,12 @@ class NoOptions(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def scripted(module: nn.Module, path) -> nn.Module:
-    """``module`` compiled to TorchScript and saved at ``path``, as i3d_torchscript.pt was."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; the real I3D is one
-        torch.jit.script(module).save(str(path))
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny net (seeded) and the TorchScript file it was saved to."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
     return scripted(TinyI3D().eval(), path), path
-
-
-def clips(n: int, seed: int, frames: int = 8, shift: float = 0.0) -> Tensor:
-    """(n, 3, T, 16, 20) clips in [-1, 1]: smooth random patterns, brighter by ``shift``."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, frames, 4, 5, generator=g), size=(frames, 16, 20), mode="trilinear")
-    return (2 * x - 1 + shift).clamp(-1, 1)
-
-
-def direct_features(net: nn.Module, x: Tensor) -> np.ndarray:
-    """The features by hand: 8-bit levels, first and last frames repeated to I3D_MIN_FRAMES, I3D's options."""
-    pixels = np.round((x.numpy() + 1) * 127.5).clip(0, 255) / 127.5 - 1  # (B, 3, T, H, W)
-    missing = max(I3D_MIN_FRAMES - pixels.shape[2], 0)
-    pixels = np.pad(pixels, [(0, 0), (0, 0), (missing // 2, missing - missing // 2), (0, 0), (0, 0)], mode="edge")
-    with torch.no_grad():
-        return net(torch.from_numpy(pixels).float(), rescale=False, resize=True, return_features=True).double().numpy()
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)) with np.cov's unbiased covariances."""
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(sa @ sb).real
-    return float(np.square(a.mean(0) - b.mean(0)).sum() + np.trace(sa + sb - 2 * root))
 
 
 def fvd(extractor: nn.Module, generated: Tensor, real: Tensor, batch: int = 5) -> float:

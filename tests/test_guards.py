@@ -13,13 +13,10 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from ldm.autoencoder.loss import AutoencoderLoss
-from ldm.autoencoder.module import AutoencoderKL
-from ldm.autoencoder.vae import VAE
 from ldm.cli import build_cli
 from ldm.training.nonfinite import NonFiniteGuard, NonFiniteTraining
 from tests.stage2 import ROOT, cli_args, write_stage2_shards
-from tests.test_latent_diffusion import assert_same_state, state, tiny_model
+from tests.tiny_models import assert_same_state, image_batches, state, tiny_autoencoder, tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"), pytest.mark.usefixtures("one_thread")]
 
@@ -27,16 +24,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def _trainer(tmp_path: Path, steps: int, **options) -> L.Trainer:
     return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=tmp_path,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **options)
-
-
-def _batches(n: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for i in range(n):
-        image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1
-        if i == nan_at:
-            image[0, 0, 0, 0] = float("nan")  # one bad pixel: a NaN latent, loss and gradient
-        batches.append({"image": image, "label": torch.tensor([i % 6, (i + 1) % 6])})
-    return batches
 
 
 class _Snapshot(L.Callback):
@@ -99,9 +86,9 @@ def test_a_non_finite_step_is_skipped_leaving_weights_optimizer_and_ema_untouche
     trainer = _trainer(tmp_path, 3, **options)
     trainer.callbacks.append(snapshot)
     if fault == "NaN pixel":
-        batches = _batches(3, nan_at=1)
+        batches = image_batches(3, nan_at=1)
     else:
-        batches = _batches(3)
+        batches = image_batches(3)
         trainer.callbacks.append(_InfGradient(1))
     trainer.fit(model, DataLoader(batches, batch_size=None))
     snapshot.assert_untouched()
@@ -133,16 +120,9 @@ def test_a_run_of_nan_steps_stops_naming_the_step_and_the_last_finite_loss(tmp_p
     # steps 2.. are NaN; the host reads the run every 3 steps (no sync in between), so it stops at step 5
     with pytest.raises(NonFiniteTraining, match=r"4 optimizer steps in a row, up to step 5, had a non-finite loss or "
                                                 r"gradient .* the last finite loss was [\d.e+-]+ at step 1\. Likely causes"):
-        trainer.fit(model, DataLoader(_batches(2) + [_batches(1, nan_at=0)[0]] * 5, batch_size=None))
+        trainer.fit(model, DataLoader(image_batches(2) + [image_batches(1, nan_at=0)[0]] * 5, batch_size=None))
     assert model.guard.skipped == 4
     assert all(torch.isfinite(p).all() for p in [*model.backbone.parameters(), *model.ema.parameters()])
-
-
-def _autoencoder(**options) -> AutoencoderKL:
-    """A tiny autoencoder whose discriminator trains from the first batch."""
-    torch.manual_seed(0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    return AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8), **options)
 
 
 def _poison_diffusion() -> L.LightningModule:
@@ -154,7 +134,7 @@ def _poison_diffusion() -> L.LightningModule:
 
 
 def _poison_autoencoder() -> L.LightningModule:
-    model = _autoencoder()
+    model = tiny_autoencoder()
     with torch.no_grad():
         model.vae.decoder.conv_out.weight.view(-1)[0] = float("nan")
     return model
@@ -174,10 +154,10 @@ def test_a_checkpoint_or_export_with_non_finite_weights_is_refused(poisoned, whe
 @pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused Adam, on the device"])
 def test_the_autoencoder_skips_a_nan_batch_leaving_both_optimizers_untouched(fused: bool, tmp_path: Path) -> None:
     adam = partial(torch.optim.Adam, fused=fused)
-    model, snapshot = _autoencoder(optimizer=adam, disc_optimizer=adam), _Snapshot(1)
+    model, snapshot = tiny_autoencoder(optimizer=adam, disc_optimizer=adam), _Snapshot(1)
     trainer = _trainer(tmp_path, 6)
     trainer.callbacks.append(snapshot)
-    trainer.fit(model, DataLoader(_batches(3, nan_at=1), batch_size=None))
+    trainer.fit(model, DataLoader(image_batches(3, nan_at=1), batch_size=None))
     snapshot.assert_untouched()  # the VAE, discriminator and both Adams' moments
     assert model.guard.skipped == 2  # the autoencoder's and the discriminator's step of the NaN batch
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -189,7 +169,7 @@ def test_a_training_step_never_waits_for_the_host() -> None:
     model = tiny_model().train()
     model.guard.max_consecutive = 1000
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    batches = _batches(3, nan_at=1)
+    batches = image_batches(3, nan_at=1)
     reads = []
     with pytest.MonkeyPatch.context() as patch:
         for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):

@@ -18,7 +18,7 @@ from ldm.conditioning.open_clip import create_clip
 from ldm.diffusion.init_weights import load_init_weights
 from ldm.metrics.features import InceptionFeatures
 from ldm.weights.io import WeightsError
-from tests.test_unet import TINY
+from tests.backbones import TINY
 from tests.tiny_clip import register_tiny_clip
 
 TINY_CLIP = "ldm-io-tiny-clip"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,17 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from ldm.autoencoder.codec import LatentCodec
 from ldm.autoencoder.vae import VAE
 from ldm.autoencoder.weights import save_vae_safetensors
-from ldm.backbones.unet import UNet
 from ldm.callbacks.images import ImageGrid
 from ldm.callbacks.predictions import PredictionWriter
 from ldm.cli import LdmCLI, build_cli, compose
-from ldm.conditioning.conditioner import Conditioner
-from ldm.conditioning.label import ClassEmbedder
-from ldm.data.synthetic import SHAPES, render_sample
-from ldm.diffusion.module import LatentDiffusion
+from ldm.data.synthetic import render_sample
 from ldm.diffusion.samplers import (
     DDIM,
     DDPMAncestral,
@@ -44,6 +38,7 @@ from ldm.diffusion.samplers import (
 )
 from tests.processes import run_ldm
 from tests.stage2 import RESOLUTION, cli_args, reads_clips, write_clip_shards, write_stage2_shards
+from tests.tiny_models import assert_same_state, state, tiny_model
 from tools import caption_probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,17 +70,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _experiment(path: Path) -> dict[str, Any]:
     """The experiment's composed configuration (its parts and includes resolved)."""
     return compose(["--config", str(path)])
-
-
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
-    a, b = (state(m) if isinstance(m, torch.nn.Module) else m for m in (a, b))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def differs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -312,23 +296,6 @@ def test_ddp_fit_on_two_cpu_processes(shards: Path, tmp_path: Path) -> None:
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
     run_ldm(args, ROOT, DDP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-
-
-# --- a tiny LatentDiffusion built directly ----------------------------------------------------------
-def tiny_model() -> LatentDiffusion:
-    """Class-conditional, f=2 random codec, 2-step DPM-Solver++ sampling; every output layer non-zero."""
-    torch.manual_seed(0)
-    codec = LatentCodec(VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4),
-                        scale=1.0)
-    backbone = partial(UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                       num_heads=2, norm_groups=8)
-    model = LatentDiffusion(backbone, codec, Conditioner([ClassEmbedder(len(SHAPES), 32)]),
-                            sampler=DPMSolverPP2M(steps=2), ema_decay=0.9, cfg_scale=2.0)
-    with torch.no_grad():  # the UNet starts zeroed at its outputs (predicts 0): give it a real function
-        for p in model.backbone.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-    return model.eval()
 
 
 def requests(labels: list[int], size: int = 16) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ import io
 import math
 import warnings
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ from ldm.data.images import ImageDecoder
 from ldm.data.stream import ShardStream
 from ldm.data.video import VideoDecoder, encode_mp4
 from tests.assets import ASSETS
-from tests.test_video_data import frames, webm, zero_frame_mp4
+from tests.video_samples import frames, webm, zero_frame_mp4
 from tools import make_shards as ms
 
 

@@ -4,14 +4,11 @@ reference-stats cache, the metric protocol's loading and discovery, tools/evalua
 import json
 import logging
 import math
-import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from torch_fidelity import calculate_metrics
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
@@ -33,12 +30,11 @@ from ldm.metrics.paired import LPIPS, PSNR, SSIM
 from ldm.metrics.precision_recall import PrecisionRecall
 from ldm.metrics.statistics import FeatureSet, ReferenceCache
 from tests.assets import asset
+from tests.metric_inputs import as_tensor, cifar_folder, exact_fid, random_inception_file, write_images
 from tests.shardutil import write_shards
 from tests.tiny_clip import register_tiny_clip
 from tests.tiny_modules import TinyFeatures
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import evaluate as ev  # noqa: E402
+from tools import evaluate as ev
 
 TINY_CLIP = OpenCLIP(random_init=True, text_cfg={"width": 32, "layers": 1, "heads": 2}, vision_cfg={"width": 32, "layers": 1, "head_width": 16, "image_size": 32, "patch_size": 16})
 
@@ -71,14 +67,6 @@ def feature_sets(dim: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
 def torch_fidelity_fid(x, y) -> float:
     stats = fid_features_to_statistics(x), fid_features_to_statistics(y)
     return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
-
-
-def exact_fid(x, y) -> float:
-    """FID from centred features: tr((S1 S2)^1/2) is the nuclear norm of A B.T / sqrt((n1-1)(n2-1))."""
-    a, b = x - x.mean(0), y - y.mean(0)
-    tr_covmean = torch.linalg.svdvals(a @ b.T).sum() / ((len(x) - 1) * (len(y) - 1)) ** 0.5
-    diff = x.mean(0) - y.mean(0)
-    return float(diff @ diff + a.square().sum() / (len(x) - 1) + b.square().sum() / (len(y) - 1) - 2 * tr_covmean)
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -131,24 +119,6 @@ def test_feature_sets_merged_across_ranks_equal_the_whole_set():
     torch.testing.assert_close(whole.features, x[order.argsort()].float())  # sorted by the samples' order keys
 
 
-def write_images(folder: Path, seed: int, n: int, size: int = 16, captions: bool = False) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        path = folder / ("sub" if i % 2 else "") / f"{i:03d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-        if captions:
-            path.with_suffix(".txt").write_text(f"image number {i}\n")
-        paths.append(path)
-    return sorted(paths)
-
-
-def as_tensor(paths: list[Path]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
-
-
 def test_reference_cache_keys_by_content_and_keeps_features_only_when_asked(tmp_path):
     cache, features = ReferenceCache(tmp_path), FeatureSet(keep=False)
     features.add(torch.randn(5, 8))
@@ -159,17 +129,6 @@ def test_reference_cache_keys_by_content_and_keeps_features_only_when_asked(tmp_
     torch.testing.assert_close(cached.mu_sigma(), features.mu_sigma())
     assert cache.load({**key, "data": [["/shards/a.tar", 101, 1]]}) is None  # another size: another entry
     assert cache.load(key, keep=True) is None  # KID needs the features, which this entry lacks
-
-
-def random_inception_file(path: Path, features: tuple[str, ...] = ("2048",)) -> nn.Module:
-    """torch-fidelity's Inception with random weights (seed 0) giving ``features``, its state dict saved to ``path``."""
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
-        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
-        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", list(features))
-    torch.save(net.state_dict(), path)
-    return net
 
 
 @pytest.fixture
@@ -192,21 +151,6 @@ def test_inception_features_load_the_weights_and_see_uint8_pixels(random_incepti
     ours = InceptionFeatures(str(path) if where == "path" else None)(pixels.float() / 127.5 - 1)
     assert list(ours) == ["pool3"] and ours["pool3"].shape == (1, 2048)
     torch.testing.assert_close(ours["pool3"], net(pixels)[0], rtol=0, atol=0)
-
-
-def cifar_folder(folder: Path, members: list[str]) -> Path:
-    """Write CIFAR-10 test images of the shared archive (``test/<class>/NNNN.jpg``) as PNGs into ``folder``."""
-    archive = asset("cifar10/cifar10-jpg.tar.gz", "test_inception_features_load_the_weights_and_see_uint8_pixels")
-    folder.mkdir(parents=True)
-    wanted = set(members)
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            if member.name in wanted:
-                Image.open(tar.extractfile(member)).convert("RGB").save(folder / f"{Path(member.name).stem}.png")
-                wanted.remove(member.name)
-            if not wanted:
-                return folder
-    raise FileNotFoundError(f"{archive} lacks {sorted(wanted)[:3]}")
 
 
 def test_fid_with_real_inception_matches_torch_fidelity(tmp_path):

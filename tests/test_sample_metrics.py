@@ -44,8 +44,7 @@ from ldm.metrics.statistics import FeatureSet
 from tests.cli_runs import CLI_MARKS, TINY_SIZE, tiny_shapes
 from tests.processes import run_ldm
 from tests.stage2 import write_clip_shards
-from tests.test_fvd import TinyI3D, scripted
-from tests.tiny_modules import TinyFeatures
+from tests.tiny_modules import TinyFeatures, TinyI3D, scripted
 from tools import evaluate, sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +359,7 @@ def test_training_monitor_logs_grad_norm_and_samples_per_sec_to_tensorboard(tmp_
 
 @pytest.fixture(scope="module")
 def tiny_i3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random TorchScript I3D (tests/test_fvd.py's), FVD's network in place of i3d_torchscript.pt."""
+    """A tiny random TorchScript I3D (tests/tiny_modules.py's TinyI3D), FVD's network in place of i3d_torchscript.pt."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
     scripted(TinyI3D().eval(), path)

@@ -12,22 +12,18 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from ldm.diffusion import samplers
 from ldm.diffusion.objectives import DDPM, FlowMatching, Objective
 from ldm.diffusion.samplers import (
     DDIM,
-    AlphaSigma,
     DDPMAncestral,
     Denoiser,
     DPMSolverPP2M,
     Euler,
-    Generators,
     Heun,
     Sampler,
 )
-from tests.conftest import OBJECTIVES
-
-SAMPLERS = [cls for cls in Sampler.__subclasses__() if cls.__module__ == samplers.__name__]  # the shipped ones
+from tests.tiny_models import OBJECTIVES, SAMPLERS
+from tests.tiny_modules import OneJump
 DETERMINISTIC = [(DDIM, {}), (DPMSolverPP2M, {}), (Euler, {}), (Heun, {})]
 ODE_TOLERANCE = {"ddim": 0.1, "euler": 0.1, "dpmpp_2m": 0.05, "heun": 0.05}  # max error at 100 steps, by order
 STOCHASTIC = [(DDPMAncestral, {}), (DDIM, {"eta": 1.0}), (DDIM, {"eta": 0.5})]
@@ -176,24 +172,11 @@ def test_each_solver_states_its_evaluations(cls, steps, objective_name):
     assert len(calls) == sampler.evaluations()
 
 
-class OneJump(Sampler):
-    """A sampler written outside ldm, as a user adds one: one class, no diffusers counterpart."""
-
-    kind = "one_jump"
-
-    def solve(self, denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
-              generator: Generators = None) -> Tensor:
-        return denoise(x, times[0].expand(x.shape[0]))[0]  # x0_hat at the noise end
-
-    def evaluations(self) -> int:
-        return 1
-
-
 def test_a_new_sampler_is_one_class_chosen_by_class_path():
     """LatentDiffusion's ``sampler: Sampler | None``: jsonargparse builds any subclass from its class_path."""
     parser = ArgumentParser()
     parser.add_argument("--sampler", type=Sampler | None)
-    config = parser.parse_args(["--sampler", json.dumps({"class_path": f"{__name__}.OneJump", "init_args": {"steps": 3}})])
+    config = parser.parse_args(["--sampler", json.dumps({"class_path": "tests.tiny_modules.OneJump", "init_args": {"steps": 3}})])
     sampler = parser.instantiate(config).sampler
     assert type(sampler) is OneJump and sampler.steps == 3
     x0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -24,7 +24,7 @@ from ldm.export.sd import save_sd_checkpoint
 from ldm.weights.io import under
 from ldm.weights.sd import UNET_PREFIX
 from tests.stage2 import ROOT, backbone_params, write_stage2_shards
-from tests.test_sd_interop import REDUCED, SIZE, sd_model
+from tests.sd_models import REDUCED, SIZE, sd_model
 from tools import export as export_tool
 
 SD = ROOT / "experiments" / "sd"

@@ -40,50 +40,16 @@ from ldm.export.diffusers import (
 from ldm.export.sd import save_sd_checkpoint
 from ldm.export.text_to_image import TextToImage, linear_projections
 from ldm.weights.io import WeightsError
-from tests.test_samplers import SAMPLERS, OneJump
+from tests.sd_models import REDUCED, SIZE, VERSION, sd_model
+from tests.tiny_models import SAMPLERS, assert_same_state
+from tests.tiny_modules import OneJump
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE = 64  # image side: 8x8 latents, 1x1 at the UNet's last level
 PROMPTS = ["a photo of a cat", "a large red circle in the top left"]
-REDUCED = {  # the SD block layouts at reduced width
-    "sd1": {"unet": {"model_channels": 32, "num_heads": 8}, "vae": {"base_channels": 32},
-            "text": {"width": 64, "heads": 2, "layers": 3}},
-    "sd2": {"unet": {"model_channels": 32, "head_dim": 16}, "vae": {"base_channels": 32},
-            "text": {"width": 64, "heads": 2, "layers": 3}},
-}
 FULL = {
     "sd1": {"unet": {"num_heads": 8}, "vae": {}, "text": None},
     "sd2": {"unet": {"head_dim": 64}, "vae": {}, "text": None},
 }
-VERSION = {  # what tells SD 1.x and 2.x apart besides the UNet's heads
-    "sd1": {"clip": "ViT-L-14-quickgelu", "layer": "last", "pad": "end_of_text", "prediction": "eps"},
-    "sd2": {"clip": "ViT-H-14", "layer": "penultimate", "pad": "zeros", "prediction": "v"},
-}
-
-
-def sd_model(version: str, sizes: dict, weights: str | None = None, seed: int = 0) -> LatentDiffusion:
-    """A text-to-image LatentDiffusion of SD's architecture: random (seeded) weights, or all three parts from an SD file."""
-    v = VERSION[version]
-    torch.manual_seed(seed)
-    vae = VAE(channel_mult=(1, 2, 4, 4), num_res_blocks=2, **sizes["vae"])  # kl-f8's layout
-    clip = OpenCLIP(v["clip"], weights, random_init=weights is None, seed=seed, text_cfg=sizes["text"])
-    text = OpenCLIPTextEmbedder(clip, layer=v["layer"], pad=v["pad"])
-    model = LatentDiffusion(partial(UNet, **sizes["unet"]), LatentCodec(vae, weights, scale=0.18215), Conditioner([text]),
-                            DDPM(v["prediction"]), DDIM(20), ema_decay=None, cfg_scale=5.0, init_weights=weights)
-    if weights is None:  # the UNet's zero-initialised output layers would make every prediction 0
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.backbone.parameters():
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
-def assert_same_state(a: torch.nn.Module, b: torch.nn.Module, without: tuple[str, ...] = ()) -> None:
-    """Equal state dicts, but for keys ending in ``without`` that ``a`` lacks."""
-    sa, sb = a.state_dict(), {k: v for k, v in b.state_dict().items() if not k.endswith(without)}
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
 
 
 def initial_noise(count: int, height: int = SIZE, width: int = SIZE) -> torch.Tensor:

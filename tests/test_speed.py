@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 from ldm.autoencoder.module import AutoencoderKL
 from ldm.training import module as training_module
 from ldm.training.speed import channels_last_pays, channels_last_weights, clip_gradients, speed_up
-from tests.test_guards import _autoencoder, _batches
-from tests.test_latent_diffusion import tiny_model
+from tests.tiny_models import image_batches, tiny_autoencoder, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPILE = {"backend": "aot_eager"}  # the graph capture and autograd of torch.compile (inductor's codegen: slow test)
@@ -41,7 +40,7 @@ def _loss_and_grads(model: torch.nn.Module, loss_fn) -> tuple[torch.Tensor, list
 
 @pytest.mark.parametrize("fast", [{"channels_last": True}, {"compile": COMPILE}], ids=["channels_last", "compile"])
 def test_latent_diffusion_fast_paths_agree_with_eager(fast: dict) -> None:
-    batch = _batches(1)[0]
+    batch = image_batches(1)[0]
     model = tiny_model().train()
     loss = lambda: model.diffusion_loss(batch, torch.Generator().manual_seed(0)).mean()  # noqa: E731
     eager = _loss_and_grads(model.backbone, loss)
@@ -55,11 +54,11 @@ def test_latent_diffusion_fast_paths_agree_with_eager(fast: dict) -> None:
 
 def test_autoencoder_options_build_the_fast_paths(fresh_dynamo) -> None:
     """``channels_last`` reaches the discriminator; the VAE keeps NCHW weights (speed_up's per-module choice)."""
-    x = _batches(1)[0]["image"]
+    x = image_batches(1)[0]["image"]
     with torch.no_grad():
-        eager = _autoencoder().vae(x, sample=False)[0]
+        eager = tiny_autoencoder().vae(x, sample=False)[0]
         with pytest.warns(UserWarning, match="channels_last: VAE keeps its NCHW weights"):
-            model = _autoencoder(channels_last=True, compile=COMPILE)
+            model = tiny_autoencoder(channels_last=True, compile=COMPILE)
         assert channels_last_weights(model.loss.discriminator) and not channels_last_weights(model.vae)
         torch.testing.assert_close(model.vae(x, sample=False)[0], eager, rtol=1e-4, atol=1e-5)
 
@@ -83,7 +82,7 @@ def test_a_new_batch_size_recompiles_once_then_the_size_is_dynamic(dynamic: bool
     """README: a new input shape recompiles once, after which torch marks the changing size dynamic;
     ``dynamic: false`` keeps static kernels, one compile per shape. Counted through the module's own option."""
     counter = CompileCounter()  # a backend that counts the graphs it is given and runs them eagerly
-    model = _autoencoder(compile={"backend": counter} | ({} if dynamic is None else {"dynamic": dynamic}))
+    model = tiny_autoencoder(compile={"backend": counter} | ({} if dynamic is None else {"dynamic": dynamic}))
     images = torch.rand(5, 3, 16, 16) * 2 - 1
     compiles = []
     with torch.no_grad():
@@ -108,13 +107,13 @@ def test_inductor_trains_the_autoencoder_with_its_discriminator_as_eager(fresh_d
                             enable_progress_bar=False, enable_model_summary=False)
         trainer.callbacks.append(LambdaCallback(on_train_batch_end=lambda t, *_: logs.append(
             {k: v.item() for k, v in t.callback_metrics.items() if k.startswith("train/")})))
-        trainer.fit(model, DataLoader(_batches(2), batch_size=None))
+        trainer.fit(model, DataLoader(image_batches(2), batch_size=None))
         return logs
 
-    eager = fit(_autoencoder())
+    eager = fit(tiny_autoencoder())
     counts = torch._dynamo.utils.counters
     counts.clear()
-    compiled = fit(_autoencoder(compile=True, channels_last=True))
+    compiled = fit(tiny_autoencoder(compile=True, channels_last=True))
     assert counts["stats"]["unique_graphs"] >= 2 and counts["frames"]["ok"] >= 2  # the VAE's and the discriminator's
     assert [list(s) for s in compiled] == [list(s) for s in eager] and "train/d" in eager[0]
     for ours, theirs in zip(compiled, eager):
@@ -153,11 +152,11 @@ def test_both_modules_clip_with_the_fused_default_optimizers(precision: str, mon
     trainer = dict(max_steps=2, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_val_batches=0)
     fused = lambda params: torch.optim.Adam(params, lr=1e-4, fused=True)  # noqa: E731
-    L.Trainer(**trainer).fit(_autoencoder(optimizer=fused, disc_optimizer=fused, grad_clip=0.25),
-                             DataLoader(_batches(1), batch_size=None))
+    L.Trainer(**trainer).fit(tiny_autoencoder(optimizer=fused, disc_optimizer=fused, grad_clip=0.25),
+                             DataLoader(image_batches(1), batch_size=None))
     assert calls == [(torch.optim.Adam, 0.25)] * 2
     calls.clear()
     model = tiny_model()
     model.optimizer = lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True)
-    L.Trainer(**trainer, gradient_clip_val=0.5).fit(model, DataLoader(_batches(2), batch_size=None))
+    L.Trainer(**trainer, gradient_clip_val=0.5).fit(model, DataLoader(image_batches(2), batch_size=None))
     assert calls == [(torch.optim.AdamW, 0.5)] * 2

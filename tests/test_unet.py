@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,46 +14,11 @@ from ldm.backbones.base import Backbone
 from ldm.backbones.unet import UNet
 from ldm.backbones.unet_blocks import ResBlock
 from ldm.convert.unet import unet_from_diffusers
+from tests.backbones import CONFIGS, TINY, diffusers_twin, randomize
 
-CONFIGS = Path(__file__).parents[1] / "configs" / "backbone"
-TINY = yaml.safe_load((CONFIGS / "unet-tiny.yaml").read_text())["init_args"]
 # SD-1.x's block pattern (attention on all but the last level) with SD-2's fixed head width,
 # two transformer blocks per SpatialTransformer and a vector embedding.
 TINY_SD_STYLE = {**TINY, "attention_levels": [0], "head_dim": 8, "transformer_depth": 2}
-
-
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace the zero init so that every parameter influences the output."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
-
-
-def diffusers_twin(knobs: dict, context_dim: int, vector_dim: int | None, linear_projection: bool) -> UNet2DConditionModel:
-    """diffusers' UNet2DConditionModel with the architecture of ``UNet(4, 4, context_dim, vector_dim, **knobs)``."""
-    widths = [knobs["model_channels"] * m for m in knobs["channel_mult"]]
-    attn = [i in knobs["attention_levels"] for i in range(len(widths))]
-    head_dim = knobs.get("head_dim")
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(widths),
-        layers_per_block=knobs["num_res_blocks"],
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        cross_attention_dim=context_dim,
-        # diffusers' attention_head_dim is the number of heads for SD-1.x-style configs
-        attention_head_dim=knobs["num_heads"] if head_dim is None else tuple(w // head_dim for w in widths),
-        transformer_layers_per_block=knobs.get("transformer_depth", 1),
-        norm_num_groups=knobs["norm_groups"],
-        use_linear_projection=linear_projection,
-        class_embed_type=None if vector_dim is None else "projection",
-        projection_class_embeddings_input_dim=vector_dim,
-    ).eval()
 
 
 @pytest.mark.parametrize(
@@ -90,7 +54,7 @@ def test_sd15_config_has_the_sd15_architecture() -> None:
     [(None, None, (16, 16)), (32, None, (16, 16)), (32, 12, (16, 16)), (None, 12, (8, 24))],
 )
 def test_output_has_the_latent_shape(context_dim: int | None, vector_dim: int | None, size: tuple[int, int]) -> None:
-    unet = randomize(UNet(6, 4, context_dim, vector_dim, **TINY))
+    unet = randomize(UNet(6, 4, context_dim, vector_dim, **TINY), seed=1, std=0.1)
     x = torch.randn(2, 6, *size)
     context = None if context_dim is None else torch.randn(2, 5, context_dim)
     vector = None if vector_dim is None else torch.randn(2, vector_dim)
@@ -121,7 +85,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_output_and_gradients() 
     x, t, context = torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 5, 32)
     results = []
     for enabled in (False, True):
-        unet = randomize(UNet(4, 4, 32, None, **TINY, gradient_checkpointing=enabled)).train()
+        unet = randomize(UNet(4, 4, 32, None, **TINY, gradient_checkpointing=enabled), seed=1, std=0.1).train()
         calls = []
         next(m for m in unet.modules() if isinstance(m, ResBlock)).register_forward_hook(lambda *_: calls.append(1))
         out = unet(x, t, context)

@@ -24,7 +24,7 @@ from ldm.diffusion.init_weights import load_init_weights
 from ldm.training.speed import speed_up
 from ldm.weights.io import WeightsError
 from ldm.weights.sd import UNET_PREFIX
-from tests.test_dit import randomize
+from tests.backbones import randomize
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "backbone"
 pytestmark = pytest.mark.usefixtures("one_thread")

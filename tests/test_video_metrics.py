@@ -2,7 +2,7 @@
 evaluation against direct computations, the order of kept frame features, FVD refused on images, I3D and Inception
 each disabled alone without weights, and tools/evaluate.py --frames on shards, video files and ``ldm predict`` strips.
 
-The tiny stand-ins: tests/tiny_modules.py's TinyFeatures for Inception, tests/test_fvd.py's random TorchScript I3D.
+The tiny stand-ins: tests/tiny_modules.py's TinyFeatures for Inception, its random TorchScript I3D (TinyI3D).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ldm.metrics.features import FeatureExtractors
 from ldm.metrics.fid import FID, KID, frechet_distance, kid
 from ldm.metrics.fvd import FVD, I3D_OPTION, I3DFeatures
 from ldm.metrics.paired import SSIM
-from tests.test_fvd import TinyI3D, clips, direct_features, frechet, scripted
-from tests.tiny_modules import TinyFeatures
+from tests.fvd_direct import clips, direct_features, frechet
+from tests.tiny_modules import TinyFeatures, TinyI3D, scripted
 from tools import evaluate
 
 FRAMES, SIZE = 8, 32

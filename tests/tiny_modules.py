@@ -1,4 +1,5 @@
-"""Tiny stand-ins for pretrained evaluation networks, and crash makers, nameable by class_path from YAML in CLI tests."""
+"""Tiny stand-ins for pretrained evaluation networks, a sampler written outside ldm, and crash makers: nameable by
+class_path from YAML in CLI tests."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import io
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
+from ldm.diffusion.samplers import AlphaSigma, Denoiser, Generators, Sampler
+from ldm.metrics.fvd import I3D_MIN_FRAMES
 from ldm.training.resume import AtomicCheckpointIO
 
 
@@ -80,3 +85,42 @@ class KilledDuringSave(AtomicCheckpointIO):
                 f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
             os.killpg(os.getpgid(0), signal.SIGKILL)
         super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class TinyI3D(nn.Module):
+    """I3D's call convention on a tiny random net: (B, 3, T, H, W) -> (B, 8) features (``return_features``) or class
+    probabilities. Its temporal kernel spans ``I3D_MIN_FRAMES`` frames, so shorter clips fail as they do in I3D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, (I3D_MIN_FRAMES, 3, 3), stride=(1, 2, 2))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> Tensor:
+        if rescale:
+            x = x.float() / 127.5 - 1
+        if resize:  # I3D: each frame to 224 x 224; here 12 x 12
+            x = F.interpolate(x, size=(x.shape[2], 12, 12), mode="trilinear", align_corners=False)
+        features = self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))  # (B, 8)
+        return features if return_features else features.softmax(-1)
+
+
+def scripted(module: nn.Module, path) -> nn.Module:
+    """``module`` compiled to TorchScript and saved at ``path``, as i3d_torchscript.pt was."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; the real I3D is one
+        torch.jit.script(module).save(str(path))
+    return module
+
+
+class OneJump(Sampler):
+    """A sampler written outside ldm, as a user adds one: one class, no diffusers counterpart."""
+
+    kind = "one_jump"
+
+    def solve(self, denoise: Denoiser, x: Tensor, times: Tensor, alpha_sigma: AlphaSigma,
+              generator: Generators = None) -> Tensor:
+        return denoise(x, times[0].expand(x.shape[0]))[0]  # x0_hat at the noise end
+
+    def evaluations(self) -> int:
+        return 1
