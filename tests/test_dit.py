@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ from torch.utils.checkpoint import checkpoint
 import ldm.backbones.dit as dit_module
 from ldm.backbones.dit import DiT, sincos_pos_embed
 from ldm.convert.dit import dit_from_diffusers
-from tests.backbones import diffusers_dit, inputs, randomize, tiny_dit
+from tests.backbones import CONFIGS, diffusers_dit, inputs, randomize, tiny_dit
 
-PRESETS = sorted((Path(__file__).parents[1] / "configs" / "backbone").glob("dit-*.yaml"))
+PRESETS = sorted(CONFIGS.glob("dit-*.yaml"))
 
 
 @pytest.mark.parametrize("patch_size", [2, 4, 8])

@@ -47,11 +47,15 @@ def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict, with
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def tiny_vae() -> VAE:
+    """An f=2 VAE with 4 latent channels: the stage-1 network of the tiny models."""
+    return VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
+
+
 def tiny_model() -> LatentDiffusion:
     """Class-conditional, f=2 random codec, 2-step DPM-Solver++ sampling; every output layer non-zero."""
     torch.manual_seed(0)
-    codec = LatentCodec(VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4),
-                        scale=1.0)
+    codec = LatentCodec(tiny_vae(), scale=1.0)
     backbone = partial(UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        num_heads=2, norm_groups=8)
     model = LatentDiffusion(backbone, codec, Conditioner([ClassEmbedder(len(SHAPES), 32)]),
@@ -77,5 +81,4 @@ def image_batches(n: int, nan_at: int | None = None) -> list[dict[str, torch.Ten
 def tiny_autoencoder(**options) -> AutoencoderKL:
     """A tiny autoencoder whose discriminator trains from the first batch."""
     torch.manual_seed(0)
-    vae = VAE(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
-    return AutoencoderKL(vae, AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8), **options)
+    return AutoencoderKL(tiny_vae(), AutoencoderLoss(perceptual_weight=0.0, disc_start=0, disc_layers=1, disc_channels=8), **options)
