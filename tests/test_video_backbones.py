@@ -303,6 +303,40 @@ def test_joint_video_dit_attends_across_frames_and_positions_in_one_block(inflat
     assert all(torch.equal(v, expected[k]) for k, v in video.state_dict().items())
 
 
+@pytest.mark.parametrize("inflated", ["dit"], indirect=True)  # its image DiT export
+@pytest.mark.parametrize("video_class", [VideoDiT, JointVideoDiT])
+def test_frame_patch_tokens_cover_consecutive_frames(video_class, inflated):
+    """frame_patch 2: each token embeds and unembeds two consecutive frames (a tubelet). With every block the
+    identity (adaLN-Zero at init) and the output layer opened, frame 1's output reads frame 0 and not frame 2,
+    where one-frame tokens read frame 1 alone; a clip not divisible into tubelets is refused, and an image DiT's
+    export (one-frame patches) is refused by name."""
+    def opened(frame_patch: int) -> VideoDiT:
+        model = video_class(4, 4, CONTEXT_DIM, VECTOR_DIM, frame_patch=frame_patch, **KINDS["dit"][2]).eval()
+        with torch.no_grad():
+            for layer in (model.final.modulation, model.final.linear):
+                layer.weight.normal_(0, 0.1)
+        return model
+
+    batch = clip_inputs(2, 6, 8, 12)
+    frame0, frame2 = ({**batch, "x": batch["x"].clone()} for _ in range(2))
+    frame0["x"][:, :, 0] += 1.0
+    frame2["x"][:, :, 2] += 1.0
+    with torch.no_grad():
+        for frame_patch, reads_frame0 in ((2, True), (1, False)):
+            model = opened(frame_patch)
+            out = model(**batch)[:, :, 1]
+            assert out.shape == (2, 4, 8, 12) and out.abs().mean() > 1e-3
+            assert torch.allclose(model(**frame0)[:, :, 1], out, atol=1e-6) != reads_frame0
+            torch.testing.assert_close(model(**frame2)[:, :, 1], out)
+        tubelets = opened(2)
+        with pytest.raises(ValueError, match="clip of 5 frames is not divisible by frame_patch 2"):
+            tubelets(**clip_inputs(1, 5))
+    with pytest.raises(ValueError, match="frame_patch must be at least 1"):
+        video_class(4, 4, None, None, frame_patch=0)
+    with pytest.raises(WeightsError, match="patch_embed.weight"):
+        load_init_weights(tubelets, Conditioner([]), inflated[3])
+
+
 @pytest.mark.parametrize("name", ["video-dit-cpu.yaml", "video-unet-cpu.yaml", "video-dit-tiny.yaml",
                                   "video-unet-tiny.yaml"])
 def test_config_builds_through_jsonargparse_with_its_image_twin_knobs(name):
