@@ -69,12 +69,8 @@ class VideoDiT(DiT):
         context: Tensor | None = None,  # (B, L, D_ctx)
         vector: Tensor | None = None,  # (B, D_vec)
     ) -> Tensor:  # (B, C_out, T, H, W)
-        if x.ndim != 5:
-            raise ValueError(f"VideoDiT takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
         self._check(x, context, vector)
         (b, _, frames, height, width), p, k = x.shape, self.patch_size, self.frame_patch
-        if frames % k:
-            raise ValueError(f"{type(self).__name__} clip of {frames} frames is not divisible by frame_patch {k}")
         tokens = self._tokens(rearrange(x, "b c (t k) h w -> (b t) (k c) h w", k=k))  # (B*T/k, L, D)
         tokens = rearrange(tokens, "(b t) l d -> b t l d", b=b)  # (B, T/k, L, D)
         c = self._conditioning(t, vector)  # (B, D)
@@ -82,6 +78,15 @@ class VideoDiT(DiT):
         out = self.final(tokens.flatten(1, 2), c)  # (B, T/k*L, p*p*k*C_out)
         return rearrange(out, "b (t h w) (p q k c) -> b c (t k) (h p) (w q)",
                          t=frames // k, h=height // p, w=width // p, p=p, q=p, k=k)  # (B, C_out, T, H, W)
+
+    def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
+        """The image DiT's checks on a latent clip whose frames divide into tokens' frames."""
+        if x.ndim != 5:
+            raise ValueError(f"VideoDiT takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        if x.shape[2] % self.frame_patch:
+            raise ValueError(f"{type(self).__name__} clip of {x.shape[2]} frames is not divisible by "
+                             f"frame_patch {self.frame_patch}")
+        super()._check(x, context, vector)
 
     def _mix(self, tokens: Tensor, c: Tensor, context: Tensor | None, grid: tuple[int, int]) -> Tensor:
         """The blocks over the clip's tokens (B, T, L, D) on a (h, w) token grid -> (B, T, L, D)."""
