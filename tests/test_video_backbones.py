@@ -337,15 +337,44 @@ def test_frame_patch_tokens_cover_consecutive_frames(video_class, inflated):
         load_init_weights(tubelets, Conditioner([]), inflated[3])
 
 
+@pytest.mark.parametrize("inflated", ["unet"], indirect=True)  # its image UNet export
+def test_unet_frame_patch_inflates_to_the_image_unet_on_clips_still_over_each_pair(inflated):
+    """frame_patch 2: each of the UNet's feature maps covers two consecutive frames. Its image UNet's export
+    inflates it (I3D: conv_in's weights split over the two frames, conv_out's tiled), so a clip that stands still
+    over each pair of frames gets the image model's prediction on every frame; with the temporal layers at their
+    identity start, frame 1 reads frame 0 (its pair) and not frame 2; a clip of an odd frame count is refused."""
+    _, image, _, path = inflated
+    video = VideoUNet(4, 4, CONTEXT_DIM, VECTOR_DIM, frame_patch=2, **KINDS["unet"][2]).eval()
+    load_init_weights(video, Conditioner([]), path)
+    batch = clip_inputs(2, 3, 8, 12)
+    still_pairs = {**batch, "x": batch["x"].repeat_interleave(2, dim=2)}  # frames 0 = 1, 2 = 3, 4 = 5
+    frame0, frame2 = ({**still_pairs, "x": still_pairs["x"].clone()} for _ in range(2))
+    frame0["x"][:, :, 0] += 1.0
+    frame2["x"][:, :, 2] += 1.0
+    with torch.no_grad():
+        got = video(**still_pairs)
+        expected = torch.stack([image(still_pairs["x"][:, :, i], batch["t"], batch["context"], batch["vector"])
+                                for i in range(6)], dim=2)  # (B, C, T, H, W)
+        assert expected.abs().mean() > 1e-2
+        torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max(), rtol=1e-5)
+        assert not torch.allclose(video(**frame0)[:, :, 1], got[:, :, 1], atol=1e-3)
+        torch.testing.assert_close(video(**frame2)[:, :, 1], got[:, :, 1])
+    with pytest.raises(ValueError, match="clip of 5 frames is not divisible by frame_patch 2"):
+        video(**clip_inputs(1, 5))
+    with pytest.raises(ValueError, match="frame_patch must be at least 1"):
+        VideoUNet(4, 4, None, None, frame_patch=0)
+
+
 @pytest.mark.parametrize("name", ["video-dit-cpu.yaml", "video-unet-cpu.yaml", "video-dit-tiny.yaml",
                                   "video-unet-tiny.yaml"])
 def test_config_builds_through_jsonargparse_with_its_image_twin_knobs(name):
-    """Each video config is its image twin's knobs (so that twin's export initialises it) on the video class."""
+    """Each video config is its image twin's knobs (so that twin's export initialises it) on the video class,
+    with at most the video-only frame_patch beside them."""
     parser = ArgumentParser()
     parser.add_argument("--backbone", type=Backbone)
     written = yaml.safe_load((CONFIGS / name).read_text())
     twin = yaml.safe_load((CONFIGS / name.removeprefix("video-")).read_text())
-    assert written["init_args"] == twin["init_args"]
+    assert {k: v for k, v in written["init_args"].items() if k != "frame_patch"} == twin["init_args"]
     spec = {**written, "init_args": {"in_channels": 4, "out_channels": 4, "context_dim": None, "vector_dim": None,
                                      **written["init_args"]}}
     with torch.device("meta"):

@@ -30,6 +30,22 @@ def temporal_names(module: nn.Module) -> set[str]:
             for key in layer.state_dict()}
 
 
+def check_frame_patch(frame_patch: int) -> int:
+    """``frame_patch`` (the consecutive frames a video backbone's token or feature map covers), if at least 1."""
+    if frame_patch < 1:
+        raise ValueError(f"frame_patch must be at least 1, got {frame_patch}")
+    return frame_patch
+
+
+def check_clip(backbone: nn.Module, x: Tensor) -> None:
+    """Raise a ValueError unless x is a latent clip (B, C, T, H, W) whose T divides by ``backbone.frame_patch``."""
+    name = type(backbone).__name__
+    if x.ndim != 5:
+        raise ValueError(f"{name} takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+    if x.shape[2] % backbone.frame_patch:
+        raise ValueError(f"{name} clip of {x.shape[2]} frames is not divisible by frame_patch {backbone.frame_patch}")
+
+
 @functools.lru_cache(maxsize=16)
 def frame_pos_embed(dim: int, frames: int, device: torch.device) -> Tensor:
     """Fixed 1D sin-cos embedding of the frame index -> (frames, dim), for any number of frames."""

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ldm.backbones.dit import DiT, DiTBlock
-from ldm.backbones.temporal import TemporalDiTBlock, frame_pos_embed
+from ldm.backbones.temporal import TemporalDiTBlock, check_clip, check_frame_patch, frame_pos_embed
 from ldm.nn.rotary import rotary_angles
 
 
@@ -56,9 +56,8 @@ class VideoDiT(DiT):
         image DiT's knobs (patch_size, width, depth, ...) otherwise. With k > 1 each token embeds k frames'
         patches at once and unembeds them (ViViT's tubelet embedding, Arnab et al. 2021, Sec. 3.2; the spacetime
         patches of Latte and Sora): k times fewer tokens, and the patch embedding sees the order of its frames."""
-        if frame_patch < 1:
-            raise ValueError(f"frame_patch must be at least 1, got {frame_patch}")
-        super().__init__(in_channels * frame_patch, out_channels * frame_patch, context_dim, vector_dim, **dit_options)
+        k = check_frame_patch(frame_patch)
+        super().__init__(in_channels * k, out_channels * k, context_dim, vector_dim, **dit_options)
         self.frame_patch = frame_patch
         self.out_channels = out_channels
 
@@ -81,11 +80,7 @@ class VideoDiT(DiT):
 
     def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
         """The image DiT's checks on a latent clip whose frames divide into tokens' frames."""
-        if x.ndim != 5:
-            raise ValueError(f"VideoDiT takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        if x.shape[2] % self.frame_patch:
-            raise ValueError(f"{type(self).__name__} clip of {x.shape[2]} frames is not divisible by "
-                             f"frame_patch {self.frame_patch}")
+        check_clip(self, x)
         super()._check(x, context, vector)
 
     def _mix(self, tokens: Tensor, c: Tensor, context: Tensor | None, grid: tuple[int, int]) -> Tensor:

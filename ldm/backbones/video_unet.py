@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.backbones.temporal import TemporalConv, TemporalTransformer
+from ldm.backbones.temporal import TemporalConv, TemporalTransformer, check_clip, check_frame_patch
 from ldm.backbones.unet import UNet
 from ldm.backbones.unet_blocks import Downsample, ResBlock, SpatialTransformer
 from ldm.nn.layers import Upsample, per_frame
@@ -52,11 +55,17 @@ class VideoUNet(UNet):
     """The UNet on latent clips (B, C, T, H, W): its layers run on each frame, and a temporal convolution
     follows each ResBlock and a temporal transformer each SpatialTransformer (Blattmann et al. 2023, Sec. 3.1;
     AnimateDiff's motion modules). Any number of frames; the time embedding, ``vector`` and ``context`` are
-    per clip. The constructor arguments are the UNet's.
+    per clip. The constructor arguments are the UNet's and ``frame_patch``.
 
     Its state dict is the UNet's plus ``...resnets.<j>.temporal.*`` and ``...attentions.<j>.temporal.*``: built
     from a UNet's weights (``LatentDiffusion.init_weights``, e.g. Stable Diffusion's, as AnimateDiff does),
     every temporal layer starts as the identity and it is that UNet frame by frame.
+
+    With ``frame_patch`` k > 1 its feature maps cover k consecutive frames each (ViViT's tubelets, as in
+    ``VideoDiT``): conv_in reads the k frames' channels stacked and conv_out writes them, so a clip costs T/k
+    frames and the first layer sees the order of the frames it stacks. An image UNet's weights inflate it as I3D
+    inflates 2-D filters (``inflate``): conv_in's weights split evenly over the k frames, conv_out's repeated for
+    each, and it is that UNet on any clip that stands still over each run of k frames.
     """
 
     block_types = (SpatioTemporalResBlock, SpatioTemporalTransformer)
@@ -64,6 +73,24 @@ class VideoUNet(UNet):
     transformer_type = SpatioTemporalTransformer
     downsample_type = FrameDownsample
     upsample_type = FrameUpsample
+
+    def __init__(self, in_channels: int, out_channels: int, context_dim: int | None, vector_dim: int | None,
+                 frame_patch: int = 1, **unet_options: Any) -> None:
+        """``frame_patch``: the consecutive frames one feature map covers (1: the image UNet on every frame); the
+        image UNet's knobs (model_channels, channel_mult, ...) otherwise."""
+        k = check_frame_patch(frame_patch)
+        super().__init__(in_channels * k, out_channels * k, context_dim, vector_dim, **unet_options)
+        self.frame_patch = frame_patch
+
+    def inflate(self, image_weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An image UNet's state dict made this model's (I3D's inflation, Carreira & Zisserman 2017, Sec. 2.2):
+        conv_in's weights divided by k and tiled over the k stacked frames, conv_out's weights and bias tiled, so
+        that k equal frames give the image model's prediction on each. The identity for k = 1."""
+        k = self.frame_patch
+        tile = {"conv_in.weight": lambda w: w.repeat(1, k, 1, 1) / k,  # (C_0, k*C_in, 3, 3), input channels (k c)
+                "conv_out.weight": lambda w: w.repeat(k, 1, 1, 1),  # (k*C_out, C_0, 3, 3), output channels (k c)
+                "conv_out.bias": lambda w: w.repeat(k)}
+        return {name: tile[name](w) if k > 1 and name in tile else w for name, w in image_weights.items()}
 
     def initialize_weights(self) -> None:
         """The UNet's (which zeroes the temporal transformers' proj_out too), each temporal conv's conv2 zero."""
@@ -75,8 +102,13 @@ class VideoUNet(UNet):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, vector: Tensor | None = None) -> Tensor:
         """x: (B, C_in, T, H, W) -> (B, C_out, T, H, W)."""
-        if x.ndim != 5:
-            raise ValueError(f"VideoUNet takes latent clips (B, C, T, H, W), got shape {tuple(x.shape)}")
         self._check(x, context, vector)
-        h = self._levels(per_frame(self.conv_in, x), self._embedding(t, vector), context)  # (B, C_0, T, H, W)
-        return per_frame(self._output, h)  # (B, C_out, T, H, W)
+        x = rearrange(x, "b c (t k) h w -> b (k c) t h w", k=self.frame_patch)  # (B, k*C_in, T/k, H, W)
+        h = self._levels(per_frame(self.conv_in, x), self._embedding(t, vector), context)  # (B, C_0, T/k, H, W)
+        out = per_frame(self._output, h)  # (B, k*C_out, T/k, H, W)
+        return rearrange(out, "b (k c) t h w -> b c (t k) h w", k=self.frame_patch)  # (B, C_out, T, H, W)
+
+    def _check(self, x: Tensor, context: Tensor | None, vector: Tensor | None) -> None:
+        """The UNet's checks on a latent clip whose frames divide into runs of frame_patch."""
+        check_clip(self, x)
+        super()._check(x, context, vector)

@@ -13,7 +13,8 @@ The layout is told by the backbone's type and the file's keys:
 
 Any of these image layouts also initialises the video backbone built on that image backbone (``VideoUNet``,
 ``VideoDiT``): the file's weights are its image weights, and its temporal layers (``temporal_names``), all
-absent from the file, keep their initialisation, under which the video backbone is the image one frame by frame.
+absent from the file, keep their initialisation, under which the video backbone is the image one frame by frame
+(a ``VideoUNet`` over runs of frames, ``frame_patch`` > 1: the image one on clips still over each run).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from ldm.backbones.dit import DiT
 from ldm.backbones.temporal import temporal_names
 from ldm.backbones.unet import UNet
+from ldm.backbones.video_unet import VideoUNet
 from ldm.conditioning.label import ClassEmbedder
 from ldm.convert.dit import dit_from_diffusers
 from ldm.convert.sd_unet import unet_from_sd
@@ -73,6 +75,8 @@ def _inflated(backbone: nn.Module, weights: StateDict, path: str) -> StateDict:
     log.info("%s: image backbone weights; the %d temporal tensors of this %s start at their initialisation",
              path, len(temporal), type(backbone).__name__)
     current = backbone.state_dict()
+    if isinstance(backbone, VideoUNet):  # feature maps of several frames: conv_in's and conv_out's tensors too
+        weights = backbone.inflate(weights)
     return {**weights, **{k: current[k] for k in temporal}}
 
 
