@@ -55,6 +55,7 @@ class CaptionRecorder(L.LightningModule):
             **self.seen,
         }
         (self.out / f"rank{self.global_rank}.json").write_text(json.dumps(record))
+        self.trainer.strategy.barrier()  # rank 0's exit ends the test's wait: every rank's file is written by then
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ def _run_probe(tmp_path: Path, buckets: bool) -> list[dict]:
     out = tmp_path / "out"
     out.mkdir()
     args = [str(PROBE), "--train", train, "--val", val, "--out", str(out), *(["--buckets"] if buckets else [])]
-    run_main("tests.ddp_data_probe", args, PROBE.parent.parent, TIMEOUT_S)
+    log = run_main("tests.ddp_data_probe", args, PROBE.parent.parent, TIMEOUT_S)
+    missing = [r for r in range(2) if not (out / f"rank{r}.json").is_file()]
+    assert not missing, f"rank(s) {missing} wrote no record:\n{log[-3000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
