@@ -27,3 +27,8 @@ class Backbone(nn.Module):
         vector: Tensor | None = None,  # (B, D_vec) global conditioning
     ) -> Tensor:  # (B, C_out, H, W)
         raise NotImplementedError
+
+    def inflate(self, image_weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The weights of the image backbone this one is built on, made this one's (``load_init_weights`` on an
+        image file); as they are, unless a video backbone's layers read several frames at once (VideoUNet)."""
+        return image_weights

@@ -85,12 +85,12 @@ class VideoUNet(UNet):
     def inflate(self, image_weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """An image UNet's state dict made this model's (I3D's inflation, Carreira & Zisserman 2017, Sec. 2.2):
         conv_in's weights divided by k and tiled over the k stacked frames, conv_out's weights and bias tiled, so
-        that k equal frames give the image model's prediction on each. The identity for k = 1."""
+        that k equal frames give the image model's prediction on each. The same values for k = 1."""
         k = self.frame_patch
         tile = {"conv_in.weight": lambda w: w.repeat(1, k, 1, 1) / k,  # (C_0, k*C_in, 3, 3), input channels (k c)
                 "conv_out.weight": lambda w: w.repeat(k, 1, 1, 1),  # (k*C_out, C_0, 3, 3), output channels (k c)
                 "conv_out.bias": lambda w: w.repeat(k)}
-        return {name: tile[name](w) if k > 1 and name in tile else w for name, w in image_weights.items()}
+        return {name: tile[name](w) if name in tile else w for name, w in image_weights.items()}
 
     def initialize_weights(self) -> None:
         """The UNet's (which zeroes the temporal transformers' proj_out too), each temporal conv's conv2 zero."""

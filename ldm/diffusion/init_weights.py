@@ -14,7 +14,8 @@ The layout is told by the backbone's type and the file's keys:
 Any of these image layouts also initialises the video backbone built on that image backbone (``VideoUNet``,
 ``VideoDiT``): the file's weights are its image weights, and its temporal layers (``temporal_names``), all
 absent from the file, keep their initialisation, under which the video backbone is the image one frame by frame
-(a ``VideoUNet`` over runs of frames, ``frame_patch`` > 1: the image one on clips still over each run).
+(a ``VideoUNet`` over runs of frames, ``frame_patch`` > 1, through its ``inflate``: the image one on clips still
+over each run).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
+from ldm.backbones.base import Backbone
 from ldm.backbones.dit import DiT
 from ldm.backbones.temporal import temporal_names
 from ldm.backbones.unet import UNet
-from ldm.backbones.video_unet import VideoUNet
 from ldm.conditioning.label import ClassEmbedder
 from ldm.convert.dit import dit_from_diffusers
 from ldm.convert.sd_unet import unet_from_sd
@@ -42,7 +43,7 @@ Foreign = Callable[[nn.Module, nn.Module, StateDict, str], list[Part]]  # (backb
 log = logging.getLogger(__name__)
 
 
-def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
+def load_init_weights(backbone: Backbone, conditioner: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load ``path`` into ``backbone`` (and ``conditioner`` where the file has its part), strictly.
 
     From our own layout the backbone takes the EMA weights (``ema.module.*``) when the file has them,
@@ -66,18 +67,17 @@ def load_init_weights(backbone: nn.Module, conditioner: nn.Module, path: str | o
         module.load_state_dict(weights)
 
 
-def _inflated(backbone: nn.Module, weights: StateDict, path: str) -> StateDict:
+def _inflated(backbone: Backbone, weights: StateDict, path: str) -> StateDict:
     """A video backbone's weights from a file without any of its temporal tensors (an image backbone's): those
-    keep their initialisation. Other weights pass unchanged, and check_keys judges them as any others."""
+    keep their initialisation. Other weights pass through the backbone's ``inflate`` (unchanged but for a
+    multi-frame VideoUNet's conv_in and conv_out), and check_keys judges them as any others."""
     temporal = temporal_names(backbone)
     if not temporal or temporal & weights.keys():
         return weights
     log.info("%s: image backbone weights; the %d temporal tensors of this %s start at their initialisation",
              path, len(temporal), type(backbone).__name__)
     current = backbone.state_dict()
-    if isinstance(backbone, VideoUNet):  # feature maps of several frames: conv_in's and conv_out's tensors too
-        weights = backbone.inflate(weights)
-    return {**weights, **{k: current[k] for k in temporal}}
+    return {**backbone.inflate(weights), **{k: current[k] for k in temporal}}
 
 
 def _ours(backbone: nn.Module, conditioner: nn.Module, state: Mapping[str, Tensor]) -> list[Part]:
