@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from ldm.data import batch as B
-from tools.caption_probe import parse_swaps, probe, summary, swap_words
+from ldm.diffusion.loss_by_noise import LossByNoise
+from ldm.diffusion.objectives import DDPM
+from tools.caption_probe import noise_summary, parse_swaps, probe, summary, swap_words
 
 MIRROR = parse_swaps(["left=right", "right=left", "top=bottom", "bottom=top"])
 
@@ -27,22 +29,36 @@ def test_swaps_exchange_whole_words_at_once() -> None:
 
 
 class LeftHeavy:
-    """Stands in for LatentDiffusion: each sample's loss is a draw from the generator, plus 1 if its caption says "left"."""
+    """Stands in for LatentDiffusion: each sample's loss is a draw from the generator, plus 1 at high noise (DDPM
+    step 500 or later) if its caption says "left"."""
 
     def timed_loss(self, batch: Mapping[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        captions = batch[B.CAPTION]
-        draw = torch.rand(len(captions), generator=generator) + 1  # the same for the same seed, whatever the caption
-        return draw + torch.tensor([float("left" in c.split()) for c in captions]), torch.zeros(len(captions))
+        draw, t = replay(len(batch[B.CAPTION]), generator)
+        return draw + (t >= 500) * torch.tensor([float("left" in c.split()) for c in batch[B.CAPTION]]), t
+
+
+def replay(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """LeftHeavy's draws for n samples: the same for the same seed, whatever the caption."""
+    return torch.rand(n, generator=generator) + 1, torch.randint(0, 1000, (n,), generator=generator).float()
 
 
 def test_probe_compares_each_changed_caption_at_the_same_draws() -> None:
     batches = [{B.CAPTION: ["a red circle on the right", "a blue square in the center"]},
                {B.CAPTION: ["a green star on the left"]}, {B.CAPTION: ["a white cross"]}]
-    draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(s)) + 1 for s in range(3)]).mean(0)
-    one = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(s)) + 1 for s in range(3)]).mean(0)
-    increases = probe(LeftHeavy(), batches, MIRROR, seeds=3)  # the center and the cross have nothing to swap
-    expected = torch.cat([1 / draws[:1], -1 / (one + 1)])  # right -> left costs 1; left -> right saves 1
+    def first(n: int) -> list[Tensor]:  # the first sample's loss draw and time at seeds 0, 1, 2: (3,) each
+        return [torch.stack(d)[:, 0] for d in zip(*[replay(n, torch.Generator().manual_seed(s)) for s in range(3)])]
+
+    (right, t_right), (left, t_left) = first(2), first(1)
+    by_noise = LossByNoise(DDPM(), 2), LossByNoise(DDPM(), 2)
+    increases = probe(LeftHeavy(), batches, MIRROR, seeds=3, by_noise=by_noise)  # the center and cross: no swap
+    cost_right, cost_left = (t_right >= 500).float(), (t_left >= 500).float()  # right -> left costs 1 at high noise
+    expected = torch.stack([cost_right.mean() / right.mean(), -cost_left.mean() / (left + cost_left).mean()])
     torch.testing.assert_close(increases, expected)
     assert summary(increases).startswith("2 samples: the true caption's loss is lower for 50%")
+    high = torch.cat([t_right, t_left]) >= 500
+    true, swapped = torch.cat([right, left + cost_left]), torch.cat([right + cost_right, left])
+    lines = noise_summary(*by_noise)  # only high noise tells the captions apart
+    assert lines[0].startswith("noise 0..0.5: +0.00% (")
+    assert lines[-1] == f"noise 0.5..1: {swapped[high].mean() / true[high].mean() - 1:+.2%} ({int(high.sum())} draws)"
     with pytest.raises(ValueError, match="no caption holds any of the words"):
         probe(LeftHeavy(), [{B.CAPTION: ["a white cross"]}], MIRROR)

@@ -130,6 +130,20 @@ def test_shift_moves_training_times():
     assert t.median().item() == pytest.approx(0.75, abs=0.01)  # shift_time(0.5, 3)
 
 
+def test_ddpm_draws_step_fractions_as_flow_draws_times():
+    """Uniform steps stay torch.randint's (runs reproduce); logit-normal shifted steps are the flow times' fractions."""
+    torch.manual_seed(0)
+    steps = DDPM("v", "cosine").sample_t(64)
+    torch.manual_seed(0)
+    assert torch.equal(steps, torch.randint(0, 1000, (64,)).float())
+    shifted = DDPM("v", "cosine", time_sampling="logit_normal", shift=3.0)
+    t = shifted.sample_t(20000, generator=torch.Generator().manual_seed(0))
+    flow = FlowMatching("logit_normal", shift=3.0).sample_t(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, (flow * 1000).floor().clamp(max=999))
+    assert t.median().item() == pytest.approx(750, abs=10)  # shift_time(0.5, 3) of the schedule
+    assert torch.equal(shifted.sampling_times(4), DDPM().sampling_times(4))  # the path and its sampling unchanged
+
+
 @pytest.mark.parametrize(
     "prediction, formula",
     [

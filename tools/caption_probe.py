@@ -9,9 +9,10 @@ For each validation sample whose caption holds a swapped word, the diffusion los
 with the words swapped (all at once: "top left" becomes "bottom right" under left=right right=left top=bottom
 bottom=top) against the loss with the true caption, at the same latents, noise and times, averaged over `--seeds`
 draws. It prints how many samples were probed, on how many the true caption's loss is lower, and the mean relative
-increase. Near 0%, with the true caption lower about half the time, the model does not tell the words apart: the
-README's Video and Any aspect ratio sections follow a motion's sign and the position words this way while samples
-still draw them at chance.
+increase (`--by-noise K`: also in K equal ranges of noise level, which tell whether the words count where a
+sample's layout is drawn). Near 0%, with the true caption lower about half the time, the model does not tell the
+words apart: the README's Video and Any aspect ratio sections follow a motion's sign and the position words this
+way while samples still draw them at chance.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from ldm.cli import instantiate_trained, refusals
 from ldm.data import batch as B
+from ldm.diffusion.loss_by_noise import LossByNoise
 from ldm.diffusion.module import LatentDiffusion
 
 
@@ -50,9 +52,9 @@ def swap_words(caption: str, table: Mapping[str, str]) -> str:
 
 
 def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: Mapping[str, str], seeds: int = 3,
-          device: str = "cpu") -> Tensor:
+          device: str = "cpu", by_noise: tuple[LossByNoise, LossByNoise] | None = None) -> Tensor:
     """(swapped loss - true loss) / true loss for each sample whose caption the swap changes, (N,); the model and
-    batches on ``device``."""
+    batches on ``device``. ``by_noise``: (true, swapped) metrics that also take each draw's losses by noise level."""
     increases = []
     for batch in batches:
         captions = list(batch[B.CAPTION])
@@ -60,18 +62,20 @@ def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: M
         changed = torch.tensor([s != c for s, c in zip(swapped, captions, strict=True)])
         if not changed.any():
             continue
-        true, other = (_mean_loss(model, {**batch, B.CAPTION: text}, seeds, device) for text in (captions, swapped))
-        increases.append(((other - true) / true).cpu()[changed])
+        (true, t), (other, _) = (_losses(model, {**batch, B.CAPTION: text}, seeds, device) for text in (captions, swapped))
+        for metric, losses in zip(by_noise or (), (true, other)):
+            metric.update(losses[:, changed.to(t.device)].flatten(), t[:, changed.to(t.device)].flatten())
+        increases.append(((other.mean(0) - true.mean(0)) / true.mean(0)).cpu()[changed])
     if not increases:
         raise ValueError(f"no caption holds any of the words {sorted(table)}")
     return torch.cat(increases)
 
 
-def _mean_loss(model: LatentDiffusion, batch: Mapping[str, Any], seeds: int, device: str) -> Tensor:
-    """Each sample's loss (B,) averaged over ``seeds`` draws of latents, noise and times, seeded 0, 1, ..."""
+def _losses(model: LatentDiffusion, batch: Mapping[str, Any], seeds: int, device: str) -> tuple[Tensor, Tensor]:
+    """Each sample's loss and time at ``seeds`` draws of latents, noise and times, seeded 0, 1, ...: (S, B) each."""
     with torch.no_grad():
-        return torch.stack([model.timed_loss(batch, torch.Generator(device).manual_seed(seed))[0]
-                            for seed in range(seeds)]).mean(0)
+        draws = [model.timed_loss(batch, torch.Generator(device).manual_seed(seed)) for seed in range(seeds)]
+    return torch.stack([loss for loss, _ in draws]), torch.stack([t for _, t in draws])
 
 
 def summary(increases: Tensor) -> str:
@@ -80,12 +84,22 @@ def summary(increases: Tensor) -> str:
             f"swapping raises the loss by {increases.mean():+.2%} on average")
 
 
+def noise_summary(true: LossByNoise, swapped: LossByNoise) -> list[str]:
+    """A line per noise level that saw a draw: its range and how much swapping raises the mean loss there."""
+    (means, counts), (other, _) = true.compute(), swapped.compute()
+    bounds = true.bounds()
+    return [f"noise {bounds[k]:.3g}..{bounds[k + 1]:.3g}: {other[k] / means[k] - 1:+.2%} ({int(counts[k])} draws)"
+            for k in range(true.buckets) if counts[k]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True, help="stage-2 Lightning checkpoint or our export .safetensors")
     parser.add_argument("--swap", nargs="+", required=True, metavar="WORD=OTHER", help="words to swap, e.g. left=right right=left")
     parser.add_argument("--batches", type=int, default=9, help="validation batches to probe (fewer if the split ends first)")
     parser.add_argument("--seeds", type=int, default=3, help="draws of latents, noise and times each loss averages")
+    parser.add_argument("--by-noise", type=int, default=0, metavar="K",
+                        help="also the increase in K equal ranges of noise level (where a sample's layout is drawn)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args, options = parser.parse_known_args(argv)  # the rest: ldm fit's options (--config ... and overrides)
     try:
@@ -96,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         model, data = instantiate_trained(options, args.ckpt)
         data.setup("validate")
         batches = (move_data_to_device(batch, args.device) for batch in islice(data.val_dataloader(), args.batches))
-        print(summary(probe(model.to(args.device), batches, table, args.seeds, args.device)))
+        by_noise = tuple(LossByNoise(model.objective, args.by_noise).to(args.device) for _ in range(2)) \
+            if args.by_noise else None
+        print(summary(probe(model.to(args.device), batches, table, args.seeds, args.device, by_noise)))
+        if by_noise:
+            print("\n".join(noise_summary(*by_noise)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ldm.diffusion.schedules import (
     linear_betas,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
-    shift_time,
+    draw_times,
     shifted_linear_times,
     trailing_timesteps,
 )
@@ -93,7 +93,10 @@ class Objective:
 class DDPM(Objective):
     """Discrete variance-preserving diffusion: t is the step index, alpha = sqrt(abar), sigma = sqrt(1 - abar).
 
-    Sampling ends at t = -1, the clean end (abar = 1), which the network never sees.
+    Sampling ends at t = -1, the clean end (abar = 1), which the network never sees. Training steps are uniform
+    by default; ``time_sampling`` and ``shift`` draw a step's fraction of the schedule as FlowMatching draws its
+    times (on the cosine schedule a fraction u has nearly the SNR of flow time u), to train more where a sample's
+    layout is decided without leaving the path a trained model knows. Sampling times stay trailing.
     """
 
     def __init__(
@@ -105,6 +108,10 @@ class DDPM(Objective):
         beta_end: float = 0.012,  # linear schedules only
         zero_terminal_snr: bool = False,  # rescale so step N-1 is pure noise (Lin et al. 2024)
         weighting: LossWeighting | None = None,  # default: plain MSE
+        time_sampling: Literal["uniform", "logit_normal"] = "uniform",  # the training steps' fractions
+        logit_mean: float = 0.0,  # location of their logit under logit_normal
+        logit_std: float = 1.0,  # scale of their logit under logit_normal
+        shift: float = 1.0,  # > 1 trains more at high noise (shift_time)
     ) -> None:
         betas = {
             "linear": partial(linear_betas, num_timesteps, beta_start, beta_end),
@@ -116,13 +123,17 @@ class DDPM(Objective):
             abar = rescale_zero_terminal_snr(abar)
         abar = torch.cat([abar.new_ones(1), abar])  # (N+1,) indexed by t + 1: t = -1 is the clean end
         self.num_timesteps = num_timesteps
+        self.time_sampling, self.logit_mean, self.logit_std, self.shift = time_sampling, logit_mean, logit_std, shift
         self._alpha, self._sigma = abar.sqrt().float(), (1 - abar).sqrt().float()  # (N+1,) each
         super().__init__(prediction, weighting)  # eps is refused with zero_terminal_snr: alpha = 0 at step N-1
 
     def sample_t(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).float()  # (n,)
+        if self.time_sampling == "uniform" and self.shift == 1:
+            return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).float()  # (n,)
+        u = draw_times(n, self.time_sampling, self.logit_mean, self.logit_std, self.shift, device, generator)  # (n,)
+        return (u * self.num_timesteps).floor().clamp(max=self.num_timesteps - 1)  # (n,) step indices
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         i = t.round().long() + 1
@@ -150,20 +161,13 @@ class FlowMatching(Objective):
         prediction: str | Prediction = "velocity",  # what the network regresses: velocity, x0, v, or a class_path
         weighting: LossWeighting | None = None,  # default: plain MSE
     ) -> None:
-        self.time_sampling = time_sampling
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
-        self.shift = shift
+        self.time_sampling, self.logit_mean, self.logit_std, self.shift = time_sampling, logit_mean, logit_std, shift
         super().__init__(prediction, weighting)  # eps is refused: alpha = 0 at t = 1
 
     def sample_t(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        if self.time_sampling == "uniform":
-            t = torch.rand(n, device=device, generator=generator)  # (n,)
-        else:
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, generator=generator))
-        return shift_time(t, self.shift)
+        return draw_times(n, self.time_sampling, self.logit_mean, self.logit_std, self.shift, device, generator)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return 1 - t, t

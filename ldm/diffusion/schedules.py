@@ -7,6 +7,7 @@ Schedules are computed in float64; objectives cast them where they use them. A s
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -41,6 +42,24 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     Esser et al. 2024, Eq. 23 with shift = sqrt(m / n) for m pixels against a base resolution's n.
     """
     return shift * t / (1 + (shift - 1) * t)
+
+
+def draw_times(
+    n: int,
+    time_sampling: Literal["uniform", "logit_normal"],
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(n,) training times in [0, 1], 1 the noise end: uniform or logit-normal (Esser et al. 2024, Sec. 3.1),
+    then warped by ``shift_time``."""
+    if time_sampling == "uniform":
+        t = torch.rand(n, device=device, generator=generator)  # (n,)
+    else:
+        t = torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device, generator=generator))  # (n,)
+    return shift_time(t, shift)
 
 
 def trailing_timesteps(num_timesteps: int, steps: int) -> Tensor:
