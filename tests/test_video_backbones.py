@@ -342,7 +342,8 @@ def test_unet_frame_patch_inflates_to_the_image_unet_on_clips_still_over_each_pa
     """frame_patch 2: each of the UNet's feature maps covers two consecutive frames. Its image UNet's export
     inflates it (I3D: conv_in's weights split over the two frames, conv_out's tiled), so a clip that stands still
     over each pair of frames gets the image model's prediction on every frame; with the temporal layers at their
-    identity start, frame 1 reads frame 0 (its pair) and not frame 2; a clip of an odd frame count is refused."""
+    identity start, frame 1 reads frame 0 (its pair) and not frame 2, and a pair played backwards is not the same
+    pair (conv_in's differences between frames do not start at zero); a clip of an odd frame count is refused."""
     _, image, _, path = inflated
     video = VideoUNet(4, 4, CONTEXT_DIM, VECTOR_DIM, frame_patch=2, **KINDS["unet"][2]).eval()
     load_init_weights(video, Conditioner([]), path)
@@ -359,6 +360,9 @@ def test_unet_frame_patch_inflates_to_the_image_unet_on_clips_still_over_each_pa
         torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max(), rtol=1e-5)
         assert not torch.allclose(video(**frame0)[:, :, 1], got[:, :, 1], atol=1e-3)
         torch.testing.assert_close(video(**frame2)[:, :, 1], got[:, :, 1])
+        moving = clip_inputs(2, 4, 8, 12)  # every frame differs
+        reversed_pairs = {**moving, "x": moving["x"][:, :, [1, 0, 3, 2]]}
+        assert not torch.allclose(video(**moving), video(**reversed_pairs)[:, :, [1, 0, 3, 2]], atol=1e-3)
     with pytest.raises(ValueError, match="clip of 5 frames is not divisible by frame_patch 2"):
         video(**clip_inputs(1, 5))
     with pytest.raises(ValueError, match="frame_patch must be at least 1"):

@@ -85,9 +85,16 @@ class VideoUNet(UNet):
     def inflate(self, image_weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """An image UNet's state dict made this model's (I3D's inflation, Carreira & Zisserman 2017, Sec. 2.2):
         conv_in's weights divided by k and tiled over the k stacked frames, conv_out's weights and bias tiled, so
-        that k equal frames give the image model's prediction on each. The same values for k = 1."""
+        that k equal frames give the image model's prediction on each. The same values for k = 1.
+
+        To conv_in it adds its own initialisation's differences between the k frames (its weights less their mean
+        over the frames: zero on k equal frames). Tiled weights alone see a run's mean frame, and the change
+        across it, the motion's sign included, would start at zero (a symmetric start whose gradient toward the
+        sign is near zero; README: Video); a fresh tubelet embedding sees the change from the first step."""
         k = self.frame_patch
-        tile = {"conv_in.weight": lambda w: w.repeat(1, k, 1, 1) / k,  # (C_0, k*C_in, 3, 3), input channels (k c)
+        own = rearrange(self.conv_in.weight.detach(), "o (k c) h w -> o k c h w", k=k)  # (C_0, k, C_in, 3, 3)
+        change = rearrange(own - own.mean(1, keepdim=True), "o k c h w -> o (k c) h w")  # sums to 0 over the frames
+        tile = {"conv_in.weight": lambda w: w.repeat(1, k, 1, 1) / k + change,  # (C_0, k*C_in, 3, 3), channels (k c)
                 "conv_out.weight": lambda w: w.repeat(k, 1, 1, 1),  # (k*C_out, C_0, 3, 3), output channels (k c)
                 "conv_out.bias": lambda w: w.repeat(k)}
         return {name: tile[name](w) if name in tile else w for name, w in image_weights.items()}
