@@ -63,9 +63,11 @@ def probe(model: LatentDiffusion, batches: Iterable[Mapping[str, Any]], table: M
         if not changed.any():
             continue
         (true, t), (other, _) = (_losses(model, {**batch, B.CAPTION: text}, seeds, device) for text in (captions, swapped))
+        swapped_draws = changed.to(t.device)
         for metric, losses in zip(by_noise or (), (true, other)):
-            metric.update(losses[:, changed.to(t.device)].flatten(), t[:, changed.to(t.device)].flatten())
-        increases.append(((other.mean(0) - true.mean(0)) / true.mean(0)).cpu()[changed])
+            metric.update(losses[:, swapped_draws].flatten(), t[:, swapped_draws].flatten())
+        true, other = true.mean(0), other.mean(0)  # (B,) each
+        increases.append(((other - true) / true).cpu()[changed])
     if not increases:
         raise ValueError(f"no caption holds any of the words {sorted(table)}")
     return torch.cat(increases)
