@@ -44,6 +44,16 @@ def test_context_and_vector_reach_the_output():
             assert not torch.allclose(out, changed), name
 
 
+def test_blocks_get_contiguous_tokens():
+    """The patch embedding's transposed strides must not reach the residual stream: a sum keeps them, and every
+    LayerNorm (forward and backward) would then copy its input (README, Performance)."""
+    model, seen = tiny_dit(), []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    model(**inputs(height=8, width=16))
+    assert seen == [True] * len(model.blocks)
+
+
 def test_initial_output_is_exactly_zero():
     out = tiny_dit()(**inputs(height=8, width=16))
     assert torch.count_nonzero(out) == 0

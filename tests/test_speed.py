@@ -1,8 +1,9 @@
 """The fast paths give the eager results: channels-last weights and torch.compile, in both modules; a new
-input shape recompiles once, then the changing size is dynamic; gradient clipping with fused optimizers."""
+input shape compiles once (static shapes, also when latent sides change); gradient clipping with fused optimizers."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import lightning as L
@@ -14,8 +15,10 @@ from torch._dynamo.testing import CompileCounter
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder.module import AutoencoderKL
+from ldm.backbones.unet import UNet
 from ldm.training import module as training_module
 from ldm.training.speed import channels_last_pays, channels_last_weights, clip_gradients, speed_up
+from tests.backbones import TINY, inputs, randomize
 from tests.tiny_models import image_batches, tiny_autoencoder, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,12 +80,13 @@ def test_channels_last_is_chosen_per_module_where_it_measured_faster() -> None:
     assert channels_last_weights(conv)
 
 
-@pytest.mark.parametrize("dynamic", [None, False], ids=["default: dynamic after a recompile", "dynamic: false"])
-def test_a_new_batch_size_recompiles_once_then_the_size_is_dynamic(dynamic: bool | None, fresh_dynamo) -> None:
-    """README: a new input shape recompiles once, after which torch marks the changing size dynamic;
-    ``dynamic: false`` keeps static kernels, one compile per shape. Counted through the module's own option."""
+@pytest.mark.parametrize("dynamic", ["default", None], ids=["default: static, one compile per shape",
+                                                           "dynamic: null, dynamic after a recompile"])
+def test_each_new_shape_compiles_once_unless_torch_is_left_to_make_it_dynamic(dynamic: str | None, fresh_dynamo) -> None:
+    """README: each new input shape compiles once (static kernels); ``dynamic: null`` leaves it to torch, which
+    recompiles once and then marks the changing size dynamic. Counted through the module's own option."""
     counter = CompileCounter()  # a backend that counts the graphs it is given and runs them eagerly
-    model = tiny_autoencoder(compile={"backend": counter} | ({} if dynamic is None else {"dynamic": dynamic}))
+    model = tiny_autoencoder(compile={"backend": counter} | ({} if dynamic == "default" else {"dynamic": dynamic}))
     images = torch.rand(5, 3, 16, 16) * 2 - 1
     compiles = []
     with torch.no_grad():
@@ -92,6 +96,21 @@ def test_a_new_batch_size_recompiles_once_then_the_size_is_dynamic(dynamic: bool
     first = compiles[0]
     assert first > 0
     assert compiles == ([first, 2 * first, 2 * first, 2 * first] if dynamic is None else [first * n for n in (1, 2, 3, 4)])
+
+
+@pytest.mark.slow  # inductor generates and compiles C++ for every shape's kernels: minutes on 2 CPU cores
+@pytest.mark.skipif(shutil.which("cc") is None, reason="inductor needs a C compiler (cc) on the CPU")
+def test_inductor_trains_the_unet_through_changing_latent_sides(fresh_dynamo) -> None:
+    """``compile: true`` on aspect-ratio buckets: batches whose latent sides change one after the other train
+    compiled as they do eagerly (with torch's automatic dynamic shapes, inductor fails on the fourth)."""
+    model = randomize(UNet(4, 4, 12, None, **TINY | {"attention_levels": [0, 1]}))
+    compiled = copy.deepcopy(model)
+    speed_up(compiled, compile=True)
+    for batch_size, height, width in ((2, 8, 8), (1, 8, 8), (2, 8, 12), (2, 12, 8)):
+        batch = inputs(batch_size, height, width, vector=False)
+        losses = [net(**batch).square().mean() for net in (model, compiled)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+        losses[1].backward()
 
 
 @pytest.mark.slow  # inductor generates and compiles C++ for every kernel: minutes on 2 CPU cores

@@ -179,7 +179,8 @@ class DiT(Backbone):
         """Patches of a latent (B, C_in, H, W) -> tokens with their grid positions (B, h*w, D), row-major."""
         grid = self.patch_embed(x)  # (B, D, h, w)
         pos = sincos_pos_embed(self.width, *grid.shape[-2:], self.pos_embed_base_size, x.device)  # (T, D)
-        return rearrange(grid, "b d h w -> b (h w) d") + pos.to(grid.dtype)  # (B, T, D)
+        # contiguous: a sum keeps its first operand's (transposed) strides, and every LayerNorm would copy them
+        return rearrange(grid, "b d h w -> b (h w) d").contiguous() + pos.to(grid.dtype)  # (B, T, D)
 
     def _conditioning(self, t: Tensor, vector: Tensor | None) -> Tensor:
         """The vector c that modulates every block: timestep embedding plus the projected ``vector``, (B, D)."""

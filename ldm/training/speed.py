@@ -16,10 +16,11 @@ def speed_up(module: nn.Module, channels_last: bool = False, compile: dict[str, 
 
     ``channels_last`` stores 4-d weights NHWC; convolutions then run in that layout (oneDNN on CPU,
     cuDNN on GPU) and pass it on to their outputs. ``compile`` (True, or torch.compile's keyword
-    arguments such as ``{mode: max-autotune, dynamic: false}``) compiles ``module.forward`` on its
-    first call. A new input shape (the last, smaller batch; sampling's guidance-doubled batch; another
-    resolution) recompiles; after the first recompile torch marks the changing sizes dynamic, so it
-    stops (pass ``dynamic: false`` to keep static kernels, at one compile per shape).
+    arguments such as ``{mode: max-autotune}``) compiles ``module.forward`` on its first call, with static
+    shapes unless ``dynamic`` is given: each new input shape (the last, smaller batch; sampling's
+    guidance-doubled batch; another bucket's resolution) compiles once. Torch's automatic dynamic shapes
+    (``dynamic: null``) would recompile once and then mark the changing sizes dynamic, but inductor then fails
+    on the UNet's attention when a latent side changes (torch 2.14: "cannot determine truth value of Relational").
     Channels-last is left off, with a warning, for a module that measured slower with it (``channels_last_pays``).
     """
     if channels_last and channels_last_pays(module):
@@ -28,7 +29,7 @@ def speed_up(module: nn.Module, channels_last: bool = False, compile: dict[str, 
         warnings.warn(f"channels_last: {type(module).__name__} keeps its NCHW weights, its training step measured "
                       "no faster channels-last (README, Performance)", stacklevel=2)
     if compile:
-        module.compile(**(compile if isinstance(compile, dict) else {}))
+        module.compile(**{"dynamic": False, **(compile if isinstance(compile, dict) else {})})
 
 
 def channels_last_pays(module: nn.Module) -> bool:
