@@ -102,7 +102,7 @@ def test_each_new_shape_compiles_once_unless_torch_is_left_to_make_it_dynamic(dy
 @pytest.mark.skipif(shutil.which("cc") is None, reason="inductor needs a C compiler (cc) on the CPU")
 def test_inductor_trains_the_unet_through_changing_latent_sides(fresh_dynamo) -> None:
     """``compile: true`` on aspect-ratio buckets: batches whose latent sides change one after the other train
-    compiled as they do eagerly (with torch's automatic dynamic shapes, inductor fails on the fourth)."""
+    compiled as they do eagerly (with torch's automatic dynamic shapes, inductor fails on these shapes)."""
     model = randomize(UNet(4, 4, 12, None, **TINY | {"attention_levels": [0, 1]}))
     compiled = copy.deepcopy(model)
     speed_up(compiled, compile=True)
