@@ -118,8 +118,8 @@ def compare(arch: Arch, root: Path, batch_size: int = 8, size: int = 16, steps: 
         ours, ours_step, theirs, theirs_step = build(arch, root, batch_size, size, target)
     models = {"ldm": ours}
     channels_last = fast and arch != "dit"  # DiT has one convolution, its patch embedding
-    if compile:  # each point compiles afresh: a recompile for the last point's shapes would turn them dynamic
-        torch._dynamo.reset()
+    if compile:  # each point compiles afresh: earlier points' graphs would count toward torch's recompile limit (8),
+        torch._dynamo.reset()  # past which the fast column would silently run eagerly
     if channels_last or compile:
         fast_copy = copy.deepcopy(ours)
         speed_up(fast_copy, channels_last=channels_last, compile=compile)
